@@ -1,0 +1,33 @@
+# `make demo` and `make test` each build .venv on first use (Python 3.11 + pip only).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_STORE := data/stores/synthetic-minilm
+DEMO_ENCODER := sentence-transformers/all-MiniLM-L6-v2
+
+comma := ,
+
+.PHONY: demo test benchmark clean
+
+# One stamp per set of extras ("demo+test" installs .[demo,test]); re-made when
+# pyproject.toml changes. torch goes first, by its plain pin, so that pip takes the
+# wheel the index serves before anything else can ask for another build.
+$(VENV)/.installed-%: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[$(subst +,$(comma),$*)]'
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/mmim data synth --out $(DEMO_STORE) --encoder $(DEMO_ENCODER) --overwrite
+	$(BIN)/mmim train --config configs/demo.yaml
+
+test: $(VENV)/.installed-demo+test
+	$(BIN)/python -m pytest -q
+
+benchmark: $(VENV)/.installed-demo
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) data/stores runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Prefect flows that compose the tasks in `tasks/` into the retraining pipeline."""

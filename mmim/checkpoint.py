@@ -1,0 +1,83 @@
+"""Checkpoints: everything needed to rebuild and run a trained model, and no pickle.
+
+    CHECKPOINT/
+      model.safetensors   the state dict (official parameter names)
+      config.json         the validated run config, with the store's input dims
+      text_encoder/       the encoder's Hugging Face config + tokenizer files
+      metrics.json        optional: selected epoch, valid/test metrics
+
+A checkpoint is self-contained: evaluating or serving it needs neither the network
+nor the original encoder directory. It is written to a temporary directory and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from mmim.config import Config, config_from_dict, config_to_json
+from mmim.errors import MMIMInputError
+from mmim.model import MMIM, load_official_state_dict
+from mmim.text_encoder import load_tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TEXT_ENCODER = "text_encoder"
+METRICS = "metrics.json"
+
+
+def save_checkpoint(directory: str | Path, model: MMIM, config: Config,
+                    tokenizer: PreTrainedTokenizerBase, metrics: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS))
+        (staging / CONFIG).write_text(config_to_json(config))
+        model.text_enc.bertmodel.config.save_pretrained(staging / TEXT_ENCODER)
+        tokenizer.save_pretrained(staging / TEXT_ENCODER)
+        if metrics is not None:
+            (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: str = "cpu"
+                    ) -> tuple[MMIM, Config, PreTrainedTokenizerBase]:
+    """(model in eval mode, its config, its tokenizer) from a checkpoint directory."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG, TEXT_ENCODER):
+        if not (directory / name).exists():
+            raise MMIMInputError(f"{directory / name}: missing; {directory} is not an mmim checkpoint")
+    try:
+        raw = json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError:
+        raise MMIMInputError(f"{directory / CONFIG}: corrupt (not valid JSON)") from None
+    config = config_from_dict(raw, str(directory / CONFIG))
+    encoder_dir = str(directory / TEXT_ENCODER)
+    try:
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir))
+    except (OSError, ValueError) as error:
+        raise MMIMInputError(f"{encoder_dir}: cannot read the encoder config ({error})") from None
+    model = MMIM(config.model, backbone)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError) as error:
+        raise MMIMInputError(f"{directory / WEIGHTS}: corrupt or truncated ({error})") from None
+    load_official_state_dict(model, state)
+    return model.to(device).eval(), config, load_tokenizer(encoder_dir)

@@ -1,0 +1,181 @@
+"""The `mmim` command line.
+
+    mmim data synth --out DIR --encoder NAME      write the synthetic sample as a feature store
+    mmim train --config FILE [--set key=value]    train in one process, save the best checkpoint
+    mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
+    mmim predict --checkpoint DIR --input FILE    scores for raw utterances given as JSON
+
+Bad input of any kind prints one line, `error: ...`, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import transformers
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from mmim.checkpoint import load_checkpoint
+from mmim.config import load_config
+from mmim.engine import EpochRecord, TrainingHooks
+from mmim.errors import MMIMInputError
+from mmim.metrics import METRIC_NAMES
+from mmim.predict import evaluate_checkpoint, predict_utterances
+from mmim.synthetic import write_synthetic_store
+from mmim.train import train
+
+EXIT_BAD_INPUT = 2
+console = Console(stderr=True)
+stdout = Console()
+
+
+def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
+    """One row per metric, one column per split."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for split in columns:
+        table.add_column(split, justify="right")
+    for name in METRIC_NAMES:
+        table.add_row(name, *(f"{metrics[name]:.4f}" for metrics in columns.values()))
+    return table
+
+
+class ProgressHooks(TrainingHooks):
+    """A rich bar per stage; one summary line per epoch."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def on_stage_start(self, epoch: int, stage: int, batches: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        label = "stage 0 (MMILB lld)" if stage == 0 else "stage 1 (task + MI)"
+        self.task = self.progress.add_task(f"epoch {epoch} {label}", total=batches, loss=float("nan"))
+
+    def on_batch_end(self, epoch: int, stage: int, loss: float) -> None:
+        self.progress.update(self.task, advance=1, loss=loss)
+
+    def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
+        self.progress.console.print(
+            f"epoch {record.epoch:3d} | loss {record.stage1['loss']:.4f} | "
+            f"valid MAE {record.valid['MAE']:.4f} Corr {record.valid['Corr']:.3f} | "
+            f"{record.seconds:.1f}s{' (best)' if improved else ''}", highlight=False)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    config = load_config(args.config, args.set)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        result, checkpoint = train(config, ProgressHooks(progress))
+    stdout.print(_metrics_table(f"selected epoch {result.best_epoch} (lowest validation MAE)",
+                                {"valid": result.valid, "test": result.test}))
+    stdout.print(f"checkpoint: {checkpoint}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    results = evaluate_checkpoint(args.checkpoint, args.store, tuple(args.split))
+    stdout.print(_metrics_table(f"{args.checkpoint} on {args.store}", results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    source = args.input
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as error:
+        raise MMIMInputError(f"{source}: cannot read ({error.strerror})") from None
+    try:
+        utterances = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MMIMInputError(f"{source}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if isinstance(utterances, dict):
+        utterances = [utterances]
+    if not isinstance(utterances, list):
+        raise MMIMInputError(f"{source}: expected a list of utterances")
+    model, _, tokenizer = load_checkpoint(args.checkpoint)
+    print(json.dumps(predict_utterances(model, tokenizer, utterances), indent=2))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    for name, size in sizes.items():
+        if size < 2:
+            raise MMIMInputError(f"--{name}: need at least 2 examples, got {size}")
+    with console.status("synthesizing and tokenizing"):
+        path = write_synthetic_store(args.out, args.encoder, seed=args.seed, sizes=sizes,
+                                     max_tokens=args.max_tokens, overwrite=args.overwrite)
+    stdout.print(f"feature store: {path} ({', '.join(f'{k}={v}' for k, v in sizes.items())})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmim", description="MMIM multimodal sentiment pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_cmd = commands.add_parser("train", help="train in one process on a feature store")
+    train_cmd.add_argument("--config", help="YAML config (see configs/); defaults when omitted")
+    train_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set train.epochs=3 (repeatable)")
+    train_cmd.set_defaults(run=cmd_train)
+
+    evaluate_cmd = commands.add_parser("evaluate", help="metrics of a checkpoint on a feature store")
+    evaluate_cmd.add_argument("--checkpoint", required=True)
+    evaluate_cmd.add_argument("--store", required=True)
+    evaluate_cmd.add_argument("--split", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
+    evaluate_cmd.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    evaluate_cmd.set_defaults(run=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="scores for raw utterances given as JSON")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--input", required=True, metavar="FILE",
+                         help='JSON list of {"text": str, "audio": [[...]], "vision": [[...]]}; - for stdin')
+    predict.set_defaults(run=cmd_predict)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the synthetic sample as a feature store")
+    synth.add_argument("--out", required=True, help="store directory to create")
+    synth.add_argument("--encoder", default="bert-base-uncased",
+                       help="tokenizer: Hugging Face name or local directory (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train", type=int, default=1284, help="examples (default: MOSI's %(default)s)")
+    synth.add_argument("--valid", type=int, default=229)
+    synth.add_argument("--test", type=int, default=686)
+    synth.add_argument("--max-tokens", type=int, default=50)
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    synth.set_defaults(run=cmd_synth)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    if not verbose:  # the progress hooks already print one line per epoch
+        logging.getLogger("mmim.engine").setLevel(logging.WARNING)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        args.run(args)
+    except MMIMInputError as error:
+        console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

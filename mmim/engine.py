@@ -1,0 +1,265 @@
+"""The MMIM training engine: the official two-stage epoch, evaluation, model selection.
+
+Each epoch (official `Solver.train_and_eval`):
+
+  stage 0 (when `contrast`): maximise the MMILB log-likelihood lld; only the MMILB
+          optimizer steps (MMILB parameters only). Optionally only the first
+          `stage0_fraction` of the batches (the reference code uses 0.5 on MOSEI).
+  stage 1: minimise  L1(score, y) + alpha * nce - beta * lld - beta * H  with the main
+          optimizer (a BERT group with its own lr/weight decay + everything else but
+          MMILB). H uses the previous batch's label groups as memory.
+  then:   validation loss (= MAE) drives ReduceLROnPlateau and early stopping; the
+          epoch with the lowest validation loss is selected, and its test metrics
+          are the reported ones. (The reference code also looks at the test loss
+          when choosing; we never do.)
+
+The engine is plain PyTorch. Progress, checkpoints and experiment tracking hang on
+`TrainingHooks`, so the same loop serves the CLI, notebooks and Ray workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader
+
+from mmim.config import TrainConfig
+from mmim.errors import MMIMInputError
+from mmim.metrics import compute_metrics
+from mmim.model import MMIM
+
+log = logging.getLogger(__name__)
+
+# The entropy memory holds one previous batch (official mem_size = 1); H enters the
+# loss from the batch after the first one that had a memory, as in the reference code.
+MEMORY_BATCHES = 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MMIMInputError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(choice)
+
+
+def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The official grouping by name: BERT, MMILB (`mi_*`), and the rest ("main")."""
+    groups: dict[str, list[nn.Parameter]] = {"bert": [], "mmilb": [], "main": []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.startswith("text_enc."):
+            groups["bert"].append(parameter)
+        elif name.startswith("mi_"):
+            groups["mmilb"].append(parameter)
+        else:
+            groups["main"].append(parameter)
+    return groups
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    stage0: dict[str, float]  # mean neg-lld of stage 0 ({} when contrast is off)
+    stage1: dict[str, float]  # mean loss, task, nce, lld, H of stage 1
+    lr: dict[str, float]
+    valid: dict[str, float]  # metrics + "loss"
+    test: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    valid: dict[str, float]  # validation metrics of the selected epoch
+    test: dict[str, float]  # test metrics of the selected epoch
+    history: list[EpochRecord] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+@torch.no_grad()
+def predict_scores(model: MMIM, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted scores, true labels) over a whole loader, in loader order."""
+    model.eval()
+    scores, labels = [], []
+    for batch in loader:
+        batch = batch.to(device)
+        scores.append(model(**batch.model_inputs()).score.float().cpu())
+        labels.append(batch.labels.cpu())
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model: MMIM, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Metrics of a split plus "loss" (mean L1: the official validation loss, = MAE)."""
+    predictions, truths = predict_scores(model, loader, device)
+    metrics = compute_metrics(predictions, truths)
+    metrics["loss"] = metrics["MAE"]
+    return metrics
+
+
+class TrainingHooks:
+    """Override what you need; every method is a no-op by default."""
+
+    def on_stage_start(self, epoch: int, stage: int, batches: int) -> None: ...
+
+    def on_batch_end(self, epoch: int, stage: int, loss: float) -> None: ...
+
+    def on_epoch_end(self, record: EpochRecord, improved: bool) -> None: ...
+
+
+class _RunningMeans:
+    """Sample-weighted means of per-batch scalars."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, size: int, **values: float) -> None:
+        for name, value in values.items():
+            self.totals[name] = self.totals.get(name, 0.0) + value * size
+        self.count += size
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.count, 1) for name, total in self.totals.items()}
+
+
+class Engine:
+    """Optimizers, scheduler and the per-stage loops around one MMIM model."""
+
+    def __init__(self, model: MMIM, config: TrainConfig, device: torch.device | None = None):
+        self.config = config
+        self.device = device or resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.model.bf16 = config.bf16 and self.device.type == "cuda"
+        if config.bf16 and not self.model.bf16:
+            log.warning("train.bf16 is only used on GPU; training in fp32 on %s", self.device)
+        groups = split_parameters(model)
+        optimizer_class = getattr(torch.optim, config.optimizer)
+        self.optimizer_mmilb = optimizer_class(
+            groups["mmilb"], lr=config.lr_mmilb, weight_decay=config.weight_decay_mmilb)
+        self.optimizer_main = optimizer_class([
+            {"params": groups["bert"], "lr": config.lr_bert, "weight_decay": config.weight_decay_bert},
+            {"params": groups["main"], "lr": config.lr_main, "weight_decay": config.weight_decay_main},
+        ])
+        # Only the main optimizer's lr is decayed, as in the reference code.
+        self.scheduler = ReduceLROnPlateau(self.optimizer_main, mode="min", patience=config.when, factor=0.5)
+        self.l1 = nn.L1Loss()
+
+    def learning_rates(self) -> dict[str, float]:
+        return {
+            "lr_bert": self.optimizer_main.param_groups[0]["lr"],
+            "lr_main": self.optimizer_main.param_groups[1]["lr"],
+            "lr_mmilb": self.optimizer_mmilb.param_groups[0]["lr"],
+        }
+
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        loss.backward()
+        # Norm over all parameters' gradients, as in the reference code.
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        optimizer.step()
+
+    def train_stage0(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None
+                     ) -> dict[str, float]:
+        """Maximise lld with the MMILB optimizer; returns {"neg_lld": mean}."""
+        hooks = hooks or TrainingHooks()
+        self.model.train()
+        fast = self.config.stage0_mode == "fast"
+        batches = math.ceil(len(loader) * self.config.stage0_fraction)
+        hooks.on_stage_start(epoch, 0, batches)
+        means = _RunningMeans()
+        for index, batch in enumerate(loader):
+            if index >= batches:
+                break
+            batch = batch.to(self.device)
+            self.model.zero_grad(set_to_none=True)
+            if fast:
+                # The encoders are not stepped in stage 0: no need to record their graph.
+                with torch.no_grad():
+                    text, acoustic, visual = self.model.encode(**batch.model_inputs())
+                lld, _, _ = self.model.mmilb(text, acoustic, visual)
+            else:
+                lld = self.model(**batch.model_inputs()).lld
+            loss = -lld
+            self._step(loss, self.optimizer_mmilb)
+            means.add(len(batch), neg_lld=loss.item())
+            hooks.on_batch_end(epoch, 0, loss.item())
+        return means.means()
+
+    def train_stage1(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None
+                     ) -> dict[str, float]:
+        """Minimise the task loss with the MI terms; returns means of loss, task, nce, lld, H."""
+        hooks = hooks or TrainingHooks()
+        config = self.config
+        self.model.train()
+        hooks.on_stage_start(epoch, 1, len(loader))
+        means = _RunningMeans()
+        memory = None  # label groups of the previous batch; reset every epoch
+        for index, batch in enumerate(loader):
+            batch = batch.to(self.device)
+            self.model.zero_grad(set_to_none=True)
+            output = self.model(**batch.model_inputs(), labels=batch.labels, memory=memory)
+            task = self.l1(output.score, batch.labels)
+            loss = task + config.alpha * output.nce - config.beta * output.lld if config.contrast else task
+            if index > MEMORY_BATCHES:
+                loss = loss - config.beta * output.entropy
+            self._step(loss, self.optimizer_main)
+            memory = output.memory
+            means.add(len(batch), loss=loss.item(), task=task.item(), nce=output.nce.item(),
+                      lld=output.lld.item(), H=output.entropy.item())
+            hooks.on_batch_end(epoch, 1, loss.item())
+        return means.means()
+
+    def run_epoch(self, epoch: int, train: DataLoader, valid: DataLoader, test: DataLoader,
+                  hooks: TrainingHooks | None = None) -> EpochRecord:
+        start = time.perf_counter()
+        stage0 = self.train_stage0(train, epoch, hooks) if self.config.contrast else {}
+        stage1 = self.train_stage1(train, epoch, hooks)
+        lr = self.learning_rates()
+        valid_metrics = evaluate(self.model, valid, self.device)
+        test_metrics = evaluate(self.model, test, self.device)
+        self.scheduler.step(valid_metrics["loss"])
+        return EpochRecord(epoch, stage0, stage1, lr, valid_metrics, test_metrics,
+                           time.perf_counter() - start)
+
+
+def fit(engine: Engine, train: DataLoader, valid: DataLoader, test: DataLoader,
+        hooks: TrainingHooks | None = None) -> FitResult:
+    """Train for `epochs` with early stopping; select the epoch on validation loss only."""
+    hooks = hooks or TrainingHooks()
+    config = engine.config
+    best: EpochRecord | None = None
+    history: list[EpochRecord] = []
+    patience = config.patience
+    for epoch in range(1, config.epochs + 1):
+        record = engine.run_epoch(epoch, train, valid, test, hooks)
+        history.append(record)
+        improved = best is None or record.valid["loss"] < best.valid["loss"]
+        if improved:
+            best, patience = record, config.patience
+        else:
+            patience -= 1
+        log.info("epoch %d: stage1 loss %.4f | valid MAE %.4f | test MAE %.4f%s", epoch,
+                 record.stage1["loss"], record.valid["MAE"], record.test["MAE"],
+                 " (best)" if improved else "")
+        hooks.on_epoch_end(record, improved)
+        if patience == 0:
+            log.info("early stop: no validation improvement for %d epochs", config.patience)
+            break
+    assert best is not None
+    return FitResult(best.epoch, best.valid, best.test, history,
+                     stopped_early=len(history) < config.epochs)

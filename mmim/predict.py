@@ -1,0 +1,95 @@
+"""Predictions from a checkpoint: on raw utterances, or over a feature store split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmim.checkpoint import load_checkpoint
+from mmim.data import Batch, make_loader, pad_sequences
+from mmim.engine import evaluate
+from mmim.errors import MMIMInputError
+from mmim.model import MMIM
+from mmim.store import FeatureStore
+from mmim.text_encoder import DEFAULT_MAX_TOKENS, tokenize
+from mmim.train import bind_store
+
+
+def sentiment_classes(score: float) -> dict[str, Any]:
+    """The Acc-2 (non0 convention) and Acc-7 classes of a predicted score."""
+    return {
+        "polarity": "positive" if score > 0 else "negative" if score < 0 else "neutral",
+        "class7": int(np.round(np.clip(score, -3.0, 3.0))),
+    }
+
+
+def _frames(value: Any, field: str, index: int, dim: int) -> np.ndarray:
+    where = f"utterance {index}, field {field}"
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise MMIMInputError(f"{where}: expected a list of frames of {dim} numbers") from None
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != dim:
+        raise MMIMInputError(f"{where}: shape {array.shape}, expected (frames >= 1, {dim})")
+    if not np.isfinite(array).all():
+        raise MMIMInputError(f"{where}: contains NaN or inf")
+    return array
+
+
+def utterances_to_batch(utterances: list[dict[str, Any]], tokenizer, model: MMIM) -> Batch:
+    """Validate raw utterances ({"text", "audio", "vision"}) and collate them into a Batch."""
+    if not utterances:
+        raise MMIMInputError("no utterances given")
+    texts, audio, vision = [], [], []
+    for index, utterance in enumerate(utterances):
+        if not isinstance(utterance, dict):
+            raise MMIMInputError(f"utterance {index}: expected an object with text, audio, vision")
+        missing = [key for key in ("text", "audio", "vision") if key not in utterance]
+        if missing:
+            raise MMIMInputError(f"utterance {index}: missing field(s) {', '.join(missing)}")
+        text = utterance["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise MMIMInputError(f"utterance {index}, field text: empty or not a string")
+        texts.append(text)
+        audio.append(_frames(utterance["audio"], "audio", index, model.config.audio_dim))
+        vision.append(_frames(utterance["vision"], "vision", index, model.config.vision_dim))
+    tokens = tokenize(tokenizer, texts, model.config.max_tokens or DEFAULT_MAX_TOKENS)
+    width = int(tokens["attention_mask"].sum(axis=1).max())
+    audio_tensor, audio_lengths = pad_sequences(audio)
+    vision_tensor, vision_lengths = pad_sequences(vision)
+    return Batch(
+        input_ids=torch.from_numpy(tokens["input_ids"][:, :width].astype(np.int64)),
+        attention_mask=torch.from_numpy(tokens["attention_mask"][:, :width].astype(np.int64)),
+        token_type_ids=torch.from_numpy(tokens["token_type_ids"][:, :width].astype(np.int64)),
+        audio=audio_tensor, audio_lengths=audio_lengths,
+        vision=vision_tensor, vision_lengths=vision_lengths,
+        labels=torch.zeros(len(texts)), ids=[str(i) for i in range(len(texts))],
+    )
+
+
+@torch.no_grad()
+def predict_utterances(model: MMIM, tokenizer, utterances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scores and classes for raw utterances with a loaded model."""
+    device = next(model.parameters()).device
+    batch = utterances_to_batch(utterances, tokenizer, model).to(device)
+    model.eval()
+    scores = model(**batch.model_inputs()).score.float().cpu().tolist()
+    if not all(math.isfinite(score) for score in scores):
+        raise RuntimeError("the model produced a non-finite score")
+    return [{"score": score, **sentiment_classes(score)} for score in scores]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, store_dir: str | Path,
+                        splits: tuple[str, ...] = ("valid", "test"), batch_size: int = 64
+                        ) -> dict[str, dict[str, float]]:
+    """Metrics of a checkpoint on splits of a feature store."""
+    model, config, _ = load_checkpoint(checkpoint)
+    store = FeatureStore(store_dir, verify_checksums=config.data.verify_checksums)
+    bind_store(config, store)  # same tokenizer and dims, or a clear error
+    device = next(model.parameters()).device
+    return {name: evaluate(model, make_loader(store[name], batch_size, shuffle=False), device)
+            for name in splits}

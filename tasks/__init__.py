@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that call `mmim` (see DESIGN.md, `flows -> tasks -> mmim`)."""

@@ -1,0 +1,116 @@
+"""The `mmim` command line end to end: train, evaluate, predict, and exit code 2 on bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from mmim.cli import main
+from mmim.config import load_config
+from mmim.errors import MMIMInputError
+
+
+def write_config(tmp_path, config, **sections):
+    raw = config.model_dump()
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values} if isinstance(values, dict) else values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_evaluate_predict(tiny_config, tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config)
+    code, out, _ = run_cli(capsys, "train", "--config", str(path), "--set", "train.epochs=1")
+    assert code == 0
+    assert "Acc-2_non0" in out and "test" in out
+    checkpoint = tmp_path / "run" / "best"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "text_encoder" / "tokenizer.json").is_file()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and len(metrics["history"]) == 1
+
+    code, out, _ = run_cli(capsys, "evaluate", "--checkpoint", str(checkpoint), "--store",
+                           tiny_config.data.store, "--json", str(tmp_path / "eval.json"))
+    assert code == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    # the checkpoint's own test metrics are reproduced by evaluate
+    assert evaluated["test"]["MAE"] == pytest.approx(metrics["test"]["MAE"], abs=1e-6)
+
+    utterances = [{"text": "the movie was very good", "audio": np.zeros((4, 5)).tolist(),
+                   "vision": np.ones((3, 20)).tolist()},
+                  {"text": "the plot was terrible", "audio": [[0.1] * 5], "vision": [[0.0] * 20] * 2}]
+    (tmp_path / "in.json").write_text(json.dumps(utterances))
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "in.json"))
+    assert code == 0
+    predictions = json.loads(out)
+    assert len(predictions) == 2 and all(np.isfinite(p["score"]) for p in predictions)
+    assert {p["polarity"] for p in predictions} <= {"positive", "negative", "neutral"}
+
+    utterances[1]["vision"] = [[0.0] * 7]
+    (tmp_path / "bad.json").write_text(json.dumps(utterances))
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "bad.json"))
+    assert code == 2 and "utterance 1, field vision: shape (1, 7), expected (frames >= 1, 20)" in err
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"train": {"epoch": 3}}, "train.epoch: unknown setting"),
+    ({"train": {"lr_main": -1}}, "train.lr_main: Input should be greater than 0"),
+    ({"model": {"bidirectional": "sideways"}}, "model.bidirectional: Input should be a valid boolean"),
+    ({"data": {"store": "/nonexistent/store"}}, "/nonexistent/store: feature store not found"),
+])
+def test_bad_config_is_one_line_and_exit_2(tiny_config, tmp_path, capsys, sections, message):
+    path = write_config(tmp_path, tiny_config, **sections)
+    code, _, err = run_cli(capsys, "train", "--config", str(path))
+    assert code == 2
+    assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_store_problems_exit_2_naming_the_file(tiny_config, tiny_store, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    path = write_config(tmp_path, tiny_config, data={"store": str(store), "verify_checksums": False})
+
+    labels = store / "test" / "labels.npy"
+    values = np.load(labels)
+    values[3] = np.nan
+    np.save(labels, values)
+    code, _, err = run_cli(capsys, "train", "--config", str(path))
+    assert code == 2 and "test/labels.npy: NaN or inf at row 3" in err
+
+    audio = store / "valid" / "audio.npy"
+    audio.write_bytes(audio.read_bytes()[:100])
+    code, _, err = run_cli(capsys, "train", "--config", str(path))
+    assert code == 2 and "valid/audio.npy: corrupt or truncated" in err
+
+    shutil.rmtree(store / "train")
+    code, _, err = run_cli(capsys, "train", "--config", str(path))
+    assert code == 2 and "train" in err and "missing" in err
+
+
+def test_set_overrides_and_their_errors(tmp_path):
+    config = load_config(None, ["train.epochs=3", "train.lr_bert=1e-4", "model.add_va=true"])
+    assert config.train.epochs == 3 and config.train.lr_bert == 1e-4 and config.model.add_va
+    with pytest.raises(MMIMInputError, match="expected key=value"):
+        load_config(None, ["train.epochs"])
+    (tmp_path / "broken.yaml").write_text("train: [unclosed")
+    with pytest.raises(MMIMInputError, match="broken.yaml: not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed `mmim` entry point itself returns 2 on bad input."""
+    (tmp_path / "bad.yaml").write_text("train:\n  batch_size: 1\n")
+    done = subprocess.run([sys.executable, "-m", "mmim.cli", "train", "--config", str(tmp_path / "bad.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "train.batch_size: Input should be greater than 1" in done.stderr

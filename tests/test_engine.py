@@ -1,0 +1,139 @@
+"""The two-stage engine: which parameters each stage steps, selection, determinism."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmim.engine import Engine, EpochRecord, TrainingHooks, fit, seed_everything, split_parameters
+from mmim.data import make_loader
+from mmim.model import build_model
+from mmim.store import FeatureStore, SplitData, write_store
+from mmim.train import bind_store, train
+
+
+def make_engine(config, **train_overrides):
+    store = FeatureStore(config.data.store)
+    config = bind_store(config, store)
+    seed_everything(0)
+    engine = Engine(build_model(config.model), config.train.model_copy(update=train_overrides))
+    return engine, store
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def changed(before, params):
+    return [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
+
+
+def test_stage0_steps_only_mmilb_and_stage1_never_mmilb(tiny_config):
+    engine, store = make_engine(tiny_config)
+    groups = split_parameters(engine.model)
+    loader = make_loader(store["train"], 16, shuffle=True, seed=1)
+    before = {name: snapshot(params) for name, params in groups.items()}
+    stats = engine.train_stage0(loader)
+    names = [n for n, p in engine.model.named_parameters() if n.startswith("mi_")]
+    moved = dict(zip(names, changed(before["mmilb"], groups["mmilb"])))
+    # lld trains the Gaussian MLPs; the entropy projection only gets gradients in stage 1
+    assert all(v for n, v in moved.items() if "entropy_prj" not in n)
+    assert not any(v for n, v in moved.items() if "entropy_prj" in n)
+    assert not any(changed(before["bert"], groups["bert"]) + changed(before["main"], groups["main"]))
+    assert math.isfinite(stats["neg_lld"])
+
+    before = {name: snapshot(params) for name, params in groups.items()}
+    stats = engine.train_stage1(loader)
+    assert not any(changed(before["mmilb"], groups["mmilb"]))
+    assert any(changed(before["bert"], groups["bert"])) and any(changed(before["main"], groups["main"]))
+    assert all(math.isfinite(v) for v in stats.values()) and stats["H"] != 0.0
+
+
+def test_fast_and_official_stage0_give_the_same_mmilb_update_without_clipping(tiny_config):
+    """Parity of the two stage-0 modes: identical MMILB updates when clipping is inactive.
+
+    With clipping active they differ by design: the official norm includes encoder gradients.
+    """
+    results = {}
+    for mode in ("fast", "official"):
+        engine, store = make_engine(tiny_config, stage0_mode=mode, clip=1e9)
+        loader = make_loader(store["train"], 16, shuffle=False)
+        engine.train_stage0([next(iter(loader))])
+        encoder_grads = [p.grad for p in split_parameters(engine.model)["bert"]]
+        results[mode] = (snapshot(split_parameters(engine.model)["mmilb"]), encoder_grads)
+    for fast, official in zip(results["fast"][0], results["official"][0]):
+        torch.testing.assert_close(fast, official, rtol=1e-5, atol=1e-6)
+    assert all(g is None for g in results["fast"][1])  # fast mode records no encoder graph
+    assert any(g is not None for g in results["official"][1])
+
+
+def test_stage0_fraction_uses_the_first_share_of_batches(tiny_config):
+    engine, store = make_engine(tiny_config, stage0_fraction=0.5)
+    loader = make_loader(store["train"], 16, shuffle=False)  # 96 examples -> 6 batches
+
+    class Count(TrainingHooks):
+        planned = done = 0
+
+        def on_stage_start(self, epoch, stage, batches):
+            self.planned = batches
+
+        def on_batch_end(self, epoch, stage, loss):
+            self.done += 1
+
+    hooks = Count()
+    engine.train_stage0(loader, hooks=hooks)
+    assert hooks.planned == hooks.done == 3
+
+
+def test_stage1_stays_finite_when_one_label_group_is_empty(tiny_config, tiny_encoder, tmp_path):
+    source = FeatureStore(tiny_config.data.store)
+    splits = {}
+    for name in ("train", "valid", "test"):
+        s = source[name]
+        splits[name] = SplitData(
+            list(s.ids), {"input_ids": s.input_ids, "attention_mask": s.attention_mask,
+                          "token_type_ids": s.token_type_ids},
+            [s.sequence("audio", i) for i in range(len(s))], [s.sequence("vision", i) for i in range(len(s))],
+            np.minimum(np.abs(s.labels) + 0.1, 3.0))  # every label positive: the negative group is always empty
+    root = write_store(tmp_path / "positive", splits, text_encoder=tiny_encoder, max_tokens=50, source="test")
+    config = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"store": str(root)})})
+    engine, store = make_engine(config)
+    stats = engine.train_stage1(make_loader(store["train"], 16, shuffle=True))
+    assert all(math.isfinite(v) for v in stats.values())
+
+
+class ScriptedEngine:
+    """Replays given validation/test losses so that fit's selection logic can be checked."""
+
+    def __init__(self, config, valid_losses, test_losses):
+        self.config, self.valid, self.test = config, valid_losses, test_losses
+
+    def run_epoch(self, epoch, *loaders, hooks=None):
+        v, t = self.valid[epoch - 1], self.test[epoch - 1]
+        return EpochRecord(epoch, {}, {"loss": v}, {}, {"loss": v, "MAE": v}, {"loss": t, "MAE": t}, 0.0)
+
+
+def test_selection_on_validation_only_and_early_stopping(tiny_config):
+    config = tiny_config.train.model_copy(update={"epochs": 10, "patience": 2})
+    engine = ScriptedEngine(config, valid_losses=[0.9, 0.7, 0.8, 0.75, 0.6], test_losses=[0.9, 0.8, 0.5, 0.4, 0.3])
+    result = fit(engine, None, None, None)
+    # epochs 3 and 4 do not beat 0.7: patience 2 runs out after epoch 4, before 0.6 is seen
+    assert result.stopped_early and len(result.history) == 4
+    assert result.best_epoch == 2
+    assert result.test["MAE"] == 0.8  # the test figure of the selected epoch, not the best test
+
+
+def test_seeded_training_is_bit_identical(tiny_config, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        config = tiny_config.model_copy(update={"output_dir": str(tmp_path / name)})
+        result, checkpoint = train(config)
+        runs.append((result, load_file(str(checkpoint / "model.safetensors"))))
+    (first, weights_a), (second, weights_b) = runs
+    assert [r.stage1 for r in first.history] == [r.stage1 for r in second.history]
+    assert first.test == second.test
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert first.best_epoch == min(first.history, key=lambda r: r.valid["loss"]).epoch

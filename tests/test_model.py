@@ -1,0 +1,126 @@
+"""The model: official parameter names, strict loading, finite deterministic outputs, the H guard."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmim.config import ModelConfig
+from mmim.errors import MMIMInputError
+from mmim.model import MMILB, build_model, gaussian_entropy_term, load_official_state_dict
+
+# The official module names (declare-lab/Multimodal-Infomax, src/model.py + modules/encoders.py).
+OFFICIAL_KEYS = [
+    "text_enc.bertmodel.embeddings.word_embeddings.weight",
+    "text_enc.bertmodel.pooler.dense.weight",
+    "visual_enc.rnn.weight_ih_l0", "visual_enc.rnn.weight_hh_l0", "visual_enc.rnn.bias_ih_l0",
+    "visual_enc.linear_1.weight", "acoustic_enc.rnn.weight_ih_l0", "acoustic_enc.linear_1.bias",
+    "mi_tv.mlp_mu.0.weight", "mi_tv.mlp_mu.2.weight", "mi_tv.mlp_logvar.0.weight",
+    "mi_tv.mlp_logvar.2.bias", "mi_tv.entropy_prj.0.weight", "mi_ta.entropy_prj.0.bias",
+    "cpc_zt.net.weight", "cpc_zv.net.bias", "cpc_za.net.weight",
+    "fusion_prj.linear_1.weight", "fusion_prj.linear_2.weight", "fusion_prj.linear_3.bias",
+]
+
+
+def model_config(tiny_encoder, **overrides) -> ModelConfig:
+    return ModelConfig(text_encoder=tiny_encoder, text_pretrained=False, audio_dim=5, vision_dim=20,
+                       max_tokens=50, **overrides)
+
+
+def raw_inputs(batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths_a = torch.randint(1, 12, (batch,), generator=g)
+    lengths_v = torch.randint(1, 9, (batch,), generator=g)
+    return {
+        "input_ids": torch.randint(5, 40, (batch, 7), generator=g),
+        "attention_mask": torch.ones(batch, 7, dtype=torch.long),
+        "token_type_ids": torch.zeros(batch, 7, dtype=torch.long),
+        "audio": torch.randn(batch, int(lengths_a.max()), 5, generator=g), "audio_lengths": lengths_a,
+        "vision": torch.randn(batch, int(lengths_v.max()), 20, generator=g), "vision_lengths": lengths_v,
+    }
+
+
+def official_state_dict(tiny_encoder, path, **overrides):
+    """A state dict as the reference code saves it: official names, plus the legacy BERT buffer."""
+    torch.manual_seed(7)
+    state = {k: v.clone().contiguous() for k, v in build_model(model_config(tiny_encoder, **overrides)).state_dict().items()}
+    state["text_enc.bertmodel.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    save_file(state, str(path))
+    return load_file(str(path))
+
+
+def test_official_state_dict_loads_strict_and_outputs_are_finite_and_deterministic(tiny_encoder, tmp_path):
+    state = official_state_dict(tiny_encoder, tmp_path / "official.safetensors")
+    assert set(OFFICIAL_KEYS) <= set(state)
+    model = build_model(model_config(tiny_encoder))
+    load_official_state_dict(model, state)
+    model.eval()
+    labels = torch.tensor([1.5, -2.0, 0.0, 2.5, -0.5, 1.0, -1.0, 3.0])
+    first = model(**raw_inputs(), labels=labels)
+    # second pass with the first batch's label groups as entropy memory
+    second = model(**raw_inputs(seed=1), labels=labels, memory=first.memory)
+    again = model(**raw_inputs(seed=1), labels=labels, memory=first.memory)
+    for out in (first, second):
+        for value in (out.score, out.lld, out.nce, out.entropy):
+            assert torch.isfinite(value).all()
+    assert second.score.shape == (8,)
+    assert second.entropy.item() != 0.0  # 8 positives+negatives over two batches: H is defined
+    for name in ("score", "lld", "nce", "entropy"):
+        assert torch.equal(getattr(second, name), getattr(again, name))
+
+
+def test_add_va_and_bidirectional_use_official_names(tiny_encoder, tmp_path):
+    state = official_state_dict(tiny_encoder, tmp_path / "va.safetensors", add_va=True, bidirectional=True)
+    assert "mi_va.mlp_mu.0.weight" in state and "visual_enc.rnn.weight_ih_l0_reverse" in state
+    assert state["visual_enc.linear_1.weight"].shape == (16, 32)  # both directions concatenated
+    model = build_model(model_config(tiny_encoder, add_va=True, bidirectional=True))
+    load_official_state_dict(model, state)
+    out = model(**raw_inputs(), labels=torch.linspace(-2, 2, 8))
+    assert torch.isfinite(out.lld) and out.memory is not None and set(out.memory) == {"tv", "ta", "va"}
+
+
+def test_mismatched_state_dict_is_a_clear_error(tiny_encoder, tmp_path):
+    state = official_state_dict(tiny_encoder, tmp_path / "s.safetensors")
+    model = build_model(model_config(tiny_encoder, add_va=True))
+    with pytest.raises(MMIMInputError, match="missing .*mi_va"):
+        load_official_state_dict(model, state)
+    state["fusion_prj.linear_3.weight"] = torch.zeros(1, 3)
+    with pytest.raises(MMIMInputError, match="fusion_prj.linear_3.weight has shape"):
+        load_official_state_dict(build_model(model_config(tiny_encoder)), state)
+
+
+def test_padding_does_not_change_the_sequence_encoding(tiny_encoder):
+    model = build_model(model_config(tiny_encoder)).eval()
+    inputs = raw_inputs(batch=4)
+    padded = dict(inputs, audio=torch.cat([inputs["audio"], torch.randn(4, 5, 5)], dim=1))
+    _, a1, _ = model.encode(**inputs)
+    _, a2, _ = model.encode(**padded)
+    assert torch.allclose(a1, a2, atol=1e-6)
+
+
+def test_entropy_guard_when_a_label_group_is_too_small():
+    torch.manual_seed(0)
+    mmilb = MMILB(x_size=8, y_size=16)  # entropy projection to 4 dims
+    x, y = torch.randn(6, 8), torch.randn(6, 16)
+    # 5 positives, 1 negative in this batch; memory adds 1 more of each: the negative
+    # group has 2 samples for a 4-dim covariance (singular), the positive group 6.
+    labels = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0, -1.0])
+    _, _, groups = mmilb(x, y, labels)
+    memory = type(groups)(groups.positive[:1], groups.negative[:1])
+    _, entropy, _ = mmilb(x, y, labels, memory)
+    assert torch.isfinite(entropy)
+    expected = 0.25 * gaussian_entropy_term(torch.cat([memory.positive, groups.positive]))
+    assert torch.allclose(entropy, expected) and entropy.item() != 0.0
+    entropy.backward()  # the guarded group contributes no NaN gradient
+    assert all(torch.isfinite(p.grad).all() for p in mmilb.entropy_prj.parameters())
+
+
+def test_entropy_guard_on_degenerate_covariance():
+    identical = torch.ones(10, 4) * 0.3  # full sample count but zero variance
+    assert gaussian_entropy_term(identical).item() == 0.0
+    empty = torch.zeros(0, 4)
+    assert gaussian_entropy_term(empty).item() == 0.0
+
+
+def test_missing_dims_is_a_clear_error(tiny_encoder):
+    with pytest.raises(MMIMInputError, match="audio_dim"):
+        build_model(ModelConfig(text_encoder=tiny_encoder, text_pretrained=False))
