@@ -11,7 +11,7 @@ The public API (see README "Python API"):
 The core (model, engine, metrics, store) needs only torch, numpy and transformers.
 """
 
-from mmim.checkpoint import load_checkpoint, save_checkpoint
+from mmim.checkpoint import load_checkpoint, read_official_weights, save_checkpoint
 from mmim.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
 from mmim.errors import MMIMInputError
 from mmim.metrics import compute_metrics
@@ -21,5 +21,5 @@ from mmim.store import FeatureStore
 __all__ = [
     "MMIM", "MMIMOutput", "MMIMInputError", "Config", "DataConfig", "ModelConfig", "TrainConfig",
     "FeatureStore", "build_model", "compute_metrics", "load_checkpoint", "load_config",
-    "load_official_state_dict", "save_checkpoint",
+    "load_official_state_dict", "read_official_weights", "save_checkpoint",
 ]

@@ -14,11 +14,10 @@ renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import pickle
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
@@ -26,6 +25,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.config import Config, config_from_dict, config_to_json
 from mmim.errors import MMIMInputError
+from mmim.files import atomic_directory, read_json
 from mmim.model import MMIM, load_official_state_dict
 from mmim.text_encoder import load_tokenizer
 
@@ -38,9 +38,7 @@ METRICS = "metrics.json"
 def save_checkpoint(directory: str | Path, model: MMIM, config: Config,
                     tokenizer: PreTrainedTokenizerBase, metrics: dict | None = None) -> Path:
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS))
         (staging / CONFIG).write_text(config_to_json(config))
@@ -48,13 +46,25 @@ def save_checkpoint(directory: str | Path, model: MMIM, config: Config,
         tokenizer.save_pretrained(staging / TEXT_ENCODER)
         if metrics is not None:
             (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
+
+
+def read_official_weights(path: str | Path) -> dict:
+    """The state dict the reference code saves (`torch.save(model.state_dict(), ...)`).
+
+    Read with `weights_only=True`: tensors and plain containers only; anything else in
+    the pickle (code to run on load included) is refused, never executed.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MMIMInputError(f"{path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        raise MMIMInputError(f"{path}: not a plain state dict of tensors ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MMIMInputError(f"{path}: expected a state dict (parameter name -> tensor)")
+    return state
 
 
 def load_checkpoint(directory: str | Path, device: str = "cpu"
@@ -64,11 +74,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"
     for name in (WEIGHTS, CONFIG, TEXT_ENCODER):
         if not (directory / name).exists():
             raise MMIMInputError(f"{directory / name}: missing; {directory} is not an mmim checkpoint")
-    try:
-        raw = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError:
-        raise MMIMInputError(f"{directory / CONFIG}: corrupt (not valid JSON)") from None
-    config = config_from_dict(raw, str(directory / CONFIG))
+    config = config_from_dict(read_json(directory / CONFIG), str(directory / CONFIG))
     encoder_dir = str(directory / TEXT_ENCODER)
     try:
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir))
@@ -79,5 +85,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"
         state = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError) as error:
         raise MMIMInputError(f"{directory / WEIGHTS}: corrupt or truncated ({error})") from None
-    load_official_state_dict(model, state)
+    try:
+        load_official_state_dict(model, state)
+    except MMIMInputError as error:
+        raise MMIMInputError(f"{directory / WEIGHTS}: {error}") from None
     return model.to(device).eval(), config, load_tokenizer(encoder_dir)

@@ -26,15 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmim.errors import MMIMInputError
+from mmim.files import atomic_directory, read_json
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +122,7 @@ def write_store(root: str | Path, splits: dict[str, SplitData], *, text_encoder:
     if root.exists() and not overwrite:
         raise MMIMInputError(f"{root}: already exists (pass overwrite to replace it)")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_directory(root) as staging:
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "source": source,
@@ -139,12 +135,6 @@ def write_store(root: str | Path, splits: dict[str, SplitData], *, text_encoder:
             checksums = _save_split(staging / name, splits[name])
             manifest["splits"][name] = {"count": len(splits[name].ids), "sha256": checksums}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("wrote feature store %s (%s)", root,
              ", ".join(f"{n}={len(splits[n].ids)}" for n in SPLITS))
     return root
@@ -194,12 +184,7 @@ class FeatureStore:
         path = self.root / "manifest.json"
         if not self.root.is_dir():
             raise MMIMInputError(f"{self.root}: feature store not found (no such directory)")
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MMIMInputError(f"{path}: missing; {self.root} is not a feature store") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MMIMInputError(f"{path}: corrupt (not valid JSON)") from None
+        manifest = read_json(path)
         for key in ("schema_version", "text_encoder", "max_tokens", "dims", "splits"):
             if key not in manifest:
                 raise MMIMInputError(f"{path}: field {key!r} missing")
@@ -254,12 +239,7 @@ class FeatureStore:
         if (arrays["attention_mask"][:, 0] != 1).any():
             raise MMIMInputError(f"{directory / 'attention_mask.npy'}: an example has no tokens")
         ids_path = directory / "ids.json"
-        try:
-            ids = json.loads(ids_path.read_text())
-        except FileNotFoundError:
-            raise MMIMInputError(f"{ids_path}: missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MMIMInputError(f"{ids_path}: corrupt (not valid JSON)") from None
+        ids = read_json(ids_path)
         if not isinstance(ids, list) or len(ids) != count:
             raise MMIMInputError(f"{ids_path}: expected a list of {count} ids")
         return StoreSplit(name=name, ids=ids, **arrays)

@@ -1,10 +1,13 @@
 """The model: official parameter names, strict loading, finite deterministic outputs, the H guard."""
 
+import pickle
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from mmim.config import ModelConfig
+from mmim.checkpoint import read_official_weights
 from mmim.errors import MMIMInputError
 from mmim.model import MMILB, build_model, gaussian_entropy_term, load_official_state_dict
 
@@ -124,3 +127,32 @@ def test_entropy_guard_on_degenerate_covariance():
 def test_missing_dims_is_a_clear_error(tiny_encoder):
     with pytest.raises(MMIMInputError, match="audio_dim"):
         build_model(ModelConfig(text_encoder=tiny_encoder, text_pretrained=False))
+
+
+class _Payload:
+    """Unpickling this would run `touch` on a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_official_torch_save_file_loads_and_hostile_pickles_are_refused(tiny_encoder, tmp_path):
+    state = official_state_dict(tiny_encoder, tmp_path / "s.safetensors")
+    torch.save(state, tmp_path / "best_model.pt")  # how the reference code saves
+    model = build_model(model_config(tiny_encoder))
+    load_official_state_dict(model, read_official_weights(tmp_path / "best_model.pt"))
+    assert torch.equal(model.state_dict()["mi_tv.mlp_mu.0.weight"], state["mi_tv.mlp_mu.0.weight"])
+
+    marker = tmp_path / "pwned"
+
+    (tmp_path / "hostile.pt").write_bytes(pickle.dumps({"w": _Payload(marker)}, protocol=2))
+    with pytest.raises(MMIMInputError, match="hostile.pt: not a plain state dict"):
+        read_official_weights(tmp_path / "hostile.pt")
+    assert not marker.exists()
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "best_model.pt").read_bytes()[:200])
+    with pytest.raises(MMIMInputError, match="truncated.pt: not a plain state dict"):
+        read_official_weights(tmp_path / "truncated.pt")
