@@ -80,12 +80,12 @@ def test_store_problems_exit_2_naming_the_file(tiny_config, tiny_store, tmp_path
     shutil.copytree(tiny_store, store)
     path = write_config(tmp_path, tiny_config, data={"store": str(store), "verify_checksums": False})
 
-    labels = store / "test" / "labels.npy"
-    values = np.load(labels)
-    values[3] = np.nan
-    np.save(labels, values)
+    vision = store / "test" / "vision.npy"
+    values = np.load(vision)
+    values[3, 7] = np.nan
+    np.save(vision, values)
     code, _, err = run_cli(capsys, "train", "--config", str(path))
-    assert code == 2 and "test/labels.npy: NaN or inf at row 3" in err
+    assert code == 2 and "test/vision.npy: NaN or inf at row 3" in err
 
     audio = store / "valid" / "audio.npy"
     audio.write_bytes(audio.read_bytes()[:100])
