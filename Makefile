@@ -2,6 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+DEMO_RAW := data/raw/synthetic
 DEMO_STORE := data/stores/synthetic-minilm
 DEMO_ENCODER := sentence-transformers/all-MiniLM-L6-v2
 
@@ -20,7 +21,8 @@ $(VENV)/.installed-%: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed-demo
-	$(BIN)/mmim data synth --out $(DEMO_STORE) --encoder $(DEMO_ENCODER) --overwrite
+	$(BIN)/mmim data synth --out $(DEMO_RAW)
+	$(BIN)/mmim extract --source mult --input $(DEMO_RAW) --out $(DEMO_STORE) --encoder $(DEMO_ENCODER) --overwrite
 	$(BIN)/mmim train --config configs/demo.yaml
 
 test: $(VENV)/.installed-demo+test

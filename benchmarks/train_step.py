@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         encoder = bert_base_encoder(work / "encoder", args.hidden_layers)
-        store_dir = write_synthetic_store(work / "store", encoder, seed=0, sizes=MOSI_SIZES)
+        store_dir = write_synthetic_store(work / "store", encoder, seed=0, sizes=MOSI_SIZES).root
         config = Config.model_validate({
             "model": {"text_encoder": encoder, "text_pretrained": False},
             "data": {"store": str(store_dir)},

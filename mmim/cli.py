@@ -1,6 +1,7 @@
 """The `mmim` command line.
 
-    mmim data synth --out DIR --encoder NAME      write the synthetic sample as a feature store
+    mmim data synth --out DIR                     write the synthetic sample (MulT release format)
+    mmim extract --source S --input P --out DIR --encoder NAME   source files -> feature store
     mmim train --config FILE [--set key=value]    train in one process, save the best checkpoint
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
     mmim predict --checkpoint DIR --input FILE    scores for raw utterances given as JSON
@@ -27,9 +28,11 @@ from mmim.checkpoint import load_checkpoint
 from mmim.config import load_config
 from mmim.engine import EpochRecord, TrainingHooks
 from mmim.errors import MMIMInputError
+from mmim.extract import SOURCES, extract
 from mmim.metrics import METRIC_NAMES
 from mmim.predict import evaluate_checkpoint, predict_utterances
-from mmim.synthetic import write_synthetic_store
+from mmim.store_writer import ExtractionSummary
+from mmim.synthetic import write_synthetic_raw
 from mmim.train import train
 
 EXIT_BAD_INPUT = 2
@@ -112,10 +115,38 @@ def cmd_synth(args: argparse.Namespace) -> None:
     for name, size in sizes.items():
         if size < 2:
             raise MMIMInputError(f"--{name}: need at least 2 examples, got {size}")
-    with console.status("synthesizing and tokenizing"):
-        path = write_synthetic_store(args.out, args.encoder, seed=args.seed, sizes=sizes,
-                                     max_tokens=args.max_tokens, overwrite=args.overwrite)
-    stdout.print(f"feature store: {path} ({', '.join(f'{k}={v}' for k, v in sizes.items())})")
+    with console.status("synthesizing"):
+        path = write_synthetic_raw(args.out, seed=args.seed, sizes=sizes)
+    stdout.print(f"synthetic sample (MulT format): {path} ({', '.join(f'{k}={v}' for k, v in sizes.items())})")
+
+
+def _summary_table(summary: ExtractionSummary) -> Table:
+    table = Table(title=f"feature store {summary.root}")
+    for column in ("split", "examples", "dropped", "NaN/inf zeroed (audio/vision)", "empty padded (audio/vision)"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, count in summary.counts.items():
+        dropped = sum(1 for split, _, _ in summary.dropped if split == name)
+        zeroed = "/".join(str(summary.nonfinite_zeroed[(name, m)]) for m in ("audio", "vision"))
+        empty = "/".join(str(summary.empty_padded[(name, m)]) for m in ("audio", "vision"))
+        table.add_row(name, str(count), str(dropped), zeroed, empty)
+    table.caption = f"dims: audio {summary.dims['audio']}, vision {summary.dims['vision']}"
+    return table
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    columns = (TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("extract", total=None)
+        summary = extract(
+            args.source, args.input, args.out, args.encoder, max_tokens=args.max_tokens,
+            nonfinite=args.nonfinite, labels=args.labels, folds=args.folds, seed=args.seed,
+            overwrite=args.overwrite, on_start=lambda total: progress.update(task, total=total),
+            advance=lambda: progress.advance(task))
+    stdout.print(_summary_table(summary))
+    for split, example_id, reason in summary.dropped[:20]:
+        stdout.print(f"dropped {split}/{example_id}: {reason}")
+    if len(summary.dropped) > 20:
+        stdout.print(f"... and {len(summary.dropped) - 20} more dropped")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,17 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
                          help='JSON list of {"text": str, "audio": [[...]], "vision": [[...]]}; - for stdin')
     predict.set_defaults(run=cmd_predict)
 
+    extract_cmd = commands.add_parser("extract", help="source files -> feature store (the DVC stage)")
+    extract_cmd.add_argument("--source", required=True, choices=SOURCES)
+    extract_cmd.add_argument("--input", help="pickle, directory or .csd directory (not for synthetic)")
+    extract_cmd.add_argument("--out", required=True, help="store directory to create")
+    extract_cmd.add_argument("--encoder", required=True, help="tokenizer: Hugging Face name or local directory")
+    extract_cmd.add_argument("--max-tokens", type=int, default=50)
+    extract_cmd.add_argument("--nonfinite", choices=["zero", "fail"], default="zero",
+                             help="NaN/inf in features: replace by 0 and count (default), or fail")
+    extract_cmd.add_argument("--labels", help="mult: the label CSV (default: the *label*.csv beside the pickle)")
+    extract_cmd.add_argument("--folds", help="csd: folds JSON, or cmu_mosi (default: INPUT/folds.json)")
+    extract_cmd.add_argument("--seed", type=int, default=0, help="synthetic: the seed")
+    extract_cmd.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    extract_cmd.set_defaults(run=cmd_extract)
+
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write the synthetic sample as a feature store")
-    synth.add_argument("--out", required=True, help="store directory to create")
-    synth.add_argument("--encoder", default="bert-base-uncased",
-                       help="tokenizer: Hugging Face name or local directory (default: %(default)s)")
+    synth = data.add_parser("synth", help="write the synthetic sample in the MulT release format")
+    synth.add_argument("--out", required=True, help="directory to create (pickle + label CSV)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--train", type=int, default=1284, help="examples (default: MOSI's %(default)s)")
     synth.add_argument("--valid", type=int, default=229)
     synth.add_argument("--test", type=int, default=686)
-    synth.add_argument("--max-tokens", type=int, default=50)
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing store")
     synth.set_defaults(run=cmd_synth)
     return parser
 

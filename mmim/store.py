@@ -17,8 +17,7 @@ Arrays are plain .npy files opened memory-mapped, so opening a store costs nothi
 and workers share pages. Ragged sequences are stored without padding; a batch is
 padded to its own longest sequence when it is collated (`mmim.data`).
 
-A store is written to a temporary directory beside the target and renamed into
-place, so a crash never leaves a half-written store under the real name.
+`mmim.store_writer` writes stores; this module opens and checks them.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mmim.errors import MMIMInputError
-from mmim.files import atomic_directory, read_json
+from mmim.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,107 +39,15 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
 TEXT_FIELDS = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8}
 SEQUENCE_FIELDS = ("audio", "vision")
-LABEL_RANGE = (-3.0, 3.0)
 _CHUNK_ROWS = 1 << 16  # rows per chunk when scanning arrays for NaN/inf
 
 
-@dataclass
-class SplitData:
-    """One split in memory, ready to be written. Sequences are (length, dim) arrays."""
-
-    ids: list[str]
-    texts_tokenized: dict[str, np.ndarray]  # input_ids, attention_mask, token_type_ids
-    audio: list[np.ndarray]
-    vision: list[np.ndarray]
-    labels: np.ndarray
-
-
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _check_split(name: str, split: SplitData, dims: dict[str, int]) -> None:
-    """Reject what would break training, naming split, field and example."""
-    count = len(split.ids)
-    if count == 0:
-        raise MMIMInputError(f"split {name}: no examples")
-    if len(set(split.ids)) != count:
-        duplicate = next(i for i in split.ids if split.ids.count(i) > 1)
-        raise MMIMInputError(f"split {name}: duplicate id {duplicate!r}")
-    lengths = {"labels": len(split.labels), "audio": len(split.audio), "vision": len(split.vision)}
-    lengths.update({field: len(array) for field, array in split.texts_tokenized.items()})
-    for field, n in lengths.items():
-        if n != count:
-            raise MMIMInputError(f"split {name}: {field} has {n} entries for {count} ids")
-    for field in SEQUENCE_FIELDS:
-        for index, sequence in enumerate(getattr(split, field)):
-            where = f"split {name}, example {split.ids[index]!r} (index {index}), field {field}"
-            if sequence.ndim != 2 or sequence.shape[1] != dims[field]:
-                raise MMIMInputError(f"{where}: shape {sequence.shape}, expected (length, {dims[field]})")
-            if sequence.shape[0] == 0:
-                raise MMIMInputError(f"{where}: empty sequence (length 0)")
-            if not np.isfinite(sequence).all():
-                raise MMIMInputError(f"{where}: contains NaN or inf")
-    bad = np.flatnonzero(~np.isfinite(split.labels) | (split.labels < LABEL_RANGE[0])
-                         | (split.labels > LABEL_RANGE[1]))
-    if bad.size:
-        index = int(bad[0])
-        raise MMIMInputError(f"split {name}, example {split.ids[index]!r} (index {index}), field labels: "
-                             f"{split.labels[index]} is not a finite score in {list(LABEL_RANGE)}")
-
-
-def _save_split(directory: Path, split: SplitData) -> dict[str, str]:
-    directory.mkdir(parents=True)
-    for field, dtype in TEXT_FIELDS.items():
-        np.save(directory / f"{field}.npy", np.ascontiguousarray(split.texts_tokenized[field], dtype=dtype))
-    for field in SEQUENCE_FIELDS:
-        sequences = getattr(split, field)
-        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
-        np.cumsum([len(s) for s in sequences], out=offsets[1:])
-        np.save(directory / f"{field}.npy", np.concatenate(sequences).astype(np.float32, copy=False))
-        np.save(directory / f"{field}_offsets.npy", offsets)
-    np.save(directory / "labels.npy", np.asarray(split.labels, dtype=np.float32))
-    (directory / "ids.json").write_text(json.dumps(split.ids))
-    return {path.name: _sha256(path) for path in sorted(directory.iterdir())}
-
-
-def write_store(root: str | Path, splits: dict[str, SplitData], *, text_encoder: str,
-                max_tokens: int, source: str, overwrite: bool = False) -> Path:
-    """Validate and write a complete store atomically (temp dir + rename)."""
-    root = Path(root)
-    missing = [name for name in SPLITS if name not in splits]
-    if missing:
-        raise MMIMInputError(f"store {root}: missing split(s) {', '.join(missing)}")
-    first = splits["train"]
-    dims = {field: int(getattr(first, field)[0].shape[1]) for field in SEQUENCE_FIELDS}
-    for name in SPLITS:
-        _check_split(name, splits[name], dims)
-    if root.exists() and not overwrite:
-        raise MMIMInputError(f"{root}: already exists (pass overwrite to replace it)")
-
-    with atomic_directory(root) as staging:
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "source": source,
-            "text_encoder": text_encoder,
-            "max_tokens": max_tokens,
-            "dims": dims,
-            "splits": {},
-        }
-        for name in SPLITS:
-            checksums = _save_split(staging / name, splits[name])
-            manifest["splits"][name] = {"count": len(splits[name].ids), "sha256": checksums}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    log.info("wrote feature store %s (%s)", root,
-             ", ".join(f"{n}={len(splits[n].ids)}" for n in SPLITS))
-    return root
-
-
-# ---------------------------------------------------------------- reading
 
 
 @dataclass
@@ -220,7 +127,7 @@ class FeatureStore:
                 path = directory / filename
                 if not path.is_file():
                     raise MMIMInputError(f"{path}: missing")
-                if _sha256(path) != expected:
+                if sha256_of(path) != expected:
                     raise MMIMInputError(f"{path}: checksum mismatch with manifest.json (corrupt or modified)")
         arrays: dict[str, np.ndarray] = {}
         for field, dtype in TEXT_FIELDS.items():

@@ -9,13 +9,13 @@ signal: some channels drift with the score, the rest is noise. Text carries the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mmim.store import SplitData, write_store
-from mmim.text_encoder import DEFAULT_MAX_TOKENS, load_tokenizer, tokenize
+from mmim.formats.mult import write_mult
+from mmim.store_writer import ExtractionSummary, SequenceList, SourceSplit, write_store
+from mmim.text_encoder import DEFAULT_MAX_TOKENS, load_tokenizer
 
 AUDIO_DIM = 5  # CMU-MOSI COVAREP features in the MulT release
 VISION_DIM = 20  # CMU-MOSI FACET features in the MulT release
@@ -33,15 +33,6 @@ SUBJECTS = ("the movie", "the film", "the plot", "the acting", "the story", "the
 NEUTRAL = ("i watched it last weekend", "it is about a family in a small town",
            "the film runs about two hours", "i saw it with my brother",
            "it came out a few years ago", "there is a scene at a train station")
-
-
-@dataclass
-class RawSplit:
-    ids: list[str]
-    texts: list[str]
-    audio: list[np.ndarray]  # (frames, 5)
-    vision: list[np.ndarray]  # (frames, 20)
-    labels: np.ndarray  # (N,) float32
 
 
 def _clause(rng: np.random.Generator) -> tuple[str, float]:
@@ -80,11 +71,11 @@ def _sequence(rng: np.random.Generator, score: float, dim: int, frames: tuple[in
     return values
 
 
-def synthesize(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, RawSplit]:
+def synthesize(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, SourceSplit]:
     """train/valid/test splits of synthetic utterances with audio and vision sequences."""
     sizes = sizes or MOSI_SIZES
     rng = np.random.default_rng(seed)
-    splits: dict[str, RawSplit] = {}
+    splits: dict[str, SourceSplit] = {}
     video = 0
     for name in ("train", "valid", "test"):
         ids, texts, audio, vision, labels = [], [], [], [], []
@@ -97,18 +88,20 @@ def synthesize(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, 
             labels.append(score)
             audio.append(_sequence(rng, score, AUDIO_DIM, (20, 60), signal_channels=2, strength=0.3))
             vision.append(_sequence(rng, score, VISION_DIM, (10, 40), signal_channels=4, strength=0.25))
-        splits[name] = RawSplit(ids, texts, audio, vision, np.asarray(labels, dtype=np.float32))
+        splits[name] = SourceSplit(origin=f"synthetic sample (seed {seed})", ids=ids, texts=texts,
+                                   labels=np.asarray(labels, dtype=np.float32),
+                                   audio=SequenceList(audio, AUDIO_DIM), vision=SequenceList(vision, VISION_DIM))
     return splits
+
+
+def write_synthetic_raw(out: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+    """The sample in the MulT release format: `synthetic_data_noalign.pkl` + `synthetic-label.csv`."""
+    return write_mult(out, "synthetic", synthesize(seed, sizes))
 
 
 def write_synthetic_store(out: str | Path, text_encoder: str, seed: int = 0,
                           sizes: dict[str, int] | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                          overwrite: bool = False) -> Path:
-    """Synthesize and write a feature store tokenized for `text_encoder`."""
-    tokenizer = load_tokenizer(text_encoder)
-    splits = {
-        name: SplitData(raw.ids, tokenize(tokenizer, raw.texts, max_tokens), raw.audio, raw.vision, raw.labels)
-        for name, raw in synthesize(seed, sizes).items()
-    }
-    return write_store(out, splits, text_encoder=text_encoder, max_tokens=max_tokens,
-                       source="synthetic", overwrite=overwrite)
+                          overwrite: bool = False) -> ExtractionSummary:
+    """The sample straight into a feature store tokenized for `text_encoder` (tests, benchmarks)."""
+    return write_store(out, synthesize(seed, sizes), load_tokenizer(text_encoder), text_encoder=text_encoder,
+                       max_tokens=max_tokens, source="synthetic", overwrite=overwrite)

@@ -37,7 +37,7 @@ def tiny_encoder(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_encoder, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stores") / "synthetic"
-    return write_synthetic_store(root, tiny_encoder, seed=0, sizes=TINY_SIZES)
+    return write_synthetic_store(root, tiny_encoder, seed=0, sizes=TINY_SIZES).root
 
 
 @pytest.fixture

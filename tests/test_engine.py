@@ -10,8 +10,12 @@ from safetensors.torch import load_file
 from mmim.engine import Engine, EpochRecord, TrainingHooks, fit, seed_everything, split_parameters
 from mmim.data import make_loader
 from mmim.model import build_model
-from mmim.store import FeatureStore, SplitData, write_store
+from mmim.store import FeatureStore
+from mmim.store_writer import write_store
+from mmim.synthetic import synthesize
+from mmim.text_encoder import load_tokenizer
 from mmim.train import bind_store, train
+from tests.conftest import TINY_SIZES
 
 
 def make_engine(config, **train_overrides):
@@ -88,17 +92,12 @@ def test_stage0_fraction_uses_the_first_share_of_batches(tiny_config):
 
 
 def test_stage1_stays_finite_when_one_label_group_is_empty(tiny_config, tiny_encoder, tmp_path):
-    source = FeatureStore(tiny_config.data.store)
-    splits = {}
-    for name in ("train", "valid", "test"):
-        s = source[name]
-        splits[name] = SplitData(
-            list(s.ids), {"input_ids": s.input_ids, "attention_mask": s.attention_mask,
-                          "token_type_ids": s.token_type_ids},
-            [s.sequence("audio", i) for i in range(len(s))], [s.sequence("vision", i) for i in range(len(s))],
-            np.minimum(np.abs(s.labels) + 0.1, 3.0))  # every label positive: the negative group is always empty
-    root = write_store(tmp_path / "positive", splits, text_encoder=tiny_encoder, max_tokens=50, source="test")
-    config = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"store": str(root)})})
+    splits = synthesize(0, TINY_SIZES)
+    for split in splits.values():  # every label positive: the negative group is always empty
+        split.labels = np.minimum(np.abs(split.labels) + 0.1, 3.0)
+    summary = write_store(tmp_path / "positive", splits, load_tokenizer(tiny_encoder),
+                          text_encoder=tiny_encoder, max_tokens=50, source="test")
+    config = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"store": str(summary.root)})})
     engine, store = make_engine(config)
     stats = engine.train_stage1(make_loader(store["train"], 16, shuffle=True))
     assert all(math.isfinite(v) for v in stats.values())

@@ -1,4 +1,4 @@
-"""The feature store: round trip, batching, and errors that name the file or field."""
+"""The feature store: streaming writer round trip, batching, and errors naming file and field."""
 
 import json
 import shutil
@@ -8,42 +8,51 @@ import pytest
 
 from mmim.data import make_loader
 from mmim.errors import MMIMInputError
-from mmim.store import FeatureStore, SplitData, _sha256, write_store
+from mmim.store import FeatureStore, sha256_of
+from mmim.store_writer import PaddedSequences, SequenceList, SourceSplit, write_store
+from mmim.text_encoder import load_tokenizer, tokenize
+
+WORDS = ["the movie was good", "the plot was not bad", "i watched it", "the acting was very dull and weak"]
 
 
-def split_data(n, offset=0, audio_dim=5, vision_dim=20, seed=0):
+def source_split(n, offset=0, audio_dim=5, vision_dim=20, seed=0):
     rng = np.random.default_rng(seed)
-    tokens = np.zeros((n, 50), dtype=np.int32)
-    mask = np.zeros((n, 50), dtype=np.int8)
-    for i in range(n):
-        length = 3 + i % 6
-        tokens[i, :length] = rng.integers(5, 30, length)
-        mask[i, :length] = 1
-    return SplitData(
+    return SourceSplit(
+        origin="test.pkl",
         ids=[f"vid{offset + i}_{i}" for i in range(n)],
-        texts_tokenized={"input_ids": tokens, "attention_mask": mask, "token_type_ids": np.zeros_like(mask)},
-        audio=[rng.normal(size=(1 + (i * 7) % 13, audio_dim)).astype(np.float32) for i in range(n)],
-        vision=[rng.normal(size=(1 + (i * 5) % 11, vision_dim)).astype(np.float32) for i in range(n)],
-        labels=np.linspace(-3, 3, n).astype(np.float32))
+        texts=[WORDS[i % len(WORDS)] for i in range(n)],
+        labels=np.linspace(-3, 3, n).astype(np.float32),
+        audio=SequenceList([rng.normal(size=(1 + (i * 7) % 13, audio_dim)).astype(np.float32)
+                            for i in range(n)], audio_dim),
+        vision=SequenceList([rng.normal(size=(1 + (i * 5) % 11, vision_dim)).astype(np.float32)
+                             for i in range(n)], vision_dim))
 
 
 def all_splits():
-    return {"train": split_data(10), "valid": split_data(4, 100, seed=1), "test": split_data(4, 200, seed=2)}
+    return {"train": source_split(10), "valid": source_split(4, 100, seed=1), "test": source_split(4, 200, seed=2)}
 
 
-def write(tmp_path, splits=None, name="store"):
-    return write_store(tmp_path / name, splits or all_splits(), text_encoder="enc", max_tokens=50, source="test")
+@pytest.fixture
+def write(tmp_path, tiny_encoder):
+    tokenizer = load_tokenizer(tiny_encoder)
+
+    def write(splits=None, name="store", **options):
+        return write_store(tmp_path / name, splits or all_splits(), tokenizer, text_encoder=tiny_encoder,
+                           max_tokens=50, source="test", **options)
+    write.tokenizer = tokenizer
+    return write
 
 
-def test_round_trip_keeps_every_value(tmp_path):
+def test_round_trip_keeps_every_value(write):
     splits = all_splits()
-    store = FeatureStore(write(tmp_path, splits))
-    assert store.dims == {"audio": 5, "vision": 20} and store.text_encoder == "enc"
+    summary = write(splits)
+    store = FeatureStore(summary.root)
+    assert store.dims == {"audio": 5, "vision": 20} and summary.counts == {"train": 10, "valid": 4, "test": 4}
     for name, original in splits.items():
         loaded = store[name]
         assert loaded.ids == original.ids
         np.testing.assert_array_equal(loaded.labels, original.labels)
-        for field, array in original.texts_tokenized.items():
+        for field, array in tokenize(write.tokenizer, original.texts, 50).items():
             np.testing.assert_array_equal(getattr(loaded, field), array)
         for i in range(len(original.ids)):
             np.testing.assert_array_equal(loaded.sequence("audio", i), original.audio[i])
@@ -51,43 +60,79 @@ def test_round_trip_keeps_every_value(tmp_path):
     assert isinstance(store["train"].audio, np.memmap)
 
 
-def test_collate_pads_each_batch_to_its_own_longest(tmp_path):
+def test_padded_sources_front_and_back(write):
     splits = all_splits()
-    store = FeatureStore(write(tmp_path, splits))
+    audio = np.zeros((4, 6, 5), dtype=np.float32)
+    audio[0, 4:] = 1.0  # front padded, length 2
+    audio[1, 1:] = 2.0  # length 5
+    audio[2, :] = 3.0  # length 6
+    audio[3, 5:] = np.array([1, np.nan, 2, -np.inf, 3])  # length 1, two non-finite values
+    splits["valid"].audio = PaddedSequences(audio, np.array([2, 5, 6, 1]), "front")
+    splits["test"].audio = PaddedSequences(np.ones((4, 6, 5), np.float32), np.array([0, 3, 6, 1]), "back")
+    summary = write(splits)
+    store = FeatureStore(summary.root)
+    assert [len(store["valid"].sequence("audio", i)) for i in range(4)] == [2, 5, 6, 1]
+    assert (store["valid"].sequence("audio", 2) == 3.0).all()
+    np.testing.assert_array_equal(store["valid"].sequence("audio", 3), [[1, 0, 2, 0, 3]])
+    assert summary.nonfinite_zeroed[("valid", "audio")] == 2
+    # an empty sequence becomes one zero frame, as in the reference code
+    np.testing.assert_array_equal(store["test"].sequence("audio", 0), np.zeros((1, 5)))
+    assert summary.empty_padded[("test", "audio")] == 1
+
+
+def test_nonfinite_fail_policy_names_example(write, tmp_path):
+    splits = all_splits()
+    splits["train"].audio.sequences[3][0, 1] = -np.inf
+    with pytest.raises(MMIMInputError, match=r"test.pkl: split train, example 'vid3_3' \(index 3\), "
+                                             r"field audio: 1 NaN/inf values"):
+        write(splits, nonfinite="fail")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_text_is_dropped_with_its_reason(write):
+    splits = all_splits()
+    splits["train"].texts[2] = "   "
+    summary = write(splits)
+    assert summary.dropped == [("train", "vid2_2", "empty text")]
+    assert "vid2_2" not in FeatureStore(summary.root)["train"].ids
+
+
+def test_collate_pads_each_batch_to_its_own_longest(write):
+    splits = all_splits()
+    store = FeatureStore(write(splits).root)
     batch = next(iter(make_loader(store["train"], 4, shuffle=False)))
-    audio_lengths = [len(a) for a in splits["train"].audio[:4]]
+    audio_lengths = [len(a) for a in splits["train"].audio.sequences[:4]]
     assert batch.audio.shape == (4, max(audio_lengths), 5)
     assert batch.audio_lengths.tolist() == audio_lengths
-    assert batch.input_ids.shape[1] == max(3 + i % 6 for i in range(4))  # not 50
+    assert batch.input_ids.shape[1] == int(batch.attention_mask.sum(1).max()) < 50
     short = int(np.argmin(audio_lengths))
     assert (batch.audio[short, audio_lengths[short]:] == 0).all()
-    np.testing.assert_array_equal(batch.audio[short, :audio_lengths[short]].numpy(), splits["train"].audio[short])
+    np.testing.assert_array_equal(batch.audio[short, :audio_lengths[short]].numpy(),
+                                  splits["train"].audio[short])
 
 
-def no_leftovers(tmp_path):
-    return [p.name for p in tmp_path.iterdir()] == []
+def _set_vision(splits):
+    splits["valid"].vision = SequenceList([np.zeros((4, 19), np.float32)] * 4, 19)
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda s: s["train"].audio.__setitem__(3, np.full((2, 5), np.nan, np.float32)),
-     r"split train, example 'vid3_3' \(index 3\), field audio: contains NaN or inf"),
-    (lambda s: s["valid"].vision.__setitem__(0, np.zeros((4, 19), np.float32)),
-     r"split valid, example 'vid100_0' \(index 0\), field vision: shape \(4, 19\), expected \(length, 20\)"),
-    (lambda s: s["test"].audio.__setitem__(1, np.zeros((0, 5), np.float32)), "empty sequence"),
-    (lambda s: s.pop("valid"), r"missing split\(s\) valid"),
-    (lambda s: s["train"].ids.__setitem__(1, "vid0_0"), "duplicate id 'vid0_0'"),
-    (lambda s: s["train"].labels.__setitem__(0, 3.5), "field labels: 3.5 is not a finite score"),
+    (_set_vision, "test.pkl: split valid, field vision: dim 19, but split train has 20"),
+    (lambda s: s.pop("valid"), r"test.pkl: missing split\(s\) valid"),
+    (lambda s: s["test"].ids.__setitem__(1, "vid0_0"), r"duplicate id 'vid0_0' \(split test, also in split train\)"),
+    (lambda s: s["train"].labels.__setitem__(0, 3.5), r"example 'vid0_0' \(index 0\), field labels: 3.5 is not"),
+    (lambda s: s["train"].labels.__setitem__(1, np.nan), "field labels: nan is not a finite score"),
+    (lambda s: s["train"].texts.pop(), "split train: texts has 9 entries for 10 ids"),
 ])
-def test_write_rejects_bad_splits_and_leaves_nothing(tmp_path, damage, message):
+def test_write_rejects_bad_splits_and_leaves_nothing(write, tmp_path, damage, message):
     splits = all_splits()
     damage(splits)
     with pytest.raises(MMIMInputError, match=message):
-        write(tmp_path, splits)
-    assert no_leftovers(tmp_path)
+        write(splits)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_truncated_array_is_named(tmp_path):
-    root = write(tmp_path)
+def test_truncated_array_is_named(write):
+    root = write().root
     path = root / "train" / "audio.npy"
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(MMIMInputError, match="train/audio.npy: corrupt or truncated"):
@@ -96,21 +141,21 @@ def test_truncated_array_is_named(tmp_path):
         FeatureStore(root)
 
 
-def test_nan_in_an_array_is_found_even_with_a_matching_checksum(tmp_path):
-    root = write(tmp_path)
+def test_nan_in_an_array_is_found_even_with_a_matching_checksum(write):
+    root = write().root
     path = root / "valid" / "vision.npy"
     values = np.load(path)
     values[5, 2] = np.inf
     np.save(path, values)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["splits"]["valid"]["sha256"]["vision.npy"] = _sha256(path)
+    manifest["splits"]["valid"]["sha256"]["vision.npy"] = sha256_of(path)
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MMIMInputError, match="valid/vision.npy: NaN or inf at row 5"):
         FeatureStore(root)
 
 
-def test_missing_split_and_manifest_are_named(tmp_path):
-    root = write(tmp_path)
+def test_missing_split_and_manifest_are_named(write):
+    root = write().root
     shutil.rmtree(root / "test")
     with pytest.raises(MMIMInputError, match="test/.*: missing"):
         FeatureStore(root)
@@ -124,7 +169,7 @@ def test_missing_split_and_manifest_are_named(tmp_path):
         FeatureStore(root)
 
 
-def test_existing_store_is_not_overwritten_by_default(tmp_path):
-    write(tmp_path)
+def test_existing_store_is_not_overwritten_by_default(write):
+    write()
     with pytest.raises(MMIMInputError, match="already exists"):
-        write(tmp_path)
+        write()

@@ -1,0 +1,78 @@
+"""Readers for the formats CMU-MOSI / CMU-MOSEI are distributed in.
+
+Each reader turns files into one `mmim.store_writer.SourceSplit` per split:
+
+  mult   MulT / official-MMIM release: `*_data_noalign.pkl` (or aligned `*_data.pkl`)
+         + the label CSV with the words (`MOSI-label.csv`)
+  mmsa   MMSA release: `unaligned_50.pkl` / `aligned_50.pkl`
+  csd    CMU-MultimodalSDK computational sequences (.csd, HDF5) + standard folds
+
+Pickles are read with `mmim.untrusted_pickle` (numpy arrays and builtins only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmim.errors import MMIMInputError
+from mmim.store_writer import PaddedSequences
+
+
+def padded_sequences(array, lengths: np.ndarray, padding: str, where: str) -> PaddedSequences:
+    """Check a padded (N, T, dim) array and its lengths, naming `where` on failure."""
+    if not isinstance(array, np.ndarray) or array.ndim != 3:
+        shape = getattr(array, "shape", type(array).__name__)
+        raise MMIMInputError(f"{where}: expected an (examples, frames, dim) array, got {shape}")
+    lengths = np.asarray(lengths).reshape(-1)
+    if len(lengths) != len(array):
+        raise MMIMInputError(f"{where}: {len(lengths)} lengths for {len(array)} examples")
+    bad = np.flatnonzero((lengths < 0) | (lengths > array.shape[1]))
+    if bad.size:
+        raise MMIMInputError(f"{where}: length {lengths[bad[0]]} of example {bad[0]} "
+                             f"is outside [0, {array.shape[1]}]")
+    return PaddedSequences(array, lengths, padding)
+
+
+def leading_padding_lengths(array: np.ndarray) -> np.ndarray:
+    """Lengths of front-padded sequences: frames after the leading all-zero rows.
+
+    Computed one example at a time, so no (N, T, dim) temporary is made.
+    """
+    lengths = np.empty(len(array), dtype=np.int64)
+    for index in range(len(array)):
+        nonzero = np.flatnonzero(np.any(array[index] != 0, axis=1))
+        lengths[index] = array.shape[1] - nonzero[0] if nonzero.size else 0
+    return lengths
+
+
+def trailing_padding_lengths(array: np.ndarray) -> np.ndarray:
+    """Lengths of back-padded sequences: frames up to the last non-zero row."""
+    lengths = np.empty(len(array), dtype=np.int64)
+    for index in range(len(array)):
+        nonzero = np.flatnonzero(np.any(array[index] != 0, axis=1))
+        lengths[index] = nonzero[-1] + 1 if nonzero.size else 0
+    return lengths
+
+
+def as_text(value) -> str:
+    """A string from str, bytes or a numpy scalar of either."""
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else value.reshape(-1)[0]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def split_dict(data, name: str, where: str, required: tuple[str, ...]) -> dict:
+    """`data[name]` as a dict holding the `required` keys."""
+    if not isinstance(data, dict):
+        raise MMIMInputError(f"{where}: expected a dict of splits, got {type(data).__name__}")
+    if name not in data:
+        raise MMIMInputError(f"{where}: split {name!r} missing (has {', '.join(map(str, data)) or 'none'})")
+    split = data[name]
+    if not isinstance(split, dict):
+        raise MMIMInputError(f"{where}: split {name!r} is a {type(split).__name__}, expected a dict")
+    missing = [key for key in required if key not in split]
+    if missing:
+        raise MMIMInputError(f"{where}: split {name!r} lacks field(s) {', '.join(missing)}")
+    return split

@@ -1,0 +1,229 @@
+"""Extraction from small files in each real schema: MulT, MMSA, CMU-SDK .csd, and bad inputs."""
+
+import csv
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+
+from mmim.cli import main
+from mmim.errors import MMIMInputError
+from mmim.extract import extract
+from mmim.store import FeatureStore
+from mmim.text_encoder import load_tokenizer, tokenize
+from mmim.untrusted_pickle import load_untrusted_pickle
+
+SPLIT_SIZES = {"train": 4, "valid": 2, "test": 3}
+WORDS = ["the movie was good", "the plot was terrible", "i watched it last weekend",
+         "the acting was not bad", "the story was very boring", "it is about a family",
+         "the music was amazing", "the ending was dull", "the cast was nice"]
+
+
+def ragged_examples(seed=0):
+    """Per split: ids, texts, labels and ragged (length, dim) audio/vision."""
+    rng = np.random.default_rng(seed)
+    examples, n = {}, 0
+    for name, size in SPLIT_SIZES.items():
+        rows = []
+        for _ in range(size):
+            audio = rng.normal(size=(int(rng.integers(1, 7)), 5)).astype(np.float32) + 0.5
+            vision = rng.normal(size=(int(rng.integers(1, 9)), 20)).astype(np.float32) + 0.5
+            rows.append({"video": f"vid{n // 2:03d}", "clip": str(n % 2 + 1), "text": WORDS[n],
+                         "label": float(np.round(rng.uniform(-3, 3), 1)), "audio": audio, "vision": vision})
+            n += 1
+        examples[name] = rows
+    return examples
+
+
+def pad(sequences, frames, front):
+    out = np.zeros((len(sequences), frames, sequences[0].shape[1]), dtype=np.float32)
+    for i, s in enumerate(sequences):
+        if front:
+            out[i, frames - len(s):] = s
+        else:
+            out[i, :len(s)] = s
+    return out
+
+
+def write_mult_files(directory, examples, id_style="bytes"):
+    directory.mkdir(parents=True, exist_ok=True)
+    data, rows = {}, []
+    for name, split in examples.items():
+        ids = [f"{e['video']}_{e['clip']}" for e in split]
+        data[name] = {
+            "text": np.zeros((len(split), 50, 300), dtype=np.float32),  # GloVe, not read
+            "audio": pad([e["audio"] for e in split], 8, front=True),
+            "vision": pad([e["vision"] for e in split], 10, front=True),
+            "labels": np.array([e["label"] for e in split], dtype=np.float32).reshape(-1, 1, 1),
+            "id": np.array([[i.encode()] for i in ids]) if id_style == "bytes" else np.array([[i] for i in ids]),
+        }
+        rows += [(e["video"], e["clip"], e["text"]) for e in split]
+    (directory / "mosi_data_noalign.pkl").write_bytes(pickle.dumps(data, protocol=4))
+    with open(directory / "MOSI-label.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video_id", "clip_id", "text", "label", "annotation", "mode"])
+        writer.writerows([(v, c, t, 0.0, "Neutral", "train") for v, c, t in rows])
+    return directory
+
+
+def assert_store_matches(store_dir, examples, tokenizer, audio_override=None):
+    store = FeatureStore(store_dir)
+    for name, split in examples.items():
+        loaded = store[name]
+        assert loaded.ids == [f"{e['video']}_{e['clip']}" for e in split]
+        np.testing.assert_allclose(loaded.labels, [e["label"] for e in split], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(loaded.input_ids, tokenize(tokenizer, [e["text"] for e in split], 50)["input_ids"])
+        for i, e in enumerate(split):
+            expected_audio = audio_override(name, i, e["audio"]) if audio_override else e["audio"]
+            np.testing.assert_array_equal(loaded.sequence("audio", i), expected_audio)
+            np.testing.assert_array_equal(loaded.sequence("vision", i), e["vision"])
+
+
+@pytest.mark.parametrize("id_style", ["bytes", "str"])
+def test_mult_round_trip(tmp_path, tiny_encoder, id_style):
+    examples = ragged_examples()
+    source = write_mult_files(tmp_path / "mosi", examples, id_style)
+    summary = extract("mult", source, tmp_path / "store", tiny_encoder)
+    assert summary.counts == SPLIT_SIZES and summary.dims == {"audio": 5, "vision": 20}
+    assert_store_matches(summary.root, examples, load_tokenizer(tiny_encoder))
+
+
+def test_mmsa_round_trip_with_minus_inf(tmp_path, tiny_encoder):
+    examples = ragged_examples(seed=1)
+    examples["train"][1]["audio"][0, 2] = -np.inf  # COVAREP has -inf
+    data = {}
+    for name, split in examples.items():
+        data[name] = {
+            "raw_text": np.array([e["text"] for e in split], dtype=object),
+            "audio": pad([e["audio"] for e in split], 8, front=False),
+            "vision": pad([e["vision"] for e in split], 10, front=False),
+            "audio_lengths": np.array([len(e["audio"]) for e in split]),
+            "vision_lengths": np.array([len(e["vision"]) for e in split]),
+            "id": np.array([f"{e['video']}$_${e['clip']}" for e in split], dtype=object),
+            "regression_labels": np.array([e["label"] for e in split], dtype=np.float32),
+            "text_bert": np.zeros((len(split), 3, 50)), "classification_labels": np.zeros(len(split)),
+        }
+    (tmp_path / "unaligned_50.pkl").write_bytes(pickle.dumps(data, protocol=4))
+    summary = extract("mmsa", tmp_path / "unaligned_50.pkl", tmp_path / "store", tiny_encoder)
+    assert summary.nonfinite_zeroed[("train", "audio")] == 1
+
+    def zeroed(name, index, audio):
+        return np.where(np.isfinite(audio), audio, 0.0) if (name, index) == ("train", 1) else audio
+    assert_store_matches(summary.root, examples, load_tokenizer(tiny_encoder), zeroed)
+
+
+def write_csd(path, root, videos):
+    with h5py.File(path, "w") as handle:
+        data = handle.create_group(root).create_group("data")
+        handle[root].create_group("metadata")
+        for video, (features, intervals) in videos.items():
+            group = data.create_group(video)
+            group.create_dataset("features", data=features)
+            group.create_dataset("intervals", data=intervals)
+
+
+def test_csd_round_trip_aligns_segments(tmp_path, tiny_encoder):
+    examples = ragged_examples(seed=2)
+    per_video = {}
+    for split in examples.values():
+        for e in split:
+            per_video.setdefault(e["video"], []).append(e)
+    words, audio, vision, labels = {}, {}, {}, {}
+    for video, segments in per_video.items():
+        w, wi, a, ai, v, vi, lab, li = [], [], [], [], [], [], [], []
+        for k, e in enumerate(segments):
+            start = 10.0 * k  # segment k spans [start, start + 8]
+            lab.append([e["label"]]); li.append([start, start + 8.0])
+            tokens = e["text"].split()
+            for j, token in enumerate(tokens + ["sp"]):  # a speech pause that must not reach the text
+                w.append([token.encode()]); wi.append([start + j * 0.5, start + j * 0.5 + 0.4])
+            a += list(e["audio"]); ai += [[start + j * 0.1, start + j * 0.1 + 0.1] for j in range(len(e["audio"]))]
+            v += list(e["vision"]); vi += [[start + j * 0.2, start + j * 0.2 + 0.2] for j in range(len(e["vision"]))]
+        a.append(np.full(5, 9.0, np.float32)); ai.append([9.0, 9.2])  # a frame between segments: ignored
+        words[video] = (np.array(w), np.array(wi))
+        audio[video] = (np.array(a, np.float32), np.array(ai))
+        vision[video] = (np.array(v, np.float32), np.array(vi))
+        labels[video] = (np.array(lab, np.float32), np.array(li))
+    source = tmp_path / "csd"
+    source.mkdir()
+    write_csd(source / "CMU_MOSI_TimestampedWords.csd", "words", words)
+    write_csd(source / "CMU_MOSI_COVAREP.csd", "COVAREP", audio)
+    write_csd(source / "CMU_MOSI_Visual_Facet_41.csd", "FACET", vision)
+    write_csd(source / "CMU_MOSI_Opinion_Labels.csd", "labels", labels)
+    folds = {name: sorted({e["video"] for e in split}) for name, split in examples.items()}
+    (source / "folds.json").write_text(json.dumps(folds))
+    summary = extract("csd", source, tmp_path / "store", tiny_encoder)
+    assert_store_matches(summary.root, examples, load_tokenizer(tiny_encoder))
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def extract_cli(capsys, source, out, encoder, *extra):
+    code = main(["extract", "--source", "mult", "--input", str(source), "--out", str(out),
+                 "--encoder", encoder, *extra])
+    return code, capsys.readouterr().err
+
+
+def test_hostile_pickle_is_refused_without_running(tmp_path, tiny_encoder, capsys):
+    source = write_mult_files(tmp_path / "mosi", ragged_examples())
+    marker = tmp_path / "pwned"
+    (source / "mosi_data_noalign.pkl").write_bytes(pickle.dumps({"train": Payload(marker)}))
+    code, err = extract_cli(capsys, source, tmp_path / "store", tiny_encoder)
+    assert code == 2 and "refused global posix.system" in err and not marker.exists()
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(MMIMInputError, match="refused global"):
+        load_untrusted_pickle(source / "mosi_data_noalign.pkl")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "truncated or not a valid pickle"),
+    ("missing_split", "split 'valid' missing (has train, test)"),
+    ("dims", "split valid, field vision: dim 19, but split train has 20"),
+    ("csv_id", "example 'vid000_1' (index 0 over all splits) has no row in"),
+])
+def test_bad_sources_exit_2_and_leave_nothing(tmp_path, tiny_encoder, capsys, damage, message):
+    source = write_mult_files(tmp_path / "mosi", ragged_examples())
+    pickle_path = source / "mosi_data_noalign.pkl"
+    if damage == "truncate":
+        pickle_path.write_bytes(pickle_path.read_bytes()[:5000])
+    elif damage in ("missing_split", "dims"):
+        data = pickle.loads(pickle_path.read_bytes())
+        if damage == "missing_split":
+            del data["valid"]
+        else:
+            data["valid"]["vision"] = data["valid"]["vision"][:, :, :19]
+        pickle_path.write_bytes(pickle.dumps(data, protocol=4))
+    else:
+        lines = (source / "MOSI-label.csv").read_text().splitlines()
+        (source / "MOSI-label.csv").write_text("\n".join([lines[0]] + lines[2:]) + "\n")
+    code, err = extract_cli(capsys, source, tmp_path / "out" / "store", tiny_encoder)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_row_order_fallback_checks_video_ids(tmp_path, tiny_encoder):
+    """Ids without clip numbers (as some MOSEI pickles have) are matched by row, and checked."""
+    examples = ragged_examples()
+    source = write_mult_files(tmp_path / "mosei", examples)
+    data = pickle.loads((source / "mosi_data_noalign.pkl").read_bytes())
+    for name, split in examples.items():
+        data[name]["id"] = np.array([[e["video"].encode()] for e in split])
+    (source / "mosi_data_noalign.pkl").write_bytes(pickle.dumps(data, protocol=4))
+    summary = extract("mult", source, tmp_path / "store", tiny_encoder)
+    store = FeatureStore(summary.root)
+    np.testing.assert_array_equal(store["test"].input_ids,
+                                  tokenize(load_tokenizer(tiny_encoder), [e["text"] for e in examples["test"]], 50)["input_ids"])
+    lines = (source / "MOSI-label.csv").read_text().splitlines()
+    lines[1], lines[3] = lines[3], lines[1]  # swap rows of two different videos
+    (source / "MOSI-label.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MMIMInputError, match="pickle and CSV disagree"):
+        extract("mult", source, tmp_path / "store2", tiny_encoder)
