@@ -138,30 +138,35 @@ def _check_ids(splits: dict[str, SourceSplit]) -> None:
 def _write_sequences(path: Path, name: str, modality: str, split: SourceSplit, keep: np.ndarray,
                      nonfinite: NonFinitePolicy, summary: ExtractionSummary,
                      advance: Callable[[], None]) -> np.ndarray:
-    """Stream kept examples' frames into `path`; returns the offsets."""
+    """Append kept examples' frames to the .npy file at `path`; returns the offsets.
+
+    The total shape is known from the lengths, so the header goes first and each
+    example is written as it is read: only one example's frames are in memory.
+    """
     sequences: Sequences = getattr(split, modality)
     lengths = np.array([max(sequences.length(i), 1) for i in keep], dtype=np.int64)
     offsets = np.zeros(len(keep) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), sequences.dim))
-    for row, index in enumerate(keep):
-        where = f"{split.origin}: split {name}, example {split.ids[index]!r} (index {index}), field {modality}"
-        frames = np.asarray(sequences[index], dtype=np.float32)
-        if frames.ndim != 2 or frames.shape[1] != sequences.dim:
-            raise MMIMInputError(f"{where}: shape {frames.shape}, expected (length, {sequences.dim})")
-        if len(frames) == 0:
-            summary.empty_padded[(name, modality)] += 1  # stays one zero frame
-        else:
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (int(offsets[-1]), sequences.dim)}
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for index in keep:
+            where = f"{split.origin}: split {name}, example {split.ids[index]!r} (index {index}), field {modality}"
+            frames = np.asarray(sequences[index], dtype=np.float32)
+            if frames.ndim != 2 or frames.shape[1] != sequences.dim:
+                raise MMIMInputError(f"{where}: shape {frames.shape}, expected (length, {sequences.dim})")
+            if len(frames) == 0:
+                frames = np.zeros((1, sequences.dim), dtype=np.float32)  # as the reference code does
+                summary.empty_padded[(name, modality)] += 1
             bad = ~np.isfinite(frames)
             if bad.any():
                 if nonfinite == "fail":
                     raise MMIMInputError(f"{where}: {int(bad.sum())} NaN/inf values (extraction.nonfinite is 'fail')")
                 frames = np.where(bad, np.float32(0.0), frames)
                 summary.nonfinite_zeroed[(name, modality)] += int(bad.sum())
-            values[offsets[row]:offsets[row + 1]] = frames
-        advance()
-    values.flush()
-    del values
+            handle.write(np.ascontiguousarray(frames).tobytes())
+            advance()
     return offsets
 
 

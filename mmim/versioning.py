@@ -1,0 +1,102 @@
+"""DVC adapter: build, share and identify feature stores through DVC's Python API.
+
+Each dataset in params.yaml has a stage `extract@<name>` (dvc.yaml) whose output is
+`data/stores/<name>`. Its content hash, as recorded in dvc.lock, is the data version
+that every training run records. Workers on machines that do not share a disk either
+`pull` the store into a checkout of the repository, or `fetch_store` it straight from
+the Git repository and its DVC remote without a checkout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import chdir, contextmanager
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+from dvc.exceptions import DvcException
+from dvc.fs import DVCFileSystem
+from dvc.repo import Repo
+
+from mmim.errors import MMIMInputError
+
+log = logging.getLogger(__name__)
+
+STORES_DIR = "data/stores"
+
+
+def stage_name(dataset: str) -> str:
+    return f"extract@{dataset}"
+
+
+def store_path(dataset: str) -> str:
+    """The store of `dataset`, relative to the repository root."""
+    return f"{STORES_DIR}/{dataset}"
+
+
+@contextmanager
+def _open(repo_root: str | Path) -> Iterator[Repo]:
+    """The repository, with the working directory at its root.
+
+    DVC resolves stage targets and paths against the working directory, so its API is
+    used from the root (this changes the process's cwd for the duration of the call).
+    """
+    root = Path(repo_root).resolve()
+    try:
+        with chdir(root), Repo(str(root)) as repo:
+            yield repo
+    except (DvcException, OSError, BotoCoreError, ClientError) as error:
+        # OSError covers missing paths and refused connections; botocore's errors an S3
+        # remote that cannot be reached or refuses the credentials.
+        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        raise MMIMInputError(f"dvc in {repo_root}: {reason}") from None
+
+
+def reproduce(dataset: str, repo_root: str | Path = ".", force: bool = False) -> list[str]:
+    """Run `extract@<dataset>` (and what it depends on) if anything changed.
+
+    Returns the names of the stages that ran: empty when the store was up to date.
+    """
+    with _open(repo_root) as repo:
+        stages = repo.reproduce(stage_name(dataset), force=force)
+    return [stage.addressing for stage in stages]
+
+
+def data_version(dataset: str, repo_root: str | Path = ".") -> str:
+    """The store's content hash from dvc.lock, e.g. `3f2a...e1.dir`."""
+    with _open(repo_root) as repo:
+        stages = repo.stage.collect(stage_name(dataset))
+        outs = [out for stage in stages for out in stage.outs if out.def_path == store_path(dataset)]
+        if not outs or not outs[0].hash_info:
+            raise MMIMInputError(f"{repo_root}/dvc.lock: no hash for {store_path(dataset)}; "
+                                 f"run `dvc repro {stage_name(dataset)}` first")
+        return outs[0].hash_info.value
+
+
+def push(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -> int:
+    """Upload the store (and the raw inputs DVC tracks for it) to the remote; returns files sent."""
+    with _open(repo_root) as repo:
+        return repo.push(targets=[stage_name(dataset)], remote=remote, with_deps=True)
+
+
+def pull(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -> Path:
+    """Download the store recorded in dvc.lock, and the stage outputs it was built from,
+    into the checkout (so that `reproduce` then finds nothing to do)."""
+    with _open(repo_root) as repo:
+        repo.pull(targets=[stage_name(dataset)], remote=remote, with_deps=True)
+    return Path(repo_root) / store_path(dataset)
+
+
+def fetch_store(url: str, dataset: str, destination: str | Path, rev: str | None = None) -> Path:
+    """Copy the store of `dataset` at `rev` of the Git repository `url` to `destination`.
+
+    No checkout is needed: DVC reads dvc.lock from Git and the files from the remote.
+    """
+    destination = Path(destination)
+    try:
+        filesystem = DVCFileSystem(url=url, rev=rev)
+        filesystem.get(store_path(dataset), str(destination), recursive=True)
+    except (DvcException, FileNotFoundError) as error:
+        raise MMIMInputError(f"{url}@{rev or 'HEAD'}: cannot fetch {store_path(dataset)} ({error})") from None
+    return destination
