@@ -8,7 +8,7 @@ DEMO_ENCODER := sentence-transformers/all-MiniLM-L6-v2
 
 comma := ,
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test benchmark reproduce-mosi reproduce-mosei clean
 
 # One stamp per set of extras ("demo+test" installs .[demo,test]); re-made when
 # pyproject.toml changes. torch goes first, by its plain pin, so that pip takes the
@@ -30,6 +30,12 @@ test: $(VENV)/.installed-demo+test
 
 benchmark: $(VENV)/.installed-demo
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/extract.py
+
+# The published table, for a user who has the real files in data/raw/<dataset>/.
+reproduce-mosi reproduce-mosei: reproduce-%: $(VENV)/.installed-demo
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro extract@$*
+	$(BIN)/mmim train --config configs/$*.yaml
 
 clean:
 	rm -rf $(VENV) data/stores runs .pytest_cache
