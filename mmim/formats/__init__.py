@@ -18,11 +18,17 @@ from mmim.errors import MMIMInputError
 from mmim.store_writer import PaddedSequences
 
 
-def padded_sequences(array, lengths: np.ndarray, padding: str, where: str) -> PaddedSequences:
-    """Check a padded (N, T, dim) array and its lengths, naming `where` on failure."""
+def padded_sequences(array, lengths: np.ndarray | None, padding: str, where: str) -> PaddedSequences:
+    """Check a padded (N, T, dim) array and its lengths, naming `where` on failure.
+
+    Without lengths, they are read off the padding: the frames after the leading
+    all-zero rows ("front") or up to the last non-zero row ("back").
+    """
     if not isinstance(array, np.ndarray) or array.ndim != 3:
         shape = getattr(array, "shape", type(array).__name__)
         raise MMIMInputError(f"{where}: expected an (examples, frames, dim) array, got {shape}")
+    if lengths is None:
+        lengths = leading_padding_lengths(array) if padding == "front" else trailing_padding_lengths(array)
     lengths = np.asarray(lengths).reshape(-1)
     if len(lengths) != len(array):
         raise MMIMInputError(f"{where}: {len(lengths)} lengths for {len(array)} examples")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mmim.errors import MMIMInputError
-from mmim.formats import as_text, padded_sequences, split_dict, trailing_padding_lengths
+from mmim.formats import as_text, padded_sequences, split_dict
 from mmim.store import SPLITS
 from mmim.store_writer import SourceSplit
 from mmim.untrusted_pickle import load_untrusted_pickle
@@ -39,17 +39,9 @@ def read_mmsa(input_path: str | Path) -> dict[str, SourceSplit]:
     for name in SPLITS:
         raw = split_dict(data, name, str(path), REQUIRED)
         where = f"{path}: split {name}"
-        sequences = {}
-        for modality in ("audio", "vision"):
-            array = raw[modality]
-            if not isinstance(array, np.ndarray) or array.ndim != 3:
-                raise MMIMInputError(f"{where}, field {modality}: expected (N, frames, dim), "
-                                     f"got {getattr(array, 'shape', type(array).__name__)}")
-            lengths = raw.get(f"{modality}_lengths")
-            if lengths is None:
-                lengths = trailing_padding_lengths(array)
-            sequences[modality] = padded_sequences(array, np.asarray(lengths), "back",
-                                                   f"{where}, field {modality}")
+        sequences = {modality: padded_sequences(raw[modality], raw.get(f"{modality}_lengths"), "back",
+                                                f"{where}, field {modality}")
+                     for modality in ("audio", "vision")}
         ids = [as_text(value).replace("$_$", "_") for value in np.asarray(raw["id"]).reshape(-1)]
         texts = [as_text(value) for value in np.asarray(raw["raw_text"]).reshape(-1)]
         labels = np.asarray(raw["regression_labels"], dtype=np.float32).reshape(-1)

@@ -29,7 +29,7 @@ import numpy as np
 
 from mmim.errors import MMIMInputError
 from mmim.files import atomic_directory
-from mmim.formats import as_text, leading_padding_lengths, padded_sequences, split_dict
+from mmim.formats import as_text, padded_sequences, split_dict
 from mmim.store import SPLITS
 from mmim.store_writer import Sequences, SourceSplit
 from mmim.untrusted_pickle import load_untrusted_pickle
@@ -128,14 +128,8 @@ def read_mult(input_path: str | Path, labels: str | Path | None = None) -> dict[
         labels_array = labels_array.reshape(len(labels_array), -1)
         if labels_array.shape[1] != 1:
             raise MMIMInputError(f"{where}, field labels: shape {np.shape(raw['labels'])}, expected (N, 1, 1)")
-        sequences = {}
-        for modality in ("audio", "vision"):
-            array = raw[modality]
-            if not isinstance(array, np.ndarray) or array.ndim != 3:
-                raise MMIMInputError(f"{where}, field {modality}: expected (N, frames, dim), "
-                                     f"got {getattr(array, 'shape', type(array).__name__)}")
-            sequences[modality] = padded_sequences(array, leading_padding_lengths(array), "front",
-                                                   f"{where}, field {modality}")
+        sequences = {modality: padded_sequences(raw[modality], None, "front", f"{where}, field {modality}")
+                     for modality in ("audio", "vision")}
         splits[name] = SourceSplit(origin=str(pickle_path), ids=ids, texts=texts, labels=labels_array[:, 0],
                                    audio=sequences["audio"], vision=sequences["vision"])
     return splits
