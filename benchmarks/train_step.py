@@ -80,7 +80,7 @@ def main() -> None:
         # Warm-up: one forward pass over every batch shape, so that first-call costs
         # (allocations, kernel selection) fall on neither measurement.
         warmup = fresh_engine(config)
-        predict_scores(warmup.model, prebuilt, warmup.device)
+        predict_scores(warmup.core, prebuilt, warmup.device)
         timed_epoch(warmup, prebuilt[:2])
         del warmup
 

@@ -55,6 +55,24 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     store: str = "data/stores/synthetic"  # feature store directory (see mmim.store)
     verify_checksums: bool = True  # hash every array against manifest.json when opening
+    # For Ray workers on machines without the store: fetch it with DVC from this Git
+    # repository (URL or path) at `dvc_rev`, dataset `dvc_dataset` (data/stores/<name>).
+    dvc_url: str | None = None
+    dvc_rev: str | None = None
+    dvc_dataset: str | None = None
+
+
+class RayConfig(_Section):
+    """Distributed training with Ray Train (`mmim train --workers N`)."""
+
+    num_workers: int = Field(default=0, ge=0)  # 0: single process, no Ray
+    use_gpu: bool = False  # one GPU per worker, NCCL; otherwise CPU workers and gloo
+    resources_per_worker: dict[str, float] = {}  # e.g. {"CPU": 4, "GPU": 1}
+    max_failures: int = Field(default=0, ge=-1)  # worker failures to recover from; -1: no limit
+    storage_path: str = "runs/ray"  # local directory or s3://bucket/prefix for checkpoints
+    s3_endpoint: str | None = None  # S3-compatible endpoint (MinIO); credentials from AWS_* env
+    keep_checkpoints: int = Field(default=3, ge=1)  # best N by validation MAE (plus the latest)
+    run_name: str | None = None  # reuse a name to continue that run from its latest checkpoint
 
 
 class TrainConfig(_Section):
@@ -89,6 +107,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
     output_dir: str = "runs/latest"  # where the best checkpoint and metrics go
 
 

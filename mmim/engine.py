@@ -23,10 +23,11 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
@@ -123,7 +124,7 @@ class TrainingHooks:
 
 
 class _RunningMeans:
-    """Sample-weighted means of per-batch scalars."""
+    """Sample-weighted means of per-batch scalars, over all ranks when distributed."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
@@ -135,18 +136,58 @@ class _RunningMeans:
         self.count += size
 
     def means(self) -> dict[str, float]:
-        return {name: total / max(self.count, 1) for name, total in self.totals.items()}
+        names = sorted(self.totals)
+        sums = torch.tensor([self.totals[n] for n in names] + [self.count], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)  # gloo and NCCL both take float64 on the CPU/GPU it lives on
+        count = max(sums[-1].item(), 1.0)
+        return {name: sums[i].item() / count for i, name in enumerate(names)}
+
+
+class ModelSelection:
+    """The epoch with the lowest validation loss so far, and early-stopping patience."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.patience_left = patience
+        self.best: EpochRecord | None = None
+
+    def update(self, record: EpochRecord) -> bool:
+        """Take an epoch's record; True when it is the new best."""
+        improved = self.best is None or record.valid["loss"] < self.best.valid["loss"]
+        if improved:
+            self.best, self.patience_left = record, self.patience
+        else:
+            self.patience_left -= 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience_left <= 0
+
+    def state_dict(self) -> dict:
+        return {"patience_left": self.patience_left, "best": asdict(self.best) if self.best else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.patience_left = state["patience_left"]
+        self.best = EpochRecord(**state["best"]) if state["best"] else None
 
 
 class Engine:
-    """Optimizers, scheduler and the per-stage loops around one MMIM model."""
+    """Optimizers, scheduler and the per-stage loops around one MMIM model.
 
-    def __init__(self, model: MMIM, config: TrainConfig, device: torch.device | None = None):
+    Under DDP pass the wrapper as `ddp`: training forwards go through it (so gradients
+    are synchronised), evaluation and parameter access use the plain model.
+    """
+
+    def __init__(self, model: MMIM, config: TrainConfig, device: torch.device | None = None,
+                 ddp: nn.Module | None = None):
         self.config = config
         self.device = device or resolve_device(config.device)
-        self.model = model.to(self.device)
-        self.model.bf16 = config.bf16 and self.device.type == "cuda"
-        if config.bf16 and not self.model.bf16:
+        self.core = model.to(self.device)
+        self.model = ddp if ddp is not None else self.core
+        self.core.bf16 = config.bf16 and self.device.type == "cuda"
+        if config.bf16 and not self.core.bf16:
             log.warning("train.bf16 is only used on GPU; training in fp32 on %s", self.device)
         groups = split_parameters(model)
         optimizer_class = getattr(torch.optim, config.optimizer)
@@ -160,6 +201,9 @@ class Engine:
         self.scheduler = ReduceLROnPlateau(self.optimizer_main, mode="min", patience=config.when, factor=0.5)
         self.l1 = nn.L1Loss()
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"main": self.optimizer_main, "mmilb": self.optimizer_mmilb}
+
     def learning_rates(self) -> dict[str, float]:
         return {
             "lr_bert": self.optimizer_main.param_groups[0]["lr"],
@@ -170,7 +214,7 @@ class Engine:
     def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         loss.backward()
         # Norm over all parameters' gradients, as in the reference code.
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        nn.utils.clip_grad_norm_(self.core.parameters(), self.config.clip)
         optimizer.step()
 
     def train_stage0(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None
@@ -186,14 +230,9 @@ class Engine:
             if index >= batches:
                 break
             batch = batch.to(self.device)
-            self.model.zero_grad(set_to_none=True)
-            if fast:
-                # The encoders are not stepped in stage 0: no need to record their graph.
-                with torch.no_grad():
-                    text, acoustic, visual = self.model.encode(**batch.model_inputs())
-                lld, _, _ = self.model.mmilb(text, acoustic, visual)
-            else:
-                lld = self.model(**batch.model_inputs()).lld
+            self.core.zero_grad(set_to_none=True)
+            # fast: the encoders are not stepped in stage 0, so their graph is not recorded.
+            lld = self.model(**batch.model_inputs(), mmilb_only=fast).lld
             loss = -lld
             self._step(loss, self.optimizer_mmilb)
             means.add(len(batch), neg_lld=loss.item())
@@ -211,12 +250,15 @@ class Engine:
         memory = None  # label groups of the previous batch; reset every epoch
         for index, batch in enumerate(loader):
             batch = batch.to(self.device)
-            self.model.zero_grad(set_to_none=True)
-            output = self.model(**batch.model_inputs(), labels=batch.labels, memory=memory)
+            self.core.zero_grad(set_to_none=True)
+            # The reference code also computes H on the second batch without using it;
+            # computing it only when it enters the loss gives the same updates (and keeps
+            # every forward output in the loss, which DDP requires).
+            output = self.model(**batch.model_inputs(), labels=batch.labels,
+                                memory=memory if index > MEMORY_BATCHES else None)
             task = self.l1(output.score, batch.labels)
             loss = task + config.alpha * output.nce - config.beta * output.lld if config.contrast else task
-            if index > MEMORY_BATCHES:
-                loss = loss - config.beta * output.entropy
+            loss = loss - config.beta * output.entropy  # 0 until a memory is passed
             self._step(loss, self.optimizer_main)
             memory = output.memory
             means.add(len(batch), loss=loss.item(), task=task.item(), nce=output.nce.item(),
@@ -230,8 +272,8 @@ class Engine:
         stage0 = self.train_stage0(train, epoch, hooks) if self.config.contrast else {}
         stage1 = self.train_stage1(train, epoch, hooks)
         lr = self.learning_rates()
-        valid_metrics = evaluate(self.model, valid, self.device)
-        test_metrics = evaluate(self.model, test, self.device)
+        valid_metrics = evaluate(self.core, valid, self.device)
+        test_metrics = evaluate(self.core, test, self.device)
         self.scheduler.step(valid_metrics["loss"])
         return EpochRecord(epoch, stage0, stage1, lr, valid_metrics, test_metrics,
                            time.perf_counter() - start)
@@ -242,24 +284,19 @@ def fit(engine: Engine, train: DataLoader, valid: DataLoader, test: DataLoader,
     """Train for `epochs` with early stopping; select the epoch on validation loss only."""
     hooks = hooks or TrainingHooks()
     config = engine.config
-    best: EpochRecord | None = None
+    selection = ModelSelection(config.patience)
     history: list[EpochRecord] = []
-    patience = config.patience
     for epoch in range(1, config.epochs + 1):
         record = engine.run_epoch(epoch, train, valid, test, hooks)
         history.append(record)
-        improved = best is None or record.valid["loss"] < best.valid["loss"]
-        if improved:
-            best, patience = record, config.patience
-        else:
-            patience -= 1
+        improved = selection.update(record)
         log.info("epoch %d: stage1 loss %.4f | valid MAE %.4f | test MAE %.4f%s", epoch,
                  record.stage1["loss"], record.valid["MAE"], record.test["MAE"],
                  " (best)" if improved else "")
         hooks.on_epoch_end(record, improved)
-        if patience == 0:
+        if selection.should_stop:
             log.info("early stop: no validation improvement for %d epochs", config.patience)
             break
-    assert best is not None
+    best = selection.best
     return FitResult(best.epoch, best.valid, best.test, history,
                      stopped_early=len(history) < config.epochs)

@@ -240,10 +240,21 @@ class MMIM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor,
                 audio: Tensor, audio_lengths: Tensor, vision: Tensor, vision_lengths: Tensor,
-                labels: Tensor | None = None, memory: dict[str, LabelGroups] | None = None
-                ) -> MMIMOutput:
-        text, acoustic, visual = self.encode(input_ids, attention_mask, token_type_ids,
-                                             audio, audio_lengths, vision, vision_lengths)
+                labels: Tensor | None = None, memory: dict[str, LabelGroups] | None = None,
+                mmilb_only: bool = False) -> MMIMOutput:
+        """All outputs; `mmilb_only` is the fast stage 0: encoders without autograd, lld only.
+
+        (The fast path goes through forward rather than calling `encode`/`mmilb` directly
+        so that a DistributedDataParallel wrapper sees it and synchronises the gradients.)
+        """
+        inputs = (input_ids, attention_mask, token_type_ids, audio, audio_lengths, vision, vision_lengths)
+        if mmilb_only:
+            with torch.no_grad():
+                text, acoustic, visual = self.encode(*inputs)
+            lld, _, _ = self.mmilb(text, acoustic, visual)
+            zero = lld.new_zeros(())
+            return MMIMOutput(score=lld.new_zeros(len(text)), lld=lld, nce=zero, entropy=zero, memory=None)
+        text, acoustic, visual = self.encode(*inputs)
         lld, entropy, groups = self.mmilb(text, acoustic, visual, labels, memory)
         fusion, score = self.fusion_prj(torch.cat([text, acoustic, visual], dim=1))
         nce = self.cpc_zt(text, fusion) + self.cpc_zv(visual, fusion) + self.cpc_za(acoustic, fusion)

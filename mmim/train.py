@@ -60,7 +60,7 @@ class _SaveBest(TrainingHooks):
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         if improved:
-            save_checkpoint(self.directory, self.engine.model, self.config, self.tokenizer,
+            save_checkpoint(self.directory, self.engine.core, self.config, self.tokenizer,
                             {"epoch": record.epoch, "valid": record.valid, "test": record.test})
         self.inner.on_epoch_end(record, improved)
 

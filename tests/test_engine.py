@@ -36,11 +36,11 @@ def changed(before, params):
 
 def test_stage0_steps_only_mmilb_and_stage1_never_mmilb(tiny_config):
     engine, store = make_engine(tiny_config)
-    groups = split_parameters(engine.model)
+    groups = split_parameters(engine.core)
     loader = make_loader(store["train"], 16, shuffle=True, seed=1)
     before = {name: snapshot(params) for name, params in groups.items()}
     stats = engine.train_stage0(loader)
-    names = [n for n, p in engine.model.named_parameters() if n.startswith("mi_")]
+    names = [n for n, p in engine.core.named_parameters() if n.startswith("mi_")]
     moved = dict(zip(names, changed(before["mmilb"], groups["mmilb"])))
     # lld trains the Gaussian MLPs; the entropy projection only gets gradients in stage 1
     assert all(v for n, v in moved.items() if "entropy_prj" not in n)
@@ -65,8 +65,8 @@ def test_fast_and_official_stage0_give_the_same_mmilb_update_without_clipping(ti
         engine, store = make_engine(tiny_config, stage0_mode=mode, clip=1e9)
         loader = make_loader(store["train"], 16, shuffle=False)
         engine.train_stage0([next(iter(loader))])
-        encoder_grads = [p.grad for p in split_parameters(engine.model)["bert"]]
-        results[mode] = (snapshot(split_parameters(engine.model)["mmilb"]), encoder_grads)
+        encoder_grads = [p.grad for p in split_parameters(engine.core)["bert"]]
+        results[mode] = (snapshot(split_parameters(engine.core)["mmilb"]), encoder_grads)
     for fast, official in zip(results["fast"][0], results["official"][0]):
         torch.testing.assert_close(fast, official, rtol=1e-5, atol=1e-6)
     assert all(g is None for g in results["fast"][1])  # fast mode records no encoder graph

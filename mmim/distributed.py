@@ -1,0 +1,233 @@
+"""Ray Train adapter: the same two-stage engine in every worker, under DDP.
+
+    driver: train_distributed(config)
+              -> TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig)
+              -> best checkpoint (lowest validation MAE) copied to OUTPUT_DIR/best
+    worker: train_loop_per_worker
+              store (local, or fetched with DVC) -> model wrapped in DDP -> Engine
+              -> per epoch: DistributedSampler.set_epoch, stage 0 + 1, valid/test,
+                 ray.train.report(metrics, checkpoint from rank 0)
+
+Choices, and why:
+  - `train.batch_size` is the global batch: each of N workers takes batch_size / N,
+    so the optimisation sees the official batch of 32 whatever N is.
+  - Validation and test run on every rank over the whole split. The weights are the
+    same on all ranks after each synchronised step, so every rank computes the same
+    figures and the scheduler and early stopping agree without a broadcast.
+  - Training means (loss, nce, lld, H) are averaged over all ranks; the entropy
+    memory (previous batch's label groups) is per rank, i.e. of its own shard.
+  - Random numbers are reseeded at every epoch from (seed, epoch, rank): a run that
+    resumes from a checkpoint draws the same dropout masks and shuffles as one that
+    never stopped.
+  - Checkpoints (rank 0) are the ordinary mmim checkpoint plus the training state
+    (optimizers, scheduler, epoch, model selection), all safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+
+from mmim.checkpoint import load_training_state, load_weights, save_checkpoint, save_training_state
+from mmim.config import Config, config_from_dict
+from mmim.data import SplitDataset, make_loader
+from mmim.engine import Engine, EpochRecord, ModelSelection
+from mmim.errors import MMIMInputError
+from mmim.files import atomic_directory
+from mmim.model import build_model
+from mmim.store import FeatureStore
+from mmim.text_encoder import load_tokenizer
+from mmim.train import BEST_CHECKPOINT, bind_store
+from mmim.versioning import fetch_store
+
+log = logging.getLogger(__name__)
+
+SCORE = "valid_MAE"  # what CheckpointConfig keeps the best checkpoints by
+
+
+class DistributedTrainingError(RuntimeError):
+    """A Ray training run that failed for good (after `ray.max_failures` retries)."""
+
+
+@dataclass
+class DistributedResult:
+    best: dict[str, float]  # reported metrics of the epoch with the lowest validation MAE
+    last: dict[str, float]  # reported metrics of the last epoch
+    checkpoint: Path  # local copy of the best epoch's checkpoint (OUTPUT_DIR/best)
+    run_path: str  # where Ray keeps the run: every kept checkpoint, resumable by name
+
+
+def parameter_digest(model: torch.nn.Module) -> int:
+    """A 63-bit digest of all parameter bytes: equal on every rank iff the weights are."""
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def ranks_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
+    digests = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(digests, torch.tensor([parameter_digest(model)], dtype=torch.int64, device=device))
+    return len({int(d.item()) for d in digests}) == 1
+
+
+def epoch_metrics(record: EpochRecord, improved: bool, resumed_from: int) -> dict[str, float]:
+    """Flat metrics for `ray.train.report`: valid_MAE, test_Acc-7, stage1_loss, ..."""
+    metrics: dict[str, float] = {"epoch": record.epoch, "improved": int(improved), "resumed_from": resumed_from,
+                                 "seconds": record.seconds}
+    for prefix, values in (("stage0", record.stage0), ("stage1", record.stage1), ("lr", record.lr),
+                           ("valid", record.valid), ("test", record.test)):
+        metrics.update({f"{prefix}_{name}": value for name, value in values.items()})
+    return metrics
+
+
+def _local_store(config: Config) -> str:
+    """The store path on this node: as configured, or fetched with DVC when it is not here."""
+    data = config.data
+    if Path(data.store).is_dir() or not data.dvc_url:
+        return data.store
+    if not data.dvc_dataset:
+        raise MMIMInputError("data.dvc_dataset: required with data.dvc_url")
+    destination = Path(tempfile.mkdtemp(prefix="mmim-store-")) / data.dvc_dataset
+    return str(fetch_store(data.dvc_url, data.dvc_dataset, destination, data.dvc_rev))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What every Ray Train worker runs."""
+    config = config_from_dict(loop_config["config"], "train_loop_config")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    store = FeatureStore(_local_store(config), verify_checksums=config.data.verify_checksums)
+    config = bind_store(config, store)
+
+    torch.manual_seed(config.train.seed)  # the same initial weights everywhere (DDP also syncs them)
+    device = ray.train.torch.get_device()
+    model = build_model(config.model).to(device)
+    # find_unused_parameters: stage 0 leaves everything but the MMILB heads unused, and
+    # the BERT pooler is never used.
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=True)
+    engine = Engine(model, config.train, device, ddp=ddp)
+    selection = ModelSelection(config.train.patience)
+    tokenizer = load_tokenizer(config.model.text_encoder)
+
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            load_weights(directory, model)
+            resumed_from = load_training_state(directory, engine, selection)
+        log.info("rank %d resumed after epoch %d", rank, resumed_from)
+
+    per_worker_batch = config.train.batch_size // world
+    sampler = DistributedSampler(SplitDataset(store["train"]), num_replicas=world, rank=rank,
+                                 shuffle=True, seed=config.train.seed)
+    train_loader = make_loader(store["train"], per_worker_batch, shuffle=False, sampler=sampler)
+    valid_loader = make_loader(store["valid"], per_worker_batch, shuffle=False)
+    test_loader = make_loader(store["test"], per_worker_batch, shuffle=False)
+
+    for epoch in range(resumed_from + 1, config.train.epochs + 1):
+        if selection.should_stop:
+            break
+        sampler.set_epoch(epoch)
+        torch.manual_seed(config.train.seed + 1000 * epoch + rank)
+        record = engine.run_epoch(epoch, train_loader, valid_loader, test_loader)
+        improved = selection.update(record)
+        metrics = epoch_metrics(record, improved, resumed_from)
+        # A health check worth its cost (one hash of the weights per epoch): DDP must keep
+        # every rank's weights identical.
+        metrics["ranks_in_sync"] = int(ranks_in_sync(model, device))
+        with tempfile.TemporaryDirectory() as staging:
+            reported = None
+            if rank == 0:
+                directory = Path(staging) / "checkpoint"
+                save_checkpoint(directory, model, config, tokenizer,
+                                {"epoch": epoch, "valid": record.valid, "test": record.test})
+                save_training_state(directory, engine, selection, epoch)
+                reported = Checkpoint.from_directory(str(directory))
+            ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch_{epoch:03d}")
+
+
+def _storage(ray_config) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for RunConfig."""
+    if not ray_config.storage_path.startswith("s3://"):
+        return str(Path(ray_config.storage_path).resolve()), None
+    from pyarrow import fs
+
+    parsed = urlparse(ray_config.storage_path)
+    endpoint = ray_config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+               "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+               "region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if endpoint:
+        endpoint_url = urlparse(endpoint)
+        options.update(endpoint_override=endpoint_url.netloc, scheme=endpoint_url.scheme or "https")
+    filesystem = fs.S3FileSystem(**{k: v for k, v in options.items() if v is not None})
+    return f"{parsed.netloc}{parsed.path}".rstrip("/"), filesystem
+
+
+def check_config(config: Config) -> None:
+    """What would otherwise fail in every worker, reported once by the driver."""
+    if config.ray.num_workers < 1:
+        raise MMIMInputError("ray.num_workers: must be at least 1 for Ray training")
+    if not config.train.contrast:
+        raise MMIMInputError("train.contrast: false is not supported with Ray workers (DDP needs every "
+                             "forward output in the loss); train it in one process (--workers 0)")
+    if config.train.batch_size % config.ray.num_workers:
+        raise MMIMInputError(f"train.batch_size {config.train.batch_size} must be divisible by "
+                             f"ray.num_workers {config.ray.num_workers} (it is the global batch)")
+    if not Path(config.data.store).is_dir() and not config.data.dvc_url:
+        FeatureStore(config.data.store)  # raises, naming the path
+
+
+def build_trainer(config: Config) -> TorchTrainer:
+    ray_config = config.ray
+    storage_path, filesystem = _storage(ray_config)
+    name = ray_config.run_name or f"mmim-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump()},
+        torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=ray_config.num_workers, use_gpu=ray_config.use_gpu,
+                                     resources_per_worker=ray_config.resources_per_worker or None),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_config.keep_checkpoints,
+                                               checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=ray_config.max_failures)),
+    )
+
+
+def train_distributed(config: Config) -> DistributedResult:
+    """Run Ray training; the best epoch's checkpoint is copied to OUTPUT_DIR/best."""
+    check_config(config)
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (if set) names the cluster; otherwise a local one starts
+    trainer = build_trainer(config)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise DistributedTrainingError(
+            f"Ray training failed (ray.max_failures={config.ray.max_failures}): {reason}") from None
+    best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda item: item[1][SCORE])
+    destination = Path(config.output_dir) / BEST_CHECKPOINT
+    with atomic_directory(destination) as staging:
+        best_checkpoint.to_directory(str(staging))
+    return DistributedResult(best=best_metrics, last=result.metrics, checkpoint=destination, run_path=result.path)
