@@ -2,7 +2,7 @@
 
     mmim data synth --out DIR                     write the synthetic sample (MulT release format)
     mmim extract --source S --input P --out DIR --encoder NAME   source files -> feature store
-    mmim train --config FILE [--set key=value]    train in one process, save the best checkpoint
+    mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
     mmim predict --checkpoint DIR --input FILE    scores for raw utterances given as JSON
 
@@ -26,7 +26,9 @@ from rich.text import Text
 
 from mmim.checkpoint import load_checkpoint
 from mmim.config import load_config
+from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.engine import EpochRecord, TrainingHooks
+from mmim.jobs import submit_training_job
 from mmim.errors import MMIMInputError
 from mmim.extract import SOURCES, extract
 from mmim.metrics import METRIC_NAMES
@@ -36,6 +38,7 @@ from mmim.synthetic import write_synthetic_raw
 from mmim.train import train
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 console = Console(stderr=True)
 stdout = Console()
 
@@ -75,7 +78,24 @@ class ProgressHooks(TrainingHooks):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    config = load_config(args.config, args.set)
+    overrides = list(args.set)
+    if args.workers is not None:
+        overrides.append(f"ray.num_workers={args.workers}")
+    if args.gpu:
+        overrides += ["ray.use_gpu=true", "train.device=cuda"]
+    config = load_config(args.config, overrides)
+    if args.submit:
+        job_id = submit_training_job(args.submit, args.config, overrides)
+        stdout.print(f"submitted Ray job {job_id} to {args.submit}")
+        return
+    if config.ray.num_workers > 0:
+        result = train_distributed(config)
+        stdout.print(_metrics_table(f"selected epoch {int(result.best['epoch'])} (lowest validation MAE), "
+                                    f"{config.ray.num_workers} Ray workers",
+                                    {split: {name: result.best[f"{split}_{name}"] for name in METRIC_NAMES}
+                                     for split in ("valid", "test")}))
+        stdout.print(f"checkpoint: {result.checkpoint}\nRay run: {result.run_path}")
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -158,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--config", help="YAML config (see configs/); defaults when omitted")
     train_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. --set train.epochs=3 (repeatable)")
+    train_cmd.add_argument("--workers", type=int, metavar="N",
+                           help="Ray Train workers (DDP); 0: one process without Ray (default: ray.num_workers)")
+    train_cmd.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
+    train_cmd.add_argument("--submit", metavar="ADDRESS",
+                           help="submit this training as a Ray Job to the cluster at ADDRESS "
+                                "(e.g. http://head:8265), shipping the project with runtime_env")
     train_cmd.set_defaults(run=cmd_train)
 
     evaluate_cmd = commands.add_parser("evaluate", help="metrics of a checkpoint on a feature store")
@@ -215,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     except MMIMInputError as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_BAD_INPUT
+    except DistributedTrainingError as error:
+        console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        return EXIT_FAILED
     return 0
 
 

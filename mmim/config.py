@@ -73,6 +73,9 @@ class RayConfig(_Section):
     s3_endpoint: str | None = None  # S3-compatible endpoint (MinIO); credentials from AWS_* env
     keep_checkpoints: int = Field(default=3, ge=1)  # best N by validation MAE (plus the latest)
     run_name: str | None = None  # reuse a name to continue that run from its latest checkpoint
+    # Driver environment variables handed to the workers (e.g. AWS_ACCESS_KEY_ID for a DVC
+    # remote) when the cluster's nodes do not have them; values travel in the runtime_env.
+    forward_env: list[str] = []
 
 
 class TrainConfig(_Section):

@@ -69,6 +69,7 @@ class DistributedTrainingError(RuntimeError):
 class DistributedResult:
     best: dict[str, float]  # reported metrics of the epoch with the lowest validation MAE
     last: dict[str, float]  # reported metrics of the last epoch
+    epochs: list[dict[str, float]]  # every report, in order (repeats epochs redone after a failure)
     checkpoint: Path  # local copy of the best epoch's checkpoint (OUTPUT_DIR/best)
     run_path: str  # where Ray keeps the run: every kept checkpoint, resumable by name
 
@@ -111,6 +112,8 @@ def _local_store(config: Config) -> str:
 def train_loop_per_worker(loop_config: dict) -> None:
     """What every Ray Train worker runs."""
     config = config_from_dict(loop_config["config"], "train_loop_config")
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)  # Ray sets 1 thread per worker CPU otherwise
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     store = FeatureStore(_local_store(config), verify_checksums=config.data.verify_checksums)
@@ -120,9 +123,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     model = build_model(config.model).to(device)
     # find_unused_parameters: stage 0 leaves everything but the MMILB heads unused, and
-    # the BERT pooler is never used.
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  find_unused_parameters=True)
+    # the BERT pooler is never used. One worker has nothing to synchronise: no wrapper.
+    ddp = None
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
     engine = Engine(model, config.train, device, ddp=ddp)
     selection = ModelSelection(config.train.patience)
     tokenizer = load_tokenizer(config.model.text_encoder)
@@ -152,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = epoch_metrics(record, improved, resumed_from)
         # A health check worth its cost (one hash of the weights per epoch): DDP must keep
         # every rank's weights identical.
-        metrics["ranks_in_sync"] = int(ranks_in_sync(model, device))
+        metrics["ranks_in_sync"] = int(world == 1 or ranks_in_sync(model, device))
         with tempfile.TemporaryDirectory() as staging:
             reported = None
             if rank == 0:
@@ -210,7 +215,9 @@ def build_trainer(config: Config) -> TorchTrainer:
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=ray_config.keep_checkpoints,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=ray_config.max_failures)),
+            failure_config=FailureConfig(max_failures=ray_config.max_failures),
+            worker_runtime_env={"env_vars": {name: os.environ[name] for name in ray_config.forward_env
+                                             if name in os.environ}}),
     )
 
 
@@ -230,4 +237,6 @@ def train_distributed(config: Config) -> DistributedResult:
     destination = Path(config.output_dir) / BEST_CHECKPOINT
     with atomic_directory(destination) as staging:
         best_checkpoint.to_directory(str(staging))
-    return DistributedResult(best=best_metrics, last=result.metrics, checkpoint=destination, run_path=result.path)
+    return DistributedResult(best=best_metrics, last=result.metrics,
+                             epochs=result.metrics_dataframe.to_dict("records"),
+                             checkpoint=destination, run_path=result.path)

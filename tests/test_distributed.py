@@ -1,6 +1,7 @@
 """Ray Train on a real local cluster: DDP with 2 CPU workers, checkpoints, fault tolerance, S3."""
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.errors import MMIMInputError
 from mmim.synthetic import write_synthetic_store
 from mmim.train import train
-from tests.test_versioning import free_port
+from tests.test_versioning import aws_env, bucket, dvc_project, free_port, s3_endpoint  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,24 @@ def test_batch_must_divide_among_workers(tiny_config, tmp_path):
     config = ray_config(tiny_config, tmp_path, num_workers=3)
     with pytest.raises(MMIMInputError, match="train.batch_size 16 must be divisible by ray.num_workers 3"):
         train_distributed(config)
+
+
+def test_workers_fetch_the_store_with_dvc(ray_cluster, tiny_config, dvc_project, tmp_path):
+    """Nodes without the store: workers fetch the DVC version named in the config."""
+    from tests.test_versioning import run
+    from mmim.versioning import push, reproduce
+
+    reproduce("synthetic", dvc_project)
+    push("synthetic", dvc_project)
+    run("git", "add", "-A", cwd=dvc_project)
+    run("git", "commit", "-qm", "data", cwd=dvc_project)
+    shutil.rmtree(dvc_project / ".dvc" / "cache")  # the only copy left is on the S3 remote
+    encoder = "sentence-transformers/all-MiniLM-L6-v2"  # what params.yaml extracts the sample for
+    forward = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
+    config = ray_config(tiny_config, tmp_path, forward_env=forward).model_copy(update={
+        "model": tiny_config.model.model_copy(update={"text_encoder": encoder}),
+        "data": tiny_config.data.model_copy(update={
+            "store": str(tmp_path / "not-on-this-node"), "dvc_url": str(dvc_project), "dvc_dataset": "synthetic"}),
+        "train": tiny_config.train.model_copy(update={"epochs": 1})})
+    result = train_distributed(config)
+    assert result.last["epoch"] == 1 and result.last["ranks_in_sync"] == 1

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import boto3
@@ -17,7 +18,6 @@ from mmim.errors import MMIMInputError
 from mmim.versioning import data_version, fetch_store, pull, push, reproduce, store_path
 
 PROJECT = Path(__file__).resolve().parents[1]
-BUCKET = "mmim-dvc"
 
 
 def free_port() -> int:
@@ -36,13 +36,19 @@ def s3_endpoint():
 
 
 @pytest.fixture
-def aws_env(monkeypatch, s3_endpoint):
+def bucket() -> str:
+    """A new bucket name per test: DVC remembers what it pushed per remote URL."""
+    return f"mmim-dvc-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def aws_env(monkeypatch, s3_endpoint, bucket):
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     # the stages run `mmim` from this environment
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return s3_endpoint
 
 
@@ -55,7 +61,7 @@ def dvc(*args, cwd):
 
 
 @pytest.fixture
-def dvc_project(tmp_path, aws_env):
+def dvc_project(tmp_path, aws_env, bucket):
     """A git repository with the project's dvc.yaml/params.yaml (a small sample) and code."""
     repo = tmp_path / "project"
     repo.mkdir()
@@ -70,7 +76,7 @@ def dvc_project(tmp_path, aws_env):
     run("git", "config", "user.name", "ci", cwd=repo)
     dvc("init", "-q", cwd=repo)
     dvc("config", "core.analytics", "false", cwd=repo)
-    dvc("remote", "add", "-d", "s3", f"s3://{BUCKET}/cache", cwd=repo)
+    dvc("remote", "add", "-d", "s3", f"s3://{bucket}/cache", cwd=repo)
     dvc("remote", "modify", "s3", "endpointurl", aws_env, cwd=repo)
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "project", cwd=repo)
@@ -81,7 +87,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_repro_push_wipe_pull_and_no_rework(dvc_project, aws_env, tmp_path):
+def test_repro_push_wipe_pull_and_no_rework(dvc_project, aws_env, bucket, tmp_path):
     repo = dvc_project
     assert reproduce("synthetic", repo) == ["synthesize", "extract@synthetic"]
     store = repo / store_path("synthetic")
@@ -92,7 +98,7 @@ def test_repro_push_wipe_pull_and_no_rework(dvc_project, aws_env, tmp_path):
     assert version == lock["stages"]["extract@synthetic"]["outs"][0]["md5"] and version.endswith(".dir")
 
     assert push("synthetic", repo) > 0
-    objects = boto3.client("s3", endpoint_url=aws_env).list_objects_v2(Bucket=BUCKET)
+    objects = boto3.client("s3", endpoint_url=aws_env).list_objects_v2(Bucket=bucket)
     assert objects["KeyCount"] > 0
 
     shutil.rmtree(repo / ".dvc" / "cache")
