@@ -1,10 +1,12 @@
 """Submitting training to a remote Ray cluster as a Ray Job.
 
 The job ships this project's code with `runtime_env={"working_dir": <project>}` (data,
-runs, virtual environments and Git metadata excluded) and runs `mmim train` on the
-cluster, where `ray.init()` joins the cluster it runs in. The cluster's image must
-have the dependencies installed (see infra/); the feature store must be readable
-there (a shared path, or `data.dvc_url` so that workers fetch it with DVC).
+runs, virtual environments and Git metadata excluded) and runs
+`python -m mmim.cli train` on the cluster, where `ray.init()` joins the cluster it runs
+in. The `python` of the cluster's nodes must have the dependencies installed (see
+infra/); the feature store must be readable there (a shared path, or `data.dvc_url`
+so that workers fetch it with DVC). Ray 2.60 clusters use token authentication: the
+submitting side needs RAY_AUTH_MODE=token and the cluster's token.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ def training_entrypoint(config_path: str | Path | None, overrides: list[str]) ->
 def submit_training_job(address: str, config_path: str | Path | None, overrides: list[str],
                         submission_id: str | None = None) -> str:
     """Submit `mmim train` to the Ray cluster at `address` (http://head:8265); returns the job id."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     entrypoint = training_entrypoint(config_path, overrides)
     try:
         client = JobSubmissionClient(address)
+    except AuthenticationError:
+        raise MMIMInputError(
+            f"--submit {address}: the cluster requires its auth token; set RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN (or ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH)") from None
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise MMIMInputError(f"--submit {address}: cannot reach the Ray job server ({error})") from None
     return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
