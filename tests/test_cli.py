@@ -114,3 +114,19 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "train.batch_size: Input should be greater than 1" in done.stderr
+
+
+def test_ray_job_entrypoint_ships_config_inside_the_project(tmp_path):
+    from mmim.jobs import PROJECT_ROOT, training_entrypoint
+
+    command = training_entrypoint(PROJECT_ROOT / "configs" / "mosi.yaml", ["ray.num_workers=4", "train.epochs=2"])
+    assert command == ("python -m mmim.cli train --config configs/mosi.yaml "
+                       "--set ray.num_workers=4 --set train.epochs=2")
+    (tmp_path / "outside.yaml").write_text("train: {}\n")
+    with pytest.raises(MMIMInputError, match="must be inside the project"):
+        training_entrypoint(tmp_path / "outside.yaml", [])
+
+
+def test_submit_to_an_unreachable_cluster_exits_2(capsys):
+    code, _, err = run_cli(capsys, "train", "--config", "configs/demo.yaml", "--submit", "http://127.0.0.1:9")
+    assert code == 2 and "cannot reach the Ray job server" in err
