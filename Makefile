@@ -24,6 +24,9 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/mmim data synth --out $(DEMO_RAW)
 	$(BIN)/mmim extract --source mult --input $(DEMO_RAW) --out $(DEMO_STORE) --encoder $(DEMO_ENCODER) --overwrite
 	$(BIN)/mmim train --config configs/demo.yaml
+	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (http://127.0.0.1:5000)"
+	@echo "registry:   $(BIN)/mmim registry list --name mmim-synthetic"
+	@echo "serve:      $(BIN)/mmim serve --model models:/mmim-synthetic@champion"
 
 test: $(VENV)/.installed-demo+test
 	$(BIN)/python -m pytest -q

@@ -5,6 +5,8 @@
     mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
     mmim predict --checkpoint DIR --input FILE    scores for raw utterances given as JSON
+    mmim registry {list,promote,rollback} --name mmim-<dataset>   the MLflow model registry
+    mmim serve --model models:/mmim-<dataset>@champion             REST /invocations
 
 Bad input of any kind prints one line, `error: ...`, and exits with code 2.
 """
@@ -27,7 +29,7 @@ from rich.text import Text
 from mmim.checkpoint import load_checkpoint
 from mmim.config import load_config
 from mmim.distributed import DistributedTrainingError, train_distributed
-from mmim.engine import EpochRecord, TrainingHooks
+from mmim.engine import EpochRecord, TrainingHooks, flat_metrics
 from mmim.jobs import submit_training_job
 from mmim.errors import MMIMInputError
 from mmim.extract import SOURCES, extract
@@ -90,19 +92,26 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     if config.ray.num_workers > 0:
         result = train_distributed(config)
-        stdout.print(_metrics_table(f"selected epoch {int(result.best['epoch'])} (lowest validation MAE), "
-                                    f"{config.ray.num_workers} Ray workers",
-                                    {split: {name: result.best[f"{split}_{name}"] for name in METRIC_NAMES}
-                                     for split in ("valid", "test")}))
-        stdout.print(f"checkpoint: {result.checkpoint}\nRay run: {result.run_path}")
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        result, checkpoint = train(config, ProgressHooks(progress))
-    stdout.print(_metrics_table(f"selected epoch {result.best_epoch} (lowest validation MAE)",
-                                {"valid": result.valid, "test": result.test}))
+        epochs, selected, checkpoint = result.epochs, result.best, result.checkpoint
+        title = f"selected epoch {int(selected['epoch'])} (lowest validation MAE), {config.ray.num_workers} Ray workers"
+    else:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            fitted, checkpoint = train(config, ProgressHooks(progress))
+        epochs = [flat_metrics(record) for record in fitted.history]
+        selected = epochs[fitted.best_epoch - 1]
+        title = f"selected epoch {fitted.best_epoch} (lowest validation MAE)"
+    stdout.print(_metrics_table(title, {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES}
+                                        for split in ("valid", "test")}))
     stdout.print(f"checkpoint: {checkpoint}")
+    if config.tracking.enabled:
+        from mmim.tracking import track_and_register
+
+        with console.status("logging to MLflow and registering the model"):
+            run, decision = track_and_register(config, epochs, selected, checkpoint)
+        stdout.print(f"MLflow run {run.run_id}; {decision.name} v{decision.version}: "
+                     f"{'promoted to champion' if decision.promoted else 'challenger, champion unchanged'}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -169,6 +178,41 @@ def cmd_extract(args: argparse.Namespace) -> None:
         stdout.print(f"... and {len(summary.dropped) - 20} more dropped")
 
 
+def cmd_registry(args: argparse.Namespace) -> None:
+    from mlflow import MlflowClient
+
+    from mmim.registry import describe, promote, rollback
+    from mmim.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    if args.registry_command == "promote":
+        promote(client, args.name, args.version)
+        stdout.print(f"{args.name}: champion -> v{args.version}")
+    elif args.registry_command == "rollback":
+        stdout.print(f"{args.name}: champion -> v{rollback(client, args.name)}")
+    rows = describe(client, args.name)
+    table = Table(title=f"{args.name} ({tracking_uri()})")
+    for column in ("version", "aliases", "valid metric", "decision", "run"):
+        table.add_column(column)
+    for row in rows:
+        metric = next((f"{k}={v}" for k, v in row.items() if k.startswith("valid_")), "")
+        table.add_row(row["version"], row["aliases"], metric, row.get("registry_decision", ""), row["run_id"] or "")
+    stdout.print(table)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """`mlflow models serve` for a registered model, in this environment."""
+    import os
+    import shutil
+
+    from mmim.tracking import tracking_uri
+
+    mlflow_cli = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    os.execv(mlflow_cli, [mlflow_cli, "models", "serve", "-m", args.model, "--env-manager", "local",
+                          "-h", args.host, "-p", str(args.port)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmim", description="MMIM multimodal sentiment pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -212,6 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     extract_cmd.add_argument("--seed", type=int, default=0, help="synthetic: the seed")
     extract_cmd.add_argument("--overwrite", action="store_true", help="replace an existing store")
     extract_cmd.set_defaults(run=cmd_extract)
+
+    registry = commands.add_parser("registry", help="the MLflow model registry (MLFLOW_TRACKING_URI)")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True)
+    for name, text in (("list", "versions, aliases and gating decisions"),
+                       ("promote", "point champion at a version"),
+                       ("rollback", "champion back to the version it replaced")):
+        sub = registry_commands.add_parser(name, help=text)
+        sub.add_argument("--name", required=True, help="registered model, e.g. mmim-mosi")
+        if name == "promote":
+            sub.add_argument("--version", required=True)
+        sub.set_defaults(run=cmd_registry)
+
+    serve = commands.add_parser("serve", help="REST predictions from a registered model (mlflow models serve)")
+    serve.add_argument("--model", default="models:/mmim-synthetic@champion")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.set_defaults(run=cmd_serve)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the synthetic sample in the MulT release format")

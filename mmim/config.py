@@ -106,11 +106,26 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = torch default
 
 
+class TrackingConfig(_Section):
+    """MLflow tracking and the model registry (the driver logs; workers never do)."""
+
+    enabled: bool = False  # log the run, the model and register a version
+    experiment: str = "mmim"
+    # Where the experiment's artifacts go when it is created: a directory or s3://bucket/prefix.
+    # Default: ./mlartifacts. The tracking server itself comes from MLFLOW_TRACKING_URI
+    # (default sqlite:///mlflow.db in the working directory).
+    artifact_location: str | None = None
+    registered_model: str | None = None  # default: mmim-<store directory name>
+    metric: Literal["MAE", "Corr"] = "MAE"  # validation metric that gates `champion`
+    margin: float = Field(default=0.0, ge=0)  # how much better than the champion a challenger must be
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/latest"  # where the best checkpoint and metrics go
 
 

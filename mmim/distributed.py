@@ -47,7 +47,7 @@ from torch.utils.data.distributed import DistributedSampler
 from mmim.checkpoint import load_training_state, load_weights, save_checkpoint, save_training_state
 from mmim.config import Config, config_from_dict
 from mmim.data import SplitDataset, make_loader
-from mmim.engine import Engine, EpochRecord, ModelSelection
+from mmim.engine import Engine, ModelSelection, flat_metrics
 from mmim.errors import MMIMInputError
 from mmim.files import atomic_directory
 from mmim.model import build_model
@@ -86,16 +86,6 @@ def ranks_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
     digests = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(digests, torch.tensor([parameter_digest(model)], dtype=torch.int64, device=device))
     return len({int(d.item()) for d in digests}) == 1
-
-
-def epoch_metrics(record: EpochRecord, improved: bool, resumed_from: int) -> dict[str, float]:
-    """Flat metrics for `ray.train.report`: valid_MAE, test_Acc-7, stage1_loss, ..."""
-    metrics: dict[str, float] = {"epoch": record.epoch, "improved": int(improved), "resumed_from": resumed_from,
-                                 "seconds": record.seconds}
-    for prefix, values in (("stage0", record.stage0), ("stage1", record.stage1), ("lr", record.lr),
-                           ("valid", record.valid), ("test", record.test)):
-        metrics.update({f"{prefix}_{name}": value for name, value in values.items()})
-    return metrics
 
 
 def _local_store(config: Config) -> str:
@@ -154,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(config.train.seed + 1000 * epoch + rank)
         record = engine.run_epoch(epoch, train_loader, valid_loader, test_loader)
         improved = selection.update(record)
-        metrics = epoch_metrics(record, improved, resumed_from)
+        metrics = {**flat_metrics(record), "improved": int(improved), "resumed_from": resumed_from}
         # A health check worth its cost (one hash of the weights per epoch): DDP must keep
         # every rank's weights identical.
         metrics["ranks_in_sync"] = int(world == 1 or ranks_in_sync(model, device))

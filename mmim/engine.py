@@ -84,6 +84,15 @@ class EpochRecord:
     seconds: float
 
 
+def flat_metrics(record: EpochRecord) -> dict[str, float]:
+    """One level: epoch, stage1_loss, lr_main, valid_MAE, test_Acc-7, ... (for trackers)."""
+    metrics: dict[str, float] = {"epoch": record.epoch, "seconds": record.seconds}
+    for prefix, values in (("stage0", record.stage0), ("stage1", record.stage1), ("lr", record.lr),
+                           ("valid", record.valid), ("test", record.test)):
+        metrics.update({f"{prefix}_{name.removeprefix('lr_')}": value for name, value in values.items()})
+    return metrics
+
+
 @dataclass
 class FitResult:
     best_epoch: int

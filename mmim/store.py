@@ -23,7 +23,6 @@ padded to its own longest sequence when it is collated (`mmim.data`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path

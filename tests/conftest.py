@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
+import boto3
 import pytest
+import yaml
+from moto.server import ThreadedMotoServer
 from transformers import BertConfig, BertTokenizer
 
 from mmim.config import Config
@@ -48,3 +57,72 @@ def tiny_config(tiny_encoder, tiny_store, tmp_path) -> Config:
         "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
         "output_dir": str(tmp_path / "run"),
     })
+
+
+# ---------------------------------------------------------------- S3 (moto) and a DVC project
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's threaded S3 server on 127.0.0.1, for the whole session."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket() -> str:
+    """A new bucket name per test: DVC remembers what it pushed per remote URL."""
+    return f"mmim-dvc-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def aws_env(monkeypatch, s3_endpoint, bucket):
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    # the stages run `mmim` from this environment
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return s3_endpoint
+
+
+def run(*command, cwd):
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def dvc(*args, cwd):
+    run(str(Path(sys.executable).parent / "dvc"), *args, cwd=cwd)
+
+
+@pytest.fixture
+def dvc_project(tmp_path, aws_env, bucket):
+    """A git repository with the project's dvc.yaml/params.yaml (a small sample) and code."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    shutil.copytree(PROJECT / "mmim", repo / "mmim", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(PROJECT / name, repo / name)
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["synthetic"].update(train=40, valid=12, test=12)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run("git", "init", "-q", cwd=repo)
+    run("git", "config", "user.email", "ci@example.invalid", cwd=repo)
+    run("git", "config", "user.name", "ci", cwd=repo)
+    dvc("init", "-q", cwd=repo)
+    dvc("config", "core.analytics", "false", cwd=repo)
+    dvc("remote", "add", "-d", "s3", f"s3://{bucket}/cache", cwd=repo)
+    dvc("remote", "modify", "s3", "endpointurl", aws_env, cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "project", cwd=repo)
+    return repo

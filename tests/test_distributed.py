@@ -17,7 +17,7 @@ from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.errors import MMIMInputError
 from mmim.synthetic import write_synthetic_store
 from mmim.train import train
-from tests.test_versioning import aws_env, bucket, dvc_project, free_port, s3_endpoint  # noqa: F401 (fixtures)
+from tests.conftest import run
 
 
 @pytest.fixture(scope="module")
@@ -119,28 +119,16 @@ def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_fai
         load_checkpoint(tmp_path / "ray" / "run" / "epoch_001")  # what was written stays whole
 
 
-def test_checkpoints_on_s3(ray_cluster, tiny_config, tmp_path, monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="checkpoints")
-        config = ray_config(tiny_config, tmp_path, storage_path="s3://checkpoints/mmim", s3_endpoint=endpoint)
-        config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
-        result = train_distributed(config)
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="checkpoints", Prefix="mmim/run/")["Contents"]]
-        assert "mmim/run/epoch_001/model.safetensors" in keys
-        assert "mmim/run/epoch_001/training_state.json" in keys
-        load_checkpoint(result.checkpoint)  # the local copy of the best checkpoint
-    finally:
-        server.stop()
+def test_checkpoints_on_s3(ray_cluster, tiny_config, tmp_path, aws_env, bucket):
+    """storage_path on s3:// served by moto on 127.0.0.1 (pyarrow S3 with endpoint_override)."""
+    config = ray_config(tiny_config, tmp_path, storage_path=f"s3://{bucket}/mmim", s3_endpoint=aws_env)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
+    result = train_distributed(config)
+    s3 = boto3.client("s3", endpoint_url=aws_env)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="mmim/run/")["Contents"]]
+    assert "mmim/run/epoch_001/model.safetensors" in keys
+    assert "mmim/run/epoch_001/training_state.json" in keys
+    load_checkpoint(result.checkpoint)  # the local copy of the best checkpoint
 
 
 def test_batch_must_divide_among_workers(tiny_config, tmp_path):
@@ -151,7 +139,6 @@ def test_batch_must_divide_among_workers(tiny_config, tmp_path):
 
 def test_workers_fetch_the_store_with_dvc(ray_cluster, tiny_config, dvc_project, tmp_path):
     """Nodes without the store: workers fetch the DVC version named in the config."""
-    from tests.test_versioning import run
     from mmim.versioning import push, reproduce
 
     reproduce("synthetic", dvc_project)

@@ -1,0 +1,197 @@
+"""MLflow against a real `mlflow server` on 127.0.0.1: (a) sqlite + local artifacts,
+(b) PostgreSQL + artifacts on S3 (moto). Tracking, pyfunc, registry gating, rollback, REST."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mmim.engine import flat_metrics
+from mmim.registry import describe, promote, register, rollback
+from mmim.tracking import registered_model_name, track_and_register
+from mmim.train import train
+from tests.conftest import free_port
+
+POSTGRES_URL = os.environ.get("MMIM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited: {process.stderr.read().decode()[-2000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+def start(command: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uvicorn, gunicorn
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "PATH": path, **(env or {})})
+    wait_for(url, process)
+    return process
+
+
+def postgres_database() -> str:
+    """A fresh database on the local PostgreSQL; skipped (not under CI) when none answers."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(POSTGRES_URL, connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"PostgreSQL at {POSTGRES_URL} (MMIM_TEST_POSTGRES_URL) is required under CI: {error}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set MMIM_TEST_POSTGRES_URL): {error}")
+    name = f"mlflow_{uuid.uuid4().hex[:10]}"
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    connection.close()
+    # SQLAlchemy's default PostgreSQL driver is psycopg 3; name psycopg2, which is installed.
+    return POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1) + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgres+s3"])
+def tracking(request, tmp_path, monkeypatch):
+    """(tracking URI, artifact location) of a real MLflow server process."""
+    if request.param == "sqlite":
+        backend, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")
+    else:
+        endpoint = request.getfixturevalue("aws_env")
+        bucket = request.getfixturevalue("bucket")
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+        backend, artifacts = postgres_database(), f"s3://{bucket}/mlflow"
+    port = free_port()
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    server = start([mlflow_cli, "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
+                    "--port", str(port), "--workers", "1"], f"http://127.0.0.1:{port}/health")
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri, artifacts
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def tracked_config(tiny_config, tmp_path, artifacts, name, **train):
+    return tiny_config.model_copy(update={
+        "tracking": tiny_config.tracking.model_copy(update={
+            "enabled": True, "artifact_location": artifacts, "experiment": "mmim-test"}),
+        "train": tiny_config.train.model_copy(update=train),
+        "output_dir": str(tmp_path / name)})
+
+
+def train_and_track(config):
+    fitted, checkpoint = train(config)
+    epochs = [flat_metrics(record) for record in fitted.history]
+    return track_and_register(config, epochs, epochs[fitted.best_epoch - 1], checkpoint, data_version="abc.dir")
+
+
+def requests_frame(store_split, texts):
+    return pd.DataFrame({"text": texts,
+                         "audio": [store_split.sequence("audio", i)[:5].tolist() for i in range(len(texts))],
+                         "vision": [store_split.sequence("vision", i)[:3].tolist() for i in range(len(texts))]})
+
+
+def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tmp_path):
+    uri, artifacts = tracking
+    client = MlflowClient(uri)
+    good = tracked_config(tiny_config, tmp_path, artifacts, "good", epochs=2)
+    run, decision = train_and_track(good)
+    name = registered_model_name(good)
+    assert decision.promoted and decision.champion_version is None
+
+    logged = client.get_run(run.run_id)
+    assert logged.data.params["train.lr_main"] == "0.001" and logged.data.params["model.add_va"] == "False"
+    assert logged.data.tags["data_version"] == "abc.dir" and logged.data.tags["ray_workers"] == "0"
+    assert len(client.get_metric_history(run.run_id, "valid_MAE")) == 2
+    assert {"stage0_neg_lld", "stage1_H", "lr_bert", "test_Acc_2_non0", "selected_test_MAE"} <= set(logged.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"config.json", "metrics.json", "learning_curves.png", "test_scatter.png", "checkpoint"} <= names
+
+    from mmim.store import FeatureStore
+    frame = requests_frame(FeatureStore(good.data.store)["test"], ["the movie was very good", "the plot was dull"])
+    champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    predicted = champion.predict(frame)
+    assert list(predicted.columns) == ["score", "polarity", "class7"] and np.isfinite(predicted["score"]).all()
+
+    # a deliberately worse run: learning rates so small that nothing is learnt
+    worse = tracked_config(tiny_config, tmp_path, artifacts, "worse", epochs=1, lr_main=1e-9, lr_bert=1e-9,
+                           lr_mmilb=1e-9)
+    _, second = train_and_track(worse)
+    assert not second.promoted and second.champion_version == decision.version
+    versions = {v["version"]: v for v in describe(client, name)}
+    assert "champion" in versions[decision.version]["aliases"]
+    assert versions[second.version]["aliases"] == "challenger"
+    assert versions[second.version]["registry_decision"] == f"kept champion v{decision.version}"
+
+    # a person promotes the worse one; rollback restores the previous champion
+    promote(client, name, second.version)
+    assert client.get_model_version_by_alias(name, "champion").version == second.version
+    assert rollback(client, name) == decision.version
+    assert client.get_model_version_by_alias(name, "champion").version == decision.version
+
+    # bad requests: clear errors, not torch stack traces
+    # (a missing column is caught by the logged signature before the model runs)
+    for broken, message in [(frame.drop(columns=["vision"]), "missing inputs ['vision']"),
+                            (frame.assign(text=["", "ok"]), "utterance 0, field text: empty"),
+                            (frame.assign(audio=[[[0.0] * 3]] * 2), "utterance 0, field audio: shape (1, 3)")]:
+        with pytest.raises(MlflowException, match=re.escape(message)):
+            champion.predict(broken)
+
+    # REST: the served champion answers like the in-process model
+    port = free_port()
+    server = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
+                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                   f"http://127.0.0.1:{port}/ping")
+    try:
+        body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        served = [row["score"] for row in answer["predictions"]]
+        assert served == pytest.approx(predicted["score"].tolist(), abs=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("tracking", ["sqlite"], indirect=True)
+def test_concurrent_registrations_leave_the_best_champion(tracking, tiny_config, tmp_path, capsys):
+    uri, artifacts = tracking
+    client = MlflowClient(uri)
+    config = tracked_config(tiny_config, tmp_path, artifacts, "base", epochs=1)
+    run, first = train_and_track(config)
+    name = registered_model_name(config)
+    # two runs finishing together, several times over: values far better than the first run's
+    for round_values in ([0.30, 0.20], [0.10, 0.15], [0.12, 0.05]):
+        outcomes = []
+        threads = [threading.Thread(target=lambda v=v: outcomes.append(
+            register(MlflowClient(uri), run.model_uri, name, "MAE", 0.0, v))) for v in round_values]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(outcomes) == 2
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert float(champion.tags["valid_MAE"]) == 0.05  # the best of everything registered
+    assert len(describe(client, name)) == 7
+
+    from mmim.cli import main
+    assert main(["registry", "list", "--name", name]) == 0
+    assert f"{name}" in capsys.readouterr().out
