@@ -31,8 +31,10 @@ from mmim.checkpoint import load_checkpoint  # noqa: E402
 from mmim.config import Config  # noqa: E402
 from mmim.data import make_loader  # noqa: E402
 from mmim.engine import predict_scores  # noqa: E402
+from mmim.errors import MMIMInputError  # noqa: E402
 from mmim.registry import Decision, register  # noqa: E402
 from mmim.store import FeatureStore  # noqa: E402
+from mmim.versioning import STORES_DIR, data_version  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
@@ -65,6 +67,21 @@ def flatten(config: Config) -> dict[str, str]:
         else:
             params[section] = str(values)
     return params
+
+
+def store_data_version(config: Config) -> str | None:
+    """The DVC data version of `data/stores/<name>` in this working directory, if it has one."""
+    root = Path.cwd()
+    try:
+        relative = Path(config.data.store).resolve().relative_to(root / STORES_DIR)
+    except ValueError:
+        return None
+    if len(relative.parts) != 1:
+        return None
+    try:
+        return data_version(relative.parts[0], root)
+    except MMIMInputError:
+        return None  # not a DVC output (yet): logged as "unversioned"
 
 
 def git_commit() -> str:
@@ -132,7 +149,7 @@ def log_training(config: Config, epochs: list[dict], selected: dict, checkpoint:
                                          next(model.parameters()).device)
     tags = {
         "git_commit": git_commit(),
-        "data_version": data_version or "unversioned",
+        "data_version": data_version or store_data_version(config) or "unversioned",
         "source_format": source or store.manifest.get("source", "unknown"),
         "text_encoder": config.model.text_encoder,
         "ray_workers": str(config.ray.num_workers),
