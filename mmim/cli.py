@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import transformers
@@ -108,6 +110,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if config.tracking.enabled:
         from mmim.tracking import track_and_register
 
+        if not args.verbose:  # importing mlflow configures its own logger at INFO
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         with console.status("logging to MLflow and registering the model"):
             run, decision = track_and_register(config, epochs, selected, checkpoint)
         stdout.print(f"MLflow run {run.run_id}; {decision.name} v{decision.version}: "
@@ -196,13 +200,13 @@ def cmd_registry(args: argparse.Namespace) -> None:
         table.add_column(column)
     for row in rows:
         metric = next((f"{k}={v}" for k, v in row.items() if k.startswith("valid_")), "")
-        table.add_row(row["version"], row["aliases"], metric, row.get("registry_decision", ""), row["run_id"] or "")
+        table.add_row(str(row["version"]), row["aliases"], metric, row.get("registry_decision", ""),
+                      row["run_id"] or "")
     stdout.print(table)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """`mlflow models serve` for a registered model, in this environment."""
-    import os
     import shutil
 
     from mmim.tracking import tracking_uri
@@ -290,6 +294,9 @@ def _configure_logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=console, show_path=False)])
     if not verbose:  # the progress hooks already print one line per epoch
         logging.getLogger("mmim.engine").setLevel(logging.WARNING)
+        # MLflow's artifact download bars and its integer-column schema hint (class7 is an int).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
