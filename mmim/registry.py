@@ -17,6 +17,7 @@ two runs finishing together cannot leave a worse champion behind.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlflow
@@ -28,6 +29,7 @@ from mmim.errors import MMIMInputError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MAX_RECONCILE_ROUNDS = 10
+WRITE_ATTEMPTS = 4
 
 
 @dataclass
@@ -38,6 +40,20 @@ class Decision:
     candidate: float
     champion_version: str | None  # the champion before this registration
     champion_value: float | None
+
+
+def _write(call, *args) -> None:
+    """A tag or alias write, retried: MLflow stores insert-or-update non-atomically, so two
+    writers of the same key at the same moment can fail with a unique-constraint error;
+    written again, it is an update (the last writer wins, as intended)."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            call(*args)
+            return
+        except MlflowException:
+            if attempt == WRITE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def metric_tag(metric: str) -> str:
@@ -71,14 +87,14 @@ def reconcile(client: MlflowClient, name: str, metric: str, margin: float) -> Mo
         pick = min if metric == "MAE" else max
         best, best_value = pick(eligible, key=lambda item: item[1])
         if champion is None:
-            client.set_registered_model_alias(name, CHAMPION, best.version)
+            _write(client.set_registered_model_alias, name, CHAMPION, best.version)
             continue
         champion_value = dict((v.version, value) for v, value in eligible).get(champion.version)
         if best.version == champion.version or (
                 champion_value is not None and not _better(best_value, champion_value, metric, margin)):
             return champion
-        client.set_model_version_tag(name, best.version, "previous_champion", champion.version)
-        client.set_registered_model_alias(name, CHAMPION, best.version)
+        _write(client.set_model_version_tag, name, best.version, "previous_champion", champion.version)
+        _write(client.set_registered_model_alias, name, CHAMPION, best.version)
     return _alias(client, name, CHAMPION)
 
 
@@ -88,16 +104,16 @@ def register(client: MlflowClient, model_uri: str, name: str, metric: str, margi
     before = _alias(client, name, CHAMPION)
     before_value = float(before.tags[metric_tag(metric)]) if before and metric_tag(metric) in before.tags else None
     version = mlflow.register_model(model_uri, name).version  # creates `name` on first use
-    client.set_model_version_tag(name, version, metric_tag(metric), repr(value))
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    _write(client.set_model_version_tag, name, version, metric_tag(metric), repr(value))
+    _write(client.set_registered_model_alias, name, CHALLENGER, version)
     champion = reconcile(client, name, metric, margin)
     promoted = champion is not None and champion.version == version
     decision = "promoted to champion" if promoted else (
         f"kept champion v{champion.version}" if champion else "no champion")
-    client.set_model_version_tag(name, version, "registry_decision", decision)
-    client.set_model_version_tag(name, version, "champion_before", f"v{before.version}" if before else "none")
-    client.set_model_version_tag(name, version, f"champion_before_{metric_tag(metric)}",
-                                 repr(before_value) if before_value is not None else "none")
+    _write(client.set_model_version_tag, name, version, "registry_decision", decision)
+    _write(client.set_model_version_tag, name, version, "champion_before", f"v{before.version}" if before else "none")
+    _write(client.set_model_version_tag, name, version, f"champion_before_{metric_tag(metric)}",
+           repr(before_value) if before_value is not None else "none")
     return Decision(name, version, promoted, value, before.version if before else None, before_value)
 
 

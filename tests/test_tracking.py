@@ -180,14 +180,19 @@ def test_concurrent_registrations_leave_the_best_champion(tracking, tiny_config,
     name = registered_model_name(config)
     # two runs finishing together, several times over: values far better than the first run's
     for round_values in ([0.30, 0.20], [0.10, 0.15], [0.12, 0.05]):
-        outcomes = []
-        threads = [threading.Thread(target=lambda v=v: outcomes.append(
-            register(MlflowClient(uri), run.model_uri, name, "MAE", 0.0, v))) for v in round_values]
+        outcomes, errors = [], []
+
+        def finish(value):
+            try:
+                outcomes.append(register(MlflowClient(uri), run.model_uri, name, "MAE", 0.0, value))
+            except Exception as error:  # handed to the test thread
+                errors.append(error)
+        threads = [threading.Thread(target=finish, args=(v,)) for v in round_values]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert len(outcomes) == 2
+        assert not errors and len(outcomes) == 2
     champion = client.get_model_version_by_alias(name, "champion")
     assert float(champion.tags["valid_MAE"]) == 0.05  # the best of everything registered
     assert len(describe(client, name)) == 7
