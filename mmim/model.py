@@ -13,7 +13,6 @@ reference implementation loads with `strict=True` (see `load_official_state_dict
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,6 @@ from mmim.config import ModelConfig
 from mmim.errors import MMIMInputError
 from mmim.text_encoder import build_backbone
 
-log = logging.getLogger(__name__)
 
 # Buffers that older transformers releases saved in BERT state dicts and newer ones don't.
 _LEGACY_BUFFERS = ("text_enc.bertmodel.embeddings.position_ids",)

@@ -23,7 +23,6 @@ padded to its own longest sequence when it is collated (`mmim.data`).
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import numpy as np
 from mmim.errors import MMIMInputError
 from mmim.files import read_json
 
-log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")

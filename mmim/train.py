@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from mmim.model import build_model
 from mmim.store import FeatureStore
 from mmim.text_encoder import load_tokenizer
 
-log = logging.getLogger(__name__)
 
 BEST_CHECKPOINT = "best"
 METRICS_FILE = "metrics.json"

@@ -9,7 +9,6 @@ the Git repository and its DVC remote without a checkout.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import chdir, contextmanager
 from pathlib import Path
@@ -21,7 +20,6 @@ from dvc.repo import Repo
 
 from mmim.errors import MMIMInputError
 
-log = logging.getLogger(__name__)
 
 STORES_DIR = "data/stores"
 
