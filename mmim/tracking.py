@@ -184,10 +184,8 @@ def log_training(config: Config, epochs: list[dict], selected: dict, checkpoint:
 def track_and_register(config: Config, epochs: list[dict], selected: dict, checkpoint: Path,
                        data_version: str | None = None) -> tuple[TrackedRun, Decision]:
     """Log the run and register its model, gating `champion` on the validation metric."""
-    from mlflow import MlflowClient
-
     run = log_training(config, epochs, selected, checkpoint, data_version=data_version)
     value = float(selected[f"valid_{config.tracking.metric}"])
-    decision = register(MlflowClient(tracking_uri()), run.model_uri, registered_model_name(config),
+    decision = register(mlflow.MlflowClient(tracking_uri()), run.model_uri, registered_model_name(config),
                         config.tracking.metric, config.tracking.margin, value)
     return run, decision

@@ -15,6 +15,7 @@ import ray
 from mmim.checkpoint import load_checkpoint
 from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.errors import MMIMInputError
+from mmim.files import read_json
 from mmim.synthetic import write_synthetic_store
 from mmim.train import train
 from tests.conftest import run
@@ -40,7 +41,7 @@ def test_two_workers_match_single_process(ray_cluster, tiny_config, tmp_path):
     assert epochs == ["epoch_001", "epoch_002"]  # a checkpoint per epoch
     assert result.last["ranks_in_sync"] == 1 and result.last["epoch"] == 2
     # the best checkpoint is the one with the lowest validation MAE
-    maes = {name: load_checkpoint_metrics(run / name)["valid"]["MAE"] for name in epochs}
+    maes = {name: read_json(run / name / "metrics.json")["valid"]["MAE"] for name in epochs}
     assert result.best["valid_MAE"] == pytest.approx(min(maes.values()))
     model, loaded_config, _ = load_checkpoint(result.checkpoint)
     assert loaded_config.model.audio_dim == 5
@@ -48,11 +49,6 @@ def test_two_workers_match_single_process(ray_cluster, tiny_config, tmp_path):
     single, _ = train(tiny_config.model_copy(update={"output_dir": str(tmp_path / "single")}))
     assert result.best["valid_MAE"] == pytest.approx(single.valid["MAE"], abs=0.25)
     assert result.best["test_MAE"] == pytest.approx(single.test["MAE"], abs=0.25)
-
-
-def load_checkpoint_metrics(directory: Path) -> dict:
-    import json
-    return json.loads((directory / "metrics.json").read_text())
 
 
 def checkpoint_registered(run: Path, name: str) -> bool:

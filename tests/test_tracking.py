@@ -14,14 +14,14 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mmim.engine import flat_metrics
 from mmim.registry import describe, promote, register, rollback
-from mmim.tracking import registered_model_name, track_and_register
+from mmim.store import FeatureStore
+from mmim.tracking import input_example, registered_model_name, track_and_register
 from mmim.train import train
 from tests.conftest import free_port
 
@@ -102,12 +102,6 @@ def train_and_track(config):
     return track_and_register(config, epochs, epochs[fitted.best_epoch - 1], checkpoint, data_version="abc.dir")
 
 
-def requests_frame(store_split, texts):
-    return pd.DataFrame({"text": texts,
-                         "audio": [store_split.sequence("audio", i)[:5].tolist() for i in range(len(texts))],
-                         "vision": [store_split.sequence("vision", i)[:3].tolist() for i in range(len(texts))]})
-
-
 def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tmp_path):
     uri, artifacts = tracking
     client = MlflowClient(uri)
@@ -124,8 +118,7 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
     names = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.json", "metrics.json", "learning_curves.png", "test_scatter.png", "checkpoint"} <= names
 
-    from mmim.store import FeatureStore
-    frame = requests_frame(FeatureStore(good.data.store)["test"], ["the movie was very good", "the plot was dull"])
+    frame = input_example(FeatureStore(good.data.store), ["the movie was very good", "the plot was dull"])
     champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     predicted = champion.predict(frame)
     assert list(predicted.columns) == ["score", "polarity", "class7"] and np.isfinite(predicted["score"]).all()
