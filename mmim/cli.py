@@ -289,16 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep a terminal readable: no per-file progress bars or hints from the libraries we call."""
+    # MLflow's artifact download bars and its integer-column schema hint (class7 is an int).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     if not verbose:  # the progress hooks already print one line per epoch
         logging.getLogger("mmim.engine").setLevel(logging.WARNING)
-        # MLflow's artifact download bars and its integer-column schema hint (class7 is an int).
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        quiet_libraries()
 
 
 def main(argv: list[str] | None = None) -> int:

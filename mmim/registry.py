@@ -98,12 +98,25 @@ def reconcile(client: MlflowClient, name: str, metric: str, margin: float) -> Mo
     return _alias(client, name, CHAMPION)
 
 
+def _registered_from(client: MlflowClient, name: str, model_uri: str) -> str | None:
+    """The version of `name` already registered from `model_uri`, if any."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    return next((v.version for v in versions if v.source == model_uri), None)
+
+
 def register(client: MlflowClient, model_uri: str, name: str, metric: str, margin: float,
              value: float) -> Decision:
-    """Register `model_uri` as a new version of `name` and gate `champion`."""
+    """Register `model_uri` as a new version of `name` and gate `champion`.
+
+    Idempotent: registering the same model again (a retried pipeline step) gates the
+    version it already has instead of adding a second one.
+    """
     before = _alias(client, name, CHAMPION)
     before_value = float(before.tags[metric_tag(metric)]) if before and metric_tag(metric) in before.tags else None
-    version = mlflow.register_model(model_uri, name).version  # creates `name` on first use
+    version = _registered_from(client, name, model_uri) or mlflow.register_model(model_uri, name).version
     _write(client.set_model_version_tag, name, version, metric_tag(metric), repr(value))
     _write(client.set_registered_model_alias, name, CHALLENGER, version)
     champion = reconcile(client, name, metric, margin)

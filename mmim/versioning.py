@@ -9,16 +9,21 @@ the Git repository and its DVC remote without a checkout.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
 from dvc.exceptions import DvcException
 from dvc.fs import DVCFileSystem
 from dvc.repo import Repo
+from dvc.repo.graph import collect_pipeline
 
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, ServiceUnavailableError
 
 
 STORES_DIR = "data/stores"
@@ -48,7 +53,32 @@ def _open(repo_root: str | Path) -> Iterator[Repo]:
         # OSError covers missing paths and refused connections; botocore's errors an S3
         # remote that cannot be reached or refuses the credentials.
         reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
-        raise MMIMInputError(f"dvc in {repo_root}: {reason}") from None
+        kind = ServiceUnavailableError if _unreachable(error) else MMIMInputError
+        raise kind(f"dvc in {repo_root}: {reason}") from None
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether `error`, or what it wraps, says that a remote did not answer."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (ConnectionError, TimeoutError, EndpointConnectionError, ConnectTimeoutError)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@contextmanager
+def _this_environment_first() -> Iterator[None]:
+    """Stage commands call `mmim` and `dvc`: run them from this interpreter's environment."""
+    scripts = str(Path(sys.executable).parent)
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{scripts}{os.pathsep}{before}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
 
 
 def reproduce(dataset: str, repo_root: str | Path = ".", force: bool = False) -> list[str]:
@@ -56,9 +86,35 @@ def reproduce(dataset: str, repo_root: str | Path = ".", force: bool = False) ->
 
     Returns the names of the stages that ran: empty when the store was up to date.
     """
-    with _open(repo_root) as repo:
+    with _open(repo_root) as repo, _this_environment_first():
         stages = repo.reproduce(stage_name(dataset), force=force)
     return [stage.addressing for stage in stages]
+
+
+def input_fingerprint(dataset: str, repo_root: str | Path = ".") -> str:
+    """A content hash of everything the store of `dataset` is built from.
+
+    Covers every stage up to `extract@<dataset>`: its command, the files it reads (as DVC
+    hashes them) and its params. Files that an upstream stage writes are left out, since
+    their content follows from that stage's inputs. Equal fingerprints mean equal stores,
+    without running anything; DVC's state database makes re-hashing large inputs cheap.
+    """
+    inputs: dict[str, object] = {}
+    with _open(repo_root) as repo:
+        target = repo.stage.collect(stage_name(dataset))[0]
+        pipeline = list(collect_pipeline(target, repo.index.graph))
+        produced = {out.fs_path for stage in pipeline for out in stage.outs}
+        for stage in pipeline:
+            inputs[f"{stage.addressing} cmd"] = stage.cmd
+            for dependency in stage.deps:
+                if dependency.fs_path in produced:
+                    continue
+                if not dependency.exists:
+                    raise MMIMInputError(f"{repo_root}/{dependency.def_path}: missing "
+                                         f"(an input of stage {stage.addressing})")
+                inputs[f"{stage.addressing} {dependency.def_path}"] = dependency.get_hash().value
+    encoded = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()
 
 
 def data_version(dataset: str, repo_root: str | Path = ".") -> str:
@@ -70,6 +126,12 @@ def data_version(dataset: str, repo_root: str | Path = ".") -> str:
             raise MMIMInputError(f"{repo_root}/dvc.lock: no hash for {store_path(dataset)}; "
                                  f"run `dvc repro {stage_name(dataset)}` first")
         return outs[0].hash_info.value
+
+
+def ensure_store(dataset: str, repo_root: str | Path = ".") -> Path:
+    """The store of `dataset` in the checkout, restored from the DVC cache or remote if missing."""
+    path = Path(repo_root) / store_path(dataset)
+    return path if path.is_dir() else pull(dataset, repo_root)
 
 
 def push(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -> int:

@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from mmim.config import Config
 from mmim.synthetic import NEGATIVE, NEGATIONS, NEUTRAL, INTENSIFIERS, POSITIVE, SUBJECTS, write_synthetic_store
 
 TINY_SIZES = {"train": 96, "valid": 32, "test": 32}
+
+# Prefect servers started by the tests (harness, `prefect server start`) are offline.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _vocabulary() -> list[str]:
@@ -91,10 +96,53 @@ def aws_env(monkeypatch, s3_endpoint, bucket):
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
-    # the stages run `mmim` from this environment
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return s3_endpoint
+
+
+# ---------------------------------------------------------------- server processes
+
+POSTGRES_URL = os.environ.get("MMIM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited: {process.stderr.read().decode()[-2000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+def start(command: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uvicorn, gunicorn
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "PATH": path, **(env or {})})
+    wait_for(url, process)
+    return process
+
+
+def postgres_database(prefix: str) -> str:
+    """A fresh database `<prefix>_<random>` on the local PostgreSQL, as a psycopg2 SQLAlchemy URL;
+    skipped (not under CI) when none answers."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(POSTGRES_URL, connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"PostgreSQL at {POSTGRES_URL} (MMIM_TEST_POSTGRES_URL) is required under CI: {error}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set MMIM_TEST_POSTGRES_URL): {error}")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    connection.close()
+    # SQLAlchemy's default PostgreSQL driver is psycopg 3; name psycopg2, which is installed.
+    return POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1) + f"/{name}"
 
 
 def run(*command, cwd):
@@ -105,24 +153,32 @@ def dvc(*args, cwd):
     run(str(Path(sys.executable).parent / "dvc"), *args, cwd=cwd)
 
 
-@pytest.fixture
-def dvc_project(tmp_path, aws_env, bucket):
-    """A git repository with the project's dvc.yaml/params.yaml (a small sample) and code."""
-    repo = tmp_path / "project"
-    repo.mkdir()
+def make_dvc_project(repo: Path, remote_url: str, endpoint: str | None = None, encoder: str | None = None) -> Path:
+    """A git repository with the project's dvc.yaml/params.yaml (a small sample) and code, whose
+    default DVC remote is `remote_url`; `encoder` replaces the synthetic dataset's tokenizer."""
+    repo.mkdir(parents=True)
     shutil.copytree(PROJECT / "mmim", repo / "mmim", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(PROJECT / name, repo / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["synthetic"].update(train=40, valid=12, test=12)
+    if encoder:
+        params["datasets"]["synthetic"]["encoder"] = encoder
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     run("git", "init", "-q", cwd=repo)
     run("git", "config", "user.email", "ci@example.invalid", cwd=repo)
     run("git", "config", "user.name", "ci", cwd=repo)
     dvc("init", "-q", cwd=repo)
     dvc("config", "core.analytics", "false", cwd=repo)
-    dvc("remote", "add", "-d", "s3", f"s3://{bucket}/cache", cwd=repo)
-    dvc("remote", "modify", "s3", "endpointurl", aws_env, cwd=repo)
+    dvc("remote", "add", "-d", "default", remote_url, cwd=repo)
+    if endpoint:
+        dvc("remote", "modify", "default", "endpointurl", endpoint, cwd=repo)
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "project", cwd=repo)
     return repo
+
+
+@pytest.fixture
+def dvc_project(tmp_path, aws_env, bucket):
+    """The project with an S3 remote on moto's server."""
+    return make_dvc_project(tmp_path / "project", f"s3://{bucket}/cache", aws_env)

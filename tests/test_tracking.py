@@ -2,14 +2,10 @@
 (b) PostgreSQL + artifacts on S3 (moto). Tracking, pyfunc, registry gating, rollback, REST."""
 
 import json
-import os
 import re
-import subprocess
 import sys
 import threading
-import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -23,49 +19,7 @@ from mmim.registry import describe, promote, register, rollback
 from mmim.store import FeatureStore
 from mmim.tracking import input_example, registered_model_name, track_and_register
 from mmim.train import train
-from tests.conftest import free_port
-
-POSTGRES_URL = os.environ.get("MMIM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"server exited: {process.stderr.read().decode()[-2000:]}"
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {seconds} s")
-
-
-def start(command: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uvicorn, gunicorn
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PATH": path, **(env or {})})
-    wait_for(url, process)
-    return process
-
-
-def postgres_database() -> str:
-    """A fresh database on the local PostgreSQL; skipped (not under CI) when none answers."""
-    import psycopg2
-
-    try:
-        connection = psycopg2.connect(POSTGRES_URL, connect_timeout=3)
-    except psycopg2.OperationalError as error:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"PostgreSQL at {POSTGRES_URL} (MMIM_TEST_POSTGRES_URL) is required under CI: {error}")
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set MMIM_TEST_POSTGRES_URL): {error}")
-    name = f"mlflow_{uuid.uuid4().hex[:10]}"
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    connection.close()
-    # SQLAlchemy's default PostgreSQL driver is psycopg 3; name psycopg2, which is installed.
-    return POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1) + f"/{name}"
-
+from tests.conftest import free_port, postgres_database, start
 
 @pytest.fixture(params=["sqlite", "postgres+s3"])
 def tracking(request, tmp_path, monkeypatch):
@@ -76,7 +30,7 @@ def tracking(request, tmp_path, monkeypatch):
         endpoint = request.getfixturevalue("aws_env")
         bucket = request.getfixturevalue("bucket")
         monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
-        backend, artifacts = postgres_database(), f"s3://{bucket}/mlflow"
+        backend, artifacts = postgres_database("mlflow"), f"s3://{bucket}/mlflow"
     port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
     server = start([mlflow_cli, "server", "--backend-store-uri", backend, "--host", "127.0.0.1",

@@ -1,0 +1,85 @@
+"""When a task may be skipped: cache keys built from content, never from paths.
+
+    extract_features   inputs of the DVC pipeline up to extract@<dataset> + code version
+    train              data version + config digest + code version + MLflow server/experiment
+    evaluate           MLflow run + data version
+    register           MLflow run's model + registered model name + MLflow server
+
+A key that matches a completed run of the same task restores that run's result (state
+"Cached") instead of running it. Paths never enter a key: two checkouts with the same
+content share results, and moving a checkout does not invalidate them. The MLflow server
+does, because the cached results name runs and versions that live there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import mmim
+from mmim.config import Config
+from mmim.tracking import tracking_uri
+from mmim.versioning import input_fingerprint
+
+CODE_ROOT = Path(mmim.__file__).parent
+# Settings that name places, not content: the data version stands in for the store.
+PLACES = {"data": ("store", "dvc_url", "dvc_rev"), "ray": ("storage_path", "run_name"), None: ("output_dir",)}
+
+
+def digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@cache
+def code_version() -> str:
+    """A hash of the `mmim` package's source files (code and packaged data)."""
+    files = sorted(p for p in CODE_ROOT.rglob("*") if p.suffix in (".py", ".json") and p.is_file())
+    hasher = hashlib.sha256()
+    for path in files:
+        hasher.update(str(path.relative_to(CODE_ROOT)).encode())
+        hasher.update(path.read_bytes())
+    return hasher.hexdigest()
+
+
+def config_digest(config: Config) -> str:
+    """A hash of the settings that shape the model, the data it sees and how it is tracked."""
+    settings: dict[str, Any] = config.model_dump()
+    for section, fields in PLACES.items():
+        target = settings if section is None else settings[section]
+        for field in fields:
+            target.pop(field, None)
+    return digest(json.dumps(settings, sort_keys=True))
+
+
+def tracking_server() -> str:
+    """The MLflow tracking URI, with a relative sqlite path made absolute."""
+    uri = tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+# Prefect calls these with the task run context and the task's arguments.
+
+def extraction_key(context, arguments: dict[str, Any]) -> str:
+    fingerprint = input_fingerprint(arguments["dataset"], arguments["project_dir"])
+    return digest("extract_features", arguments["dataset"], fingerprint, code_version())
+
+
+def training_key(context, arguments: dict[str, Any]) -> str:
+    config: Config = arguments["config"]
+    return digest("train", arguments["features"].data_version, config_digest(config), code_version(),
+                  tracking_server(), config.tracking.experiment)
+
+
+def evaluation_key(context, arguments: dict[str, Any]) -> str:
+    return digest("evaluate", arguments["trained"].run_id, arguments["features"].data_version,
+                  tracking_server())
+
+
+def registration_key(context, arguments: dict[str, Any]) -> str:
+    return digest("register", arguments["trained"].model_uri, arguments["model_name"], tracking_server())

@@ -1,0 +1,39 @@
+"""Feature extraction as pipeline steps: DVC builds the store, DVC shares it."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from mmim.versioning import data_version, push, reproduce, stage_name, store_path
+from tasks.caching import extraction_key
+from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+
+
+class FeatureStoreRef(BaseModel):
+    """A feature store by content: `store` is relative to the project directory."""
+
+    dataset: str
+    store: str  # data/stores/<dataset>
+    data_version: str  # DVC's content hash of the store (dvc.lock), e.g. 3f2a...e1.dir
+    stages_run: list[str]  # what DVC had to run; empty when the store was up to date
+
+
+@task(cache_key_fn=extraction_key, result_serializer="json", task_run_name="extract_features[{dataset}]")
+def extract_features(dataset: str, project_dir: str) -> FeatureStoreRef:
+    """`dvc repro extract@<dataset>` in `project_dir`: runs only the stages whose inputs changed."""
+    log = get_run_logger()
+    ran = reproduce(dataset, project_dir)
+    version = data_version(dataset, project_dir)
+    log.info("%s: %s; data version %s", stage_name(dataset),
+             f"ran {', '.join(ran)}" if ran else "up to date", version)
+    return FeatureStoreRef(dataset=dataset, store=store_path(dataset), data_version=version, stages_run=ran)
+
+
+@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
+      task_run_name="push_features[{features.dataset}]")
+def push_features(features: FeatureStoreRef, project_dir: str, remote: str | None = None) -> int:
+    """`dvc push` of the store and the inputs DVC tracks for it (the default remote unless named)."""
+    sent = push(features.dataset, project_dir, remote)
+    get_run_logger().info("pushed %d files to DVC remote %s", sent, remote or "(default)")
+    return sent

@@ -1,0 +1,38 @@
+"""Registration as a pipeline step: a new version of mmim-<dataset>, champion gated on validation."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from mmim import registry
+from mmim.tracking import tracking_uri
+from tasks.caching import registration_key
+from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+from tasks.training import TrainedModel
+
+
+class Registration(BaseModel):
+    model_name: str
+    version: str
+    promoted: bool  # this version became `champion`
+    metric: str  # valid_MAE or valid_Corr
+    value: float  # this version's figure
+    champion_before: str | None  # the champion's version before this registration
+    champion_before_value: float | None
+
+
+@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
+      cache_key_fn=registration_key, result_serializer="json", task_run_name="register[{model_name}]")
+def register(trained: TrainedModel, evaluation: dict[str, dict[str, float]], model_name: str,
+             metric: str, margin: float) -> Registration:
+    """Register the run's model; `champion` moves only if it beats the champion by `margin`."""
+    value = evaluation["valid"][metric]
+    decision = registry.register(MlflowClient(tracking_uri()), trained.model_uri, model_name, metric, margin, value)
+    get_run_logger().info("%s v%s: %s", model_name, decision.version,
+                          "promoted to champion" if decision.promoted else "challenger, champion unchanged")
+    return Registration(model_name=model_name, version=str(decision.version), promoted=decision.promoted,
+                        metric=registry.metric_tag(metric), value=value,
+                        champion_before=None if decision.champion_version is None else str(decision.champion_version),
+                        champion_before_value=decision.champion_value)

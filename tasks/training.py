@@ -1,0 +1,79 @@
+"""Training and evaluation as pipeline steps: Ray Train, then an MLflow run from the driver."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from mmim.config import Config
+from mmim.distributed import train_distributed
+from mmim.predict import evaluate_checkpoint
+from mmim.tracking import log_training, tracking_uri
+from mmim.versioning import ensure_store
+from tasks.caching import evaluation_key, training_key
+from tasks.features import FeatureStoreRef
+from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+
+# Training and the re-evaluation of its logged checkpoint run the same code on the same
+# weights; larger gaps mean the logged artifact is not what was trained (or another device).
+EVALUATION_TOLERANCE = 1e-3
+
+
+class TrainedModel(BaseModel):
+    run_id: str  # the MLflow run
+    experiment_id: str
+    model_uri: str  # the logged pyfunc model (models:/m-...), what gets registered
+    checkpoint_uri: str  # runs:/<run_id>/checkpoint, the selected epoch's checkpoint
+    epoch: int  # the selected epoch (lowest validation MAE)
+    metrics: dict[str, float]  # valid_* and test_* of the selected epoch
+
+
+@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
+      cache_key_fn=training_key, result_serializer="json", task_run_name="train[{features.dataset}]")
+def train(features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
+    """Ray Train on the store (RAY_ADDRESS names the cluster), then one MLflow run for it."""
+    log = get_run_logger()
+    store = ensure_store(features.dataset, project_dir)
+    config = config.model_copy(update={"data": config.data.model_copy(
+        update={"store": str(store.resolve()), "dvc_dataset": features.dataset})})
+    log.info("training on %s (%s) with %d Ray workers%s", features.dataset, features.data_version,
+             config.ray.num_workers, " on GPUs" if config.ray.use_gpu else "")
+    result = train_distributed(config)
+    run = log_training(config, result.epochs, result.best, result.checkpoint, data_version=features.data_version)
+    metrics = {k: float(v) for k, v in result.best.items() if k.startswith(("valid_", "test_"))}
+    log.info("MLflow run %s: selected epoch %d, valid MAE %.4f", run.run_id, int(result.best["epoch"]),
+             metrics["valid_MAE"])
+    return TrainedModel(run_id=run.run_id, experiment_id=run.experiment_id, model_uri=run.model_uri,
+                        checkpoint_uri=f"runs:/{run.run_id}/checkpoint", epoch=int(result.best["epoch"]),
+                        metrics=metrics)
+
+
+@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
+      cache_key_fn=evaluation_key, result_serializer="json", task_run_name="evaluate[{features.dataset}]")
+def evaluate(trained: TrainedModel, features: FeatureStoreRef, project_dir: str) -> dict[str, dict[str, float]]:
+    """Score the checkpoint as logged to MLflow (not the local copy) on valid and test.
+
+    The figures go back to the run as eval_<split>_<metric>; registration gates on them.
+    """
+    log = get_run_logger()
+    store = ensure_store(features.dataset, project_dir)
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoint = mlflow.artifacts.download_artifacts(artifact_uri=trained.checkpoint_uri, dst_path=workdir,
+                                                         tracking_uri=tracking_uri())
+        results = evaluate_checkpoint(Path(checkpoint), store)
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri()).log_batch(trained.run_id, metrics=[
+        Metric(f"eval_{split}_{name.replace('-', '_')}", float(value), now, 0)
+        for split, figures in results.items() for name, value in figures.items()])
+    gap = abs(results["valid"]["MAE"] - trained.metrics["valid_MAE"])
+    if gap > EVALUATION_TOLERANCE:
+        log.warning("the logged checkpoint scores valid MAE %.4f, training reported %.4f",
+                    results["valid"]["MAE"], trained.metrics["valid_MAE"])
+    return results

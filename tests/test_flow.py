@@ -1,0 +1,176 @@
+"""The retraining flow under Prefect's test harness: a real DVC repository with a local
+remote, a local Ray cluster (2 CPU workers), MLflow on sqlite. First run registers a
+champion; a rerun is served from the cache; a params change re-extracts; a failing
+step fails the flow and registers nothing; a remote that does not answer is retried."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import yaml
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+import tasks.training
+from flows.retrain import retrain
+from mmim.distributed import DistributedTrainingError
+from tasks import FeatureStoreRef, push_features
+from tasks.retries import is_transient
+from mmim.errors import MMIMInputError, ServiceUnavailableError
+from tests.conftest import dvc, free_port, make_dvc_project
+
+MODEL = "mmim-flowtest"
+STEPS = ["extract_features", "push_features", "train", "evaluate", "register"]
+
+
+@dataclass
+class Pipeline:
+    project: Path
+    remote: Path
+    mlflow: MlflowClient
+    first: dict  # the first run's summary
+    first_steps: dict[str, str]
+
+
+def write_config(project: Path, encoder: str, artifacts: Path) -> None:
+    (project / "configs").mkdir()
+    (project / "configs" / "flowtest.yaml").write_text(yaml.safe_dump({
+        "model": {"text_encoder": encoder, "text_pretrained": False},
+        "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
+        "ray": {"num_workers": 2},
+        "output_dir": "runs/flowtest",
+        "tracking": {"experiment": "flowtest", "registered_model": MODEL, "artifact_location": str(artifacts)},
+    }))
+
+
+def run_flow(pipeline_project: Path, **parameters):
+    """The flow's final state and {step: state name} of its task runs."""
+    state = retrain(dataset="synthetic", config="configs/flowtest.yaml", project_dir=str(pipeline_project),
+                    return_state=True, **parameters)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return state, {run.name.split("[")[0]: run.state.name for run in runs}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_encoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    remote = root / "dvc-remote"
+    project = make_dvc_project(root / "project", str(remote), encoder=tiny_encoder)
+    write_config(project, tiny_encoder, root / "mlartifacts")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(), \
+            temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect-results"}):
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            state, steps = run_flow(project)
+            assert state.is_completed(), state.message
+            yield Pipeline(project, remote, MlflowClient(uri), state.result(), steps)
+        finally:
+            ray.shutdown()
+            mlflow.set_tracking_uri(None)
+
+
+def versions(pipeline: Pipeline) -> list[str]:
+    return sorted(str(v.version) for v in pipeline.mlflow.search_model_versions(f"name='{MODEL}'"))
+
+
+def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
+    summary = pipeline.first
+    assert pipeline.first_steps == dict.fromkeys(STEPS, "Completed")
+    assert summary["stages_run"] == ["synthesize", "extract@synthetic"] and summary["files_pushed"] > 0
+    assert any(p.is_file() for p in pipeline.remote.rglob("*"))  # the store reached the DVC remote
+    champion = pipeline.mlflow.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == summary["registration"]["version"] == "1" and summary["registration"]["promoted"]
+    assert champion.run_id == summary["run_id"]
+    run = pipeline.mlflow.get_run(summary["run_id"])
+    assert run.data.tags["data_version"] == summary["data_version"]
+    assert run.data.tags["ray_workers"] == "2"
+    # the logged checkpoint was re-evaluated, and gating used that figure
+    assert run.data.metrics["eval_valid_MAE"] == pytest.approx(summary["evaluation"]["valid"]["MAE"])
+    assert float(champion.tags["valid_MAE"]) == pytest.approx(summary["evaluation"]["valid"]["MAE"])
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-synthetic"])),
+                                            limit=1)
+    assert artifact.type == "markdown"
+    assert summary["run_id"] in artifact.data and f"{MODEL} v1" in artifact.data and "promoted to champion" in artifact.data
+
+
+def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    versions_before = versions(pipeline)
+    state, steps = run_flow(pipeline.project)
+    assert state.is_completed(), state.message
+    # no extraction, no training, no registration: restored from the first run
+    assert steps == {"extract_features": "Cached", "push_features": "Completed", "train": "Cached",
+                     "evaluate": "Cached", "register": "Cached"}
+    summary = state.result()
+    assert summary["cached_steps"] == ["extract_features", "train", "evaluate", "register"]
+    assert summary["run_id"] == pipeline.first["run_id"] and summary["files_pushed"] == 0
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    assert versions(pipeline) == versions_before
+
+
+def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeypatch):
+    def lost_worker(config):
+        raise DistributedTrainingError("Ray training failed (ray.max_failures=0): worker died")
+
+    monkeypatch.setattr(tasks.training, "train_distributed", lost_worker)
+    versions_before = versions(pipeline)
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    # another config, so that training is not restored from the cache
+    state, steps = run_flow(pipeline.project, overrides=["train.epochs=1"])
+    assert state.is_failed()
+    assert "step train failed: Ray training failed" in state.message
+    assert steps == {"extract_features": "Cached", "push_features": "Completed", "train": "Failed"}
+    assert versions(pipeline) == versions_before
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+
+
+def test_changed_params_re_extract_and_retrain(pipeline):
+    params_file = pipeline.project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["extraction"]["max_tokens"] = 24
+    params_file.write_text(yaml.safe_dump(params))
+    state, steps = run_flow(pipeline.project)
+    assert state.is_completed(), state.message
+    assert steps == dict.fromkeys(STEPS, "Completed")
+    summary = state.result()
+    assert summary["stages_run"] == ["extract@synthetic"]  # the raw sample did not change
+    assert summary["data_version"] != pipeline.first["data_version"]
+    assert summary["registration"]["version"] == "2"
+    assert pipeline.mlflow.get_run(summary["run_id"]).data.tags["data_version"] == summary["data_version"]
+
+
+def test_unanswered_remote_is_retried_then_fails(pipeline, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # credentials, but nobody listening
+        monkeypatch.setenv(key, "testing")
+    dvc("remote", "add", "offline", "s3://nowhere/cache", cwd=pipeline.project)
+    dvc("remote", "modify", "offline", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=pipeline.project)
+    features = FeatureStoreRef(dataset="synthetic", store="data/stores/synthetic",
+                               data_version=pipeline.first["data_version"], stages_run=[])
+    quick = push_features.with_options(retries=2, retry_delay_seconds=0)
+    state = quick(features, str(pipeline.project), "offline", return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(state.state_details.task_run_id).run_count == 3  # 1 + 2 retries
+    with pytest.raises(ServiceUnavailableError):
+        state.result()
+
+
+def test_only_service_errors_are_transient():
+    assert is_transient(ServiceUnavailableError("dvc: connection refused"))
+    assert is_transient(ConnectionError("ray head"))
+    assert not is_transient(MMIMInputError("train.lr_main: must be > 0"))
+    assert not is_transient(DistributedTrainingError("worker died after 3 restarts"))
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE))
