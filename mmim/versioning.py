@@ -81,13 +81,15 @@ def _this_environment_first() -> Iterator[None]:
         os.environ["PATH"] = before
 
 
-def reproduce(dataset: str, repo_root: str | Path = ".", force: bool = False) -> list[str]:
+def reproduce(dataset: str, repo_root: str | Path = ".", force: bool = False, pull: bool = False) -> list[str]:
     """Run `extract@<dataset>` (and what it depends on) if anything changed.
 
-    Returns the names of the stages that ran: empty when the store was up to date.
+    With `pull`, outputs that DVC has recorded for the same inputs (its run cache, locally
+    or on the remote) are restored instead of rebuilt. Returns the names of the stages
+    that ran or were restored: empty when the store was up to date.
     """
     with _open(repo_root) as repo, _this_environment_first():
-        stages = repo.reproduce(stage_name(dataset), force=force)
+        stages = repo.reproduce(stage_name(dataset), force=force, pull=pull)
     return [stage.addressing for stage in stages]
 
 
@@ -128,10 +130,20 @@ def data_version(dataset: str, repo_root: str | Path = ".") -> str:
         return outs[0].hash_info.value
 
 
-def ensure_store(dataset: str, repo_root: str | Path = ".") -> Path:
-    """The store of `dataset` in the checkout, restored from the DVC cache or remote if missing."""
+def ensure_store(dataset: str, repo_root: str | Path = ".", expected_version: str | None = None) -> Path:
+    """The store of `dataset` in the checkout, with the data version `expected_version`.
+
+    A missing store (a cleaned workspace, or a pipeline step restored from the cache of
+    another checkout) is restored by DVC from its cache or remote, or rebuilt.
+    """
     path = Path(repo_root) / store_path(dataset)
-    return path if path.is_dir() else pull(dataset, repo_root)
+    if not path.is_dir():
+        reproduce(dataset, repo_root, pull=True)
+    found = data_version(dataset, repo_root)
+    if expected_version and found != expected_version:
+        raise MMIMInputError(f"{path}: data version {found}, expected {expected_version}; "
+                             "the store was rebuilt differently (rerun the flow with refresh)")
+    return path
 
 
 def push(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -> int:

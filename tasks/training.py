@@ -40,7 +40,7 @@ class TrainedModel(BaseModel):
 def train(features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
     """Ray Train on the store (RAY_ADDRESS names the cluster), then one MLflow run for it."""
     log = get_run_logger()
-    store = ensure_store(features.dataset, project_dir)
+    store = ensure_store(features.dataset, project_dir, features.data_version)
     config = config.model_copy(update={"data": config.data.model_copy(
         update={"store": str(store.resolve()), "dvc_dataset": features.dataset})})
     log.info("training on %s (%s) with %d Ray workers%s", features.dataset, features.data_version,
@@ -63,7 +63,7 @@ def evaluate(trained: TrainedModel, features: FeatureStoreRef, project_dir: str)
     The figures go back to the run as eval_<split>_<metric>; registration gates on them.
     """
     log = get_run_logger()
-    store = ensure_store(features.dataset, project_dir)
+    store = ensure_store(features.dataset, project_dir, features.data_version)
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint = mlflow.artifacts.download_artifacts(artifact_uri=trained.checkpoint_uri, dst_path=workdir,
                                                          tracking_uri=tracking_uri())

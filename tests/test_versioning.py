@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from mmim.errors import MMIMInputError, ServiceUnavailableError
-from mmim.versioning import data_version, fetch_store, input_fingerprint, pull, push, reproduce, store_path
+from mmim.versioning import (data_version, ensure_store, fetch_store, input_fingerprint, pull, push, reproduce,
+                             store_path)
 from tests.conftest import dvc, free_port, run
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -71,3 +72,22 @@ def test_unreachable_remote_is_a_clear_error(dvc_project):
     dvc("remote", "modify", "default", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=repo)
     with pytest.raises(ServiceUnavailableError, match="dvc in .*"):  # the pipeline retries these
         push("synthetic", repo)
+
+
+def test_missing_store_is_restored_or_rebuilt(dvc_project):
+    repo = dvc_project
+    reproduce("synthetic", repo)
+    version = data_version("synthetic", repo)
+    store = repo / store_path("synthetic")
+    before = snapshot(store)
+    shutil.rmtree(store)
+    assert ensure_store("synthetic", repo, version) == store  # from DVC's cache, nothing re-run
+    assert snapshot(store) == before
+    # a checkout that never ran the pipeline (the step came from another checkout's cache)
+    for path in (store, repo / "data" / "raw", repo / ".dvc" / "cache"):
+        shutil.rmtree(path)
+    (repo / "dvc.lock").unlink()
+    ensure_store("synthetic", repo, version)
+    assert snapshot(store) == before  # extraction is deterministic: the same content
+    with pytest.raises(MMIMInputError, match="expected 0123.dir"):
+        ensure_store("synthetic", repo, "0123.dir")
