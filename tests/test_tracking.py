@@ -125,16 +125,19 @@ def test_concurrent_registrations_leave_the_best_champion(tracking, tiny_config,
     config = tracked_config(tiny_config, tmp_path, artifacts, "base", epochs=1)
     run, first = train_and_track(config)
     name = registered_model_name(config)
-    # two runs finishing together, several times over: values far better than the first run's
+    # two runs finishing together, several times over: values far better than the first run's.
+    # Each stands for another run's model (a model without files: gating only reads tags).
+    mlflow.set_experiment(experiment_id=run.experiment_id)
     for round_values in ([0.30, 0.20], [0.10, 0.15], [0.12, 0.05]):
         outcomes, errors = [], []
+        models = [f"models:/{mlflow.create_external_model(name='candidate').model_id}" for _ in round_values]
 
-        def finish(value):
+        def finish(model_uri, value):
             try:
-                outcomes.append(register(MlflowClient(uri), run.model_uri, name, "MAE", 0.0, value))
+                outcomes.append(register(MlflowClient(uri), model_uri, name, "MAE", 0.0, value))
             except Exception as error:  # handed to the test thread
                 errors.append(error)
-        threads = [threading.Thread(target=finish, args=(v,)) for v in round_values]
+        threads = [threading.Thread(target=finish, args=pair) for pair in zip(models, round_values)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -142,6 +145,9 @@ def test_concurrent_registrations_leave_the_best_champion(tracking, tiny_config,
         assert not errors and len(outcomes) == 2
     champion = client.get_model_version_by_alias(name, "champion")
     assert float(champion.tags["valid_MAE"]) == 0.05  # the best of everything registered
+    assert len(describe(client, name)) == 7
+    # the same model registered again (a retried step) keeps its version
+    assert register(client, models[-1], name, "MAE", 0.0, 0.05).version == champion.version
     assert len(describe(client, name)) == 7
 
     from mmim.cli import main
