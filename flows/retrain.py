@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -223,13 +224,15 @@ def retrain(dataset: str = "synthetic", config: str = "configs/demo.yaml", overr
 # ---------------------------------------------------------------- command line
 
 def _hints(summary: RetrainSummary) -> list[str]:
+    scripts = os.path.relpath(Path(sys.executable).parent)  # where mlflow, prefect and mmim are
+    scripts = scripts if not scripts.startswith("..") else str(Path(sys.executable).parent)
     uri = tracking_uri()
-    mlflow_ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}   (http://127.0.0.1:5000)"
+    mlflow_ui = uri if uri.startswith("http") else f"{scripts}/mlflow ui --backend-store-uri {uri}   (http://127.0.0.1:5000)"
     name = summary.registration.model_name
     return [f"MLflow UI:   {mlflow_ui}",
-            "Prefect UI:  prefect server start   (http://127.0.0.1:4200; shows this run)",
-            f"registry:    mmim registry list --name {name}",
-            f"serve:       mmim serve --model models:/{name}@champion"]
+            f"Prefect UI:  {scripts}/prefect server start   (http://127.0.0.1:4200; shows this run)",
+            f"registry:    {scripts}/mmim registry list --name {name}",
+            f"serve:       {scripts}/mmim serve --model models:/{name}@champion"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from the reference code can map one onto the other.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,22 +177,37 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         raise MMIMInputError(_describe(error, source)) from None
 
 
+# A YAML file of settings that belong to a site rather than to a run: where checkpoints,
+# artifacts and data live on this cluster (see infra/). Applied over every config file.
+SITE_CONFIG_ENV = "MMIM_SITE_CONFIG"
+
+
+def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise MMIMInputError(f"{path}: cannot read {what} ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise MMIMInputError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise MMIMInputError(f"{path}: expected a mapping of sections (model, data, train, ray, tracking)")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when path is None) and apply `--set` overrides."""
+    """Read a YAML config (or the defaults when path is None), then the site config named by
+    $MMIM_SITE_CONFIG (if set), then the `--set` overrides; later ones win."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as error:
-            raise MMIMInputError(f"{path}: cannot read config ({error.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise MMIMInputError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
-        if not isinstance(raw, dict):
-            raise MMIMInputError(f"{path}: expected a mapping with model/data/train sections")
+        raw = _read_yaml(path, "config")
+    site = os.environ.get(SITE_CONFIG_ENV)
+    if site:
+        raw = _merge(raw, _read_yaml(site, f"site config (${SITE_CONFIG_ENV})"))
+        source = f"{source} with site config {site}"
     if overrides:
         raw = _merge(raw, parse_overrides(overrides))
         source = f"{source} with --set"

@@ -54,7 +54,7 @@ from mmim.model import build_model
 from mmim.store import FeatureStore
 from mmim.text_encoder import load_tokenizer
 from mmim.train import BEST_CHECKPOINT, bind_store
-from mmim.versioning import fetch_store
+from mmim.versioning import local_store
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,6 @@ def ranks_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
     return len({int(d.item()) for d in digests}) == 1
 
 
-def _local_store(config: Config) -> str:
-    """The store path on this node: as configured, or fetched with DVC when it is not here."""
-    data = config.data
-    if Path(data.store).is_dir() or not data.dvc_url:
-        return data.store
-    if not data.dvc_dataset:
-        raise MMIMInputError("data.dvc_dataset: required with data.dvc_url")
-    destination = Path(tempfile.mkdtemp(prefix="mmim-store-")) / data.dvc_dataset
-    return str(fetch_store(data.dvc_url, data.dvc_dataset, destination, data.dvc_rev))
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     """What every Ray Train worker runs."""
     config = config_from_dict(loop_config["config"], "train_loop_config")
@@ -106,7 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(config.train.num_threads)  # Ray sets 1 thread per worker CPU otherwise
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    store = FeatureStore(_local_store(config), verify_checksums=config.data.verify_checksums)
+    store = FeatureStore(local_store(config.data), verify_checksums=config.data.verify_checksums)
     config = bind_store(config, store)
 
     torch.manual_seed(config.train.seed)  # the same initial weights everywhere (DDP also syncs them)

@@ -12,12 +12,14 @@ submitting side needs RAY_AUTH_MODE=token and the cluster's token.
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, ServiceUnavailableError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded: large or machine-specific.
+SUBMIT_ATTEMPTS, SUBMIT_RETRY_SECONDS = 20, 3
 EXCLUDES = [".venv/", ".git/", "data/", "runs/", "mlruns/", "**/__pycache__/", ".pytest_cache/"]
 
 
@@ -50,5 +52,13 @@ def submit_training_job(address: str, config_path: str | Path | None, overrides:
             "RAY_AUTH_TOKEN (or ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH)") from None
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise MMIMInputError(f"--submit {address}: cannot reach the Ray job server ({error})") from None
-    return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                             runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES})
+    for attempt in range(SUBMIT_ATTEMPTS):
+        try:
+            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                     runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES})
+        except RuntimeError as error:
+            # A cluster that has just started answers before its node agents have joined.
+            if "try again later" not in str(error) or attempt == SUBMIT_ATTEMPTS - 1:
+                reason = str(error).strip().splitlines()[-1]
+                raise ServiceUnavailableError(f"--submit {address}: the job server refused the job ({reason})") from None
+            time.sleep(SUBMIT_RETRY_SECONDS)

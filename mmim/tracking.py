@@ -34,7 +34,7 @@ from mmim.engine import predict_scores  # noqa: E402
 from mmim.errors import MMIMInputError  # noqa: E402
 from mmim.registry import Decision, register  # noqa: E402
 from mmim.store import FeatureStore  # noqa: E402
-from mmim.versioning import STORES_DIR, data_version  # noqa: E402
+from mmim.versioning import STORES_DIR, data_version, local_store  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
@@ -143,7 +143,7 @@ def log_training(config: Config, epochs: list[dict], selected: dict, checkpoint:
                  data_version: str | None = None, source: str | None = None) -> TrackedRun:
     """Log a finished training job (per-epoch flat metrics, the selected epoch's) to MLflow."""
     experiment_id = ensure_experiment(config)
-    store = FeatureStore(config.data.store, verify_checksums=False)
+    store = FeatureStore(local_store(config.data), verify_checksums=False)
     model, _, tokenizer = load_checkpoint(checkpoint)
     predictions, truths = predict_scores(model, make_loader(store["test"], 64, shuffle=False),
                                          next(model.parameters()).device)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import chdir, contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from dvc.fs import DVCFileSystem
 from dvc.repo import Repo
 from dvc.repo.graph import collect_pipeline
 
+from mmim.config import DataConfig
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 
 
@@ -158,6 +160,17 @@ def pull(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -
     with _open(repo_root) as repo:
         repo.pull(targets=[stage_name(dataset)], remote=remote, with_deps=True)
     return Path(repo_root) / store_path(dataset)
+
+
+def local_store(data: DataConfig) -> str:
+    """The store path on this machine: `data.store` if it is here, otherwise fetched with DVC
+    from `data.dvc_url` (Ray workers and job drivers on nodes without a checkout)."""
+    if Path(data.store).is_dir() or not data.dvc_url:
+        return data.store
+    if not data.dvc_dataset:
+        raise MMIMInputError("data.dvc_dataset: required with data.dvc_url")
+    destination = Path(tempfile.mkdtemp(prefix="mmim-store-")) / data.dvc_dataset
+    return str(fetch_store(data.dvc_url, data.dvc_dataset, destination, data.dvc_rev))
 
 
 def fetch_store(url: str, dataset: str, destination: str | Path, rev: str | None = None) -> Path:

@@ -107,6 +107,22 @@ def test_set_overrides_and_their_errors(tmp_path):
         load_config(tmp_path / "broken.yaml")
 
 
+def test_site_config_sits_between_the_config_file_and_set(tmp_path, monkeypatch):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"train": {"epochs": 5}, "ray": {"storage_path": "runs/ray"}}))
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"ray": {"storage_path": "s3://ray/checkpoints", "num_workers": 4}}))
+    monkeypatch.setenv("MMIM_SITE_CONFIG", str(site))
+    config = load_config(tmp_path / "run.yaml", ["ray.num_workers=2"])
+    assert config.train.epochs == 5 and config.ray.storage_path == "s3://ray/checkpoints"
+    assert config.ray.num_workers == 2  # --set wins
+    site.write_text(yaml.safe_dump({"ray": {"storage": "s3://typo"}}))
+    with pytest.raises(MMIMInputError, match=r"site config .*site.yaml.*: ray.storage: unknown setting"):
+        load_config(tmp_path / "run.yaml")
+    monkeypatch.setenv("MMIM_SITE_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(MMIMInputError, match=r"missing.yaml: cannot read site config \(\$MMIM_SITE_CONFIG\)"):
+        load_config(None)
+
+
 def test_console_script_exit_code(tmp_path):
     """The installed `mmim` entry point itself returns 2 on bad input."""
     (tmp_path / "bad.yaml").write_text("train:\n  batch_size: 1\n")
