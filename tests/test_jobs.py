@@ -1,5 +1,5 @@
-"""Ray Jobs for real: a Ray head started with `ray start --head` on 127.0.0.1 with token
-authentication (as Ray 2.60 clusters run), `mmim train --submit` ships the project in the
+"""Ray Jobs for real: a Ray head started with `ray start --head` (its job server on 127.0.0.1)
+with token authentication (as Ray 2.60 clusters run), `mmim train --submit` ships the project in the
 job's runtime_env, and the job trains to a checkpoint. The submitting side runs as its own
 process, as a user's would: Ray reads its authentication mode once per process."""
 
