@@ -38,6 +38,7 @@ from rich.text import Text
 
 from mmim.cli import quiet_libraries
 from mmim.config import Config, load_config
+from mmim.distributed import check_ray_settings
 from mmim.errors import MMIMInputError
 from mmim.metrics import METRIC_NAMES
 from mmim.tracking import registered_model_name, tracking_uri
@@ -113,6 +114,7 @@ def _under(project: Path, path: str) -> str:
 def pipeline_config(project: Path, config: str, overrides: list[str]) -> Config:
     """The run's config; relative paths in it (and the config's own) are relative to the project."""
     settings = load_config(_under(project, config), overrides)
+    check_ray_settings(settings)  # before extraction, which can take a while
     tracking = settings.tracking.model_copy(update={"enabled": True})
     if settings.tracking.artifact_location:
         tracking.artifact_location = _under(project, settings.tracking.artifact_location)

@@ -166,8 +166,8 @@ def _storage(ray_config) -> tuple[str, object | None]:
     return f"{parsed.netloc}{parsed.path}".rstrip("/"), filesystem
 
 
-def check_config(config: Config) -> None:
-    """What would otherwise fail in every worker, reported once by the driver."""
+def check_ray_settings(config: Config) -> None:
+    """Settings that Ray training cannot run with, reported before anything starts."""
     if config.ray.num_workers < 1:
         raise MMIMInputError("ray.num_workers: must be at least 1 for Ray training")
     if not config.train.contrast:
@@ -176,6 +176,11 @@ def check_config(config: Config) -> None:
     if config.train.batch_size % config.ray.num_workers:
         raise MMIMInputError(f"train.batch_size {config.train.batch_size} must be divisible by "
                              f"ray.num_workers {config.ray.num_workers} (it is the global batch)")
+
+
+def check_config(config: Config) -> None:
+    """What would otherwise fail in every worker, reported once by the driver."""
+    check_ray_settings(config)
     if not Path(config.data.store).is_dir() and not config.data.dvc_url:
         FeatureStore(config.data.store)  # raises, naming the path
 

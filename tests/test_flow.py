@@ -174,3 +174,15 @@ def test_only_service_errors_are_transient():
 
     assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
     assert not is_transient(MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE))
+
+
+def test_bad_settings_stop_the_flow_before_any_step(pipeline, capsys):
+    from flows.retrain import main
+
+    code = main(["--project-dir", str(pipeline.project), "--config", "configs/flowtest.yaml",
+                 "--set", "ray.num_workers=0"])
+    assert code == 2
+    assert "step load_config failed: ray.num_workers: must be at least 1" in capsys.readouterr().err
+    state, steps = run_flow(pipeline.project, overrides=["train.batch_size=15"])  # not divisible by 2 workers
+    assert state.is_failed() and "step load_config failed: train.batch_size 15" in state.message
+    assert steps == {}  # nothing was extracted, trained or registered
