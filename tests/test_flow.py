@@ -151,6 +151,7 @@ def test_changed_params_re_extract_and_retrain(pipeline):
 def test_unanswered_remote_is_retried_then_fails(pipeline, monkeypatch):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # credentials, but nobody listening
         monkeypatch.setenv(key, "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries would only slow this down
     dvc("remote", "add", "offline", "s3://nowhere/cache", cwd=pipeline.project)
     dvc("remote", "modify", "offline", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=pipeline.project)
     features = FeatureStoreRef(dataset="synthetic", store="data/stores/synthetic",

@@ -28,9 +28,10 @@ def job_api(address: str, token: str, path: str) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """(dashboard address, token, environment with the token) of a head started like a real one."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     token = secrets.token_hex(32)
     gcs_port, dashboard_port = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python`
