@@ -39,7 +39,7 @@ from rich.text import Text
 from mmim.cli import quiet_libraries
 from mmim.config import Config, load_config
 from mmim.distributed import check_ray_settings
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, first_line
 from mmim.metrics import METRIC_NAMES
 from mmim.tracking import registered_model_name, tracking_uri
 from tasks import (FeatureStoreRef, Registration, TrainedModel, evaluate, extract_features, push_features,
@@ -52,7 +52,7 @@ class StepFailed(RuntimeError):
     """A pipeline step failed; the message names the step."""
 
     def __init__(self, step: str, error: BaseException):
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         super().__init__(f"step {step} failed: {reason}")
         self.step, self.bad_input = step, isinstance(error, MMIMInputError)
 

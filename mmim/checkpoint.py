@@ -27,7 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.config import Config, config_from_dict, config_to_json
 from mmim.engine import Engine, ModelSelection
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, first_line
 from mmim.files import atomic_directory, read_json
 from mmim.model import MMIM, load_official_state_dict
 from mmim.text_encoder import load_tokenizer
@@ -63,7 +63,7 @@ def read_official_weights(path: str | Path) -> dict:
     except FileNotFoundError:
         raise MMIMInputError(f"{path}: no such file") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        reason = first_line(error)
         raise MMIMInputError(f"{path}: not a plain state dict of tensors ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MMIMInputError(f"{path}: expected a state dict (parameter name -> tensor)")

@@ -48,7 +48,7 @@ from mmim.checkpoint import load_training_state, load_weights, save_checkpoint, 
 from mmim.config import Config, config_from_dict
 from mmim.data import SplitDataset, make_loader
 from mmim.engine import Engine, ModelSelection, flat_metrics
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, first_line
 from mmim.files import atomic_directory
 from mmim.model import build_model
 from mmim.store import FeatureStore
@@ -214,7 +214,7 @@ def train_distributed(config: Config) -> DistributedResult:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        reason = first_line(error)
         raise DistributedTrainingError(
             f"Ray training failed (ray.max_failures={config.ray.max_failures}): {reason}") from None
     best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda item: item[1][SCORE])

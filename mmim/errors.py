@@ -17,3 +17,9 @@ class MMIMInputError(Exception):
 
 class ServiceUnavailableError(MMIMInputError):
     """A remote service did not answer (refused, timed out, unreachable); worth retrying."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its class name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else error.__class__.__name__

@@ -18,8 +18,9 @@ from pathlib import Path
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Never uploaded: large or machine-specific.
+# A cluster that has just started refuses jobs until its node agents have joined.
 SUBMIT_ATTEMPTS, SUBMIT_RETRY_SECONDS = 20, 3
+# Never uploaded: large or machine-specific.
 EXCLUDES = [".venv/", ".git/", "data/", "runs/", "mlruns/", "**/__pycache__/", ".pytest_cache/"]
 
 
@@ -57,7 +58,6 @@ def submit_training_job(address: str, config_path: str | Path | None, overrides:
             return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                                      runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES})
         except RuntimeError as error:
-            # A cluster that has just started answers before its node agents have joined.
             if "try again later" not in str(error) or attempt == SUBMIT_ATTEMPTS - 1:
                 reason = str(error).strip().splitlines()[-1]
                 raise ServiceUnavailableError(f"--submit {address}: the job server refused the job ({reason})") from None

@@ -15,7 +15,7 @@ import numpy as np
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def resolve(name: str) -> str:
 
 
 def _loading_error(name: str, what: str, error: Exception) -> MMIMInputError:
-    reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+    reason = first_line(error)
     return MMIMInputError(
         f"model.text_encoder {name!r}: cannot load the {what} "
         f"(not a local directory, and the Hugging Face hub did not provide it: {reason})"

@@ -25,7 +25,7 @@ from dvc.repo import Repo
 from dvc.repo.graph import collect_pipeline
 
 from mmim.config import DataConfig
-from mmim.errors import MMIMInputError, ServiceUnavailableError
+from mmim.errors import MMIMInputError, ServiceUnavailableError, first_line
 
 
 STORES_DIR = "data/stores"
@@ -54,7 +54,7 @@ def _open(repo_root: str | Path) -> Iterator[Repo]:
     except (DvcException, OSError, BotoCoreError, ClientError) as error:
         # OSError covers missing paths and refused connections; botocore's errors an S3
         # remote that cannot be reached or refuses the credentials.
-        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        reason = first_line(error)
         kind = ServiceUnavailableError if _unreachable(error) else MMIMInputError
         raise kind(f"dvc in {repo_root}: {reason}") from None
 
