@@ -127,6 +127,12 @@ def save_training_state(directory: str | Path, engine: Engine, selection: ModelS
         "selection": selection.state_dict()}))
 
 
+def remove_training_state(directory: str | Path) -> None:
+    """Leave only what inference needs: drop the optimizer/scheduler state of a Ray checkpoint."""
+    for name in (TRAINING_TENSORS, TRAINING_STATE):
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
 def load_training_state(directory: str | Path, engine: Engine, selection: ModelSelection) -> int:
     """Restore what `save_training_state` wrote; returns the epoch it was saved after."""
     directory = Path(directory)

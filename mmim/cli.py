@@ -4,7 +4,7 @@
     mmim extract --source S --input P --out DIR --encoder NAME   source files -> feature store
     mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
-    mmim predict --checkpoint DIR --input FILE    scores for raw utterances given as JSON
+    mmim predict --checkpoint DIR|models:/... --input FILE   scores for raw utterances (JSON)
     mmim registry {list,promote,rollback} --name mmim-<dataset>   the MLflow model registry
     mmim serve --model models:/mmim-<dataset>@champion             REST /invocations
 
@@ -14,11 +14,13 @@ Bad input of any kind prints one line, `error: ...`, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import transformers
@@ -29,9 +31,9 @@ from rich.table import Table
 from rich.text import Text
 
 from mmim.checkpoint import load_checkpoint
-from mmim.config import load_config
+from mmim.config import Config, load_config
 from mmim.distributed import DistributedTrainingError, train_distributed
-from mmim.engine import EpochRecord, TrainingHooks, flat_metrics
+from mmim.engine import EpochRecord, TrainingHooks, epoch_line, flat_metrics
 from mmim.jobs import submit_training_job
 from mmim.errors import MMIMInputError
 from mmim.extract import SOURCES, extract
@@ -43,6 +45,8 @@ from mmim.train import train
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+CHECKPOINT_HELP = ("checkpoint directory, or a registered model: models:/<name>@<alias>, "
+                   "models:/<name>/<version>, runs:/<run id>/model")
 console = Console(stderr=True)
 stdout = Console()
 
@@ -59,10 +63,11 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
 
 
 class ProgressHooks(TrainingHooks):
-    """A rich bar per stage; one summary line per epoch."""
+    """A rich bar per stage; every finished epoch's flat metrics go to `on_epoch`."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, on_epoch: Callable[[dict], None]) -> None:
         self.progress = progress
+        self.on_epoch = on_epoch
         self.task = None
 
     def on_stage_start(self, epoch: int, stage: int, batches: int) -> None:
@@ -75,10 +80,21 @@ class ProgressHooks(TrainingHooks):
         self.progress.update(self.task, advance=1, loss=loss)
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
-        self.progress.console.print(
-            f"epoch {record.epoch:3d} | loss {record.stage1['loss']:.4f} | "
-            f"valid MAE {record.valid['MAE']:.4f} Corr {record.valid['Corr']:.3f} | "
-            f"{record.seconds:.1f}s{' (best)' if improved else ''}", highlight=False)
+        self.on_epoch({**flat_metrics(record), "improved": int(improved)})
+
+
+def _train(config: Config, on_epoch: Callable[[dict], None]) -> tuple[list[dict], dict, Path, str]:
+    """(every epoch's flat metrics, the selected epoch's, its checkpoint, a title) of one training."""
+    if config.ray.num_workers > 0:
+        result = train_distributed(config, on_epoch)
+        title = f"selected epoch {int(result.best['epoch'])} (lowest validation MAE), {config.ray.num_workers} Ray workers"
+        return result.epochs, result.best, result.checkpoint, title
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        fitted, checkpoint = train(config, ProgressHooks(progress, on_epoch))
+    epochs = [flat_metrics(record) for record in fitted.history]
+    return epochs, epochs[fitted.best_epoch - 1], checkpoint, f"selected epoch {fitted.best_epoch} (lowest validation MAE)"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -92,40 +108,48 @@ def cmd_train(args: argparse.Namespace) -> None:
         job_id = submit_training_job(args.submit, args.config, overrides)
         stdout.print(f"submitted Ray job {job_id} to {args.submit}")
         return
-    if config.ray.num_workers > 0:
-        result = train_distributed(config)
-        epochs, selected, checkpoint = result.epochs, result.best, result.checkpoint
-        title = f"selected epoch {int(selected['epoch'])} (lowest validation MAE), {config.ray.num_workers} Ray workers"
-    else:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            fitted, checkpoint = train(config, ProgressHooks(progress))
-        epochs = [flat_metrics(record) for record in fitted.history]
-        selected = epochs[fitted.best_epoch - 1]
-        title = f"selected epoch {fitted.best_epoch} (lowest validation MAE)"
-    stdout.print(_metrics_table(title, {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES}
-                                        for split in ("valid", "test")}))
-    stdout.print(f"checkpoint: {checkpoint}")
-    if config.tracking.enabled:
-        from mmim.tracking import track_and_register
+    run = None
+    if config.tracking.enabled:  # the MLflow run exists from before the first epoch
+        from mmim.tracking import tracked_run
 
         if not args.verbose:  # importing mlflow configures its own logger at INFO
             logging.getLogger("mlflow").setLevel(logging.WARNING)
-        with console.status("logging to MLflow and registering the model"):
-            run, decision = track_and_register(config, epochs, selected, checkpoint)
-        stdout.print(f"MLflow run {run.run_id}; {decision.name} v{decision.version}: "
+        run = tracked_run(config)
+
+    with run or contextlib.nullcontext() as tracking:
+        def on_epoch(metrics: dict) -> None:
+            stdout.print(epoch_line(metrics, config.train.epochs), highlight=False)
+            if tracking is not None:
+                tracking.log_epoch(metrics)
+
+        epochs, selected, checkpoint, title = _train(config, on_epoch)
+        stdout.print(_metrics_table(title, {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES}
+                                            for split in ("valid", "test")}))
+        stdout.print(f"checkpoint: {checkpoint}")
+        if tracking is not None:
+            with console.status("logging the model to MLflow"):
+                tracked = tracking.finish(epochs, selected, checkpoint)
+    if tracking is not None:
+        from mmim.tracking import register_run
+
+        decision = register_run(config, tracked, float(selected[f"valid_{config.tracking.metric}"]))
+        stdout.print(f"MLflow run {tracked.run_id}; {decision.name} v{decision.version}: "
                      f"{'promoted to champion' if decision.promoted else 'challenger, champion unchanged'}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    results = evaluate_checkpoint(args.checkpoint, args.store, tuple(args.split))
+    from mmim.serving import local_checkpoint
+
+    with local_checkpoint(args.checkpoint) as checkpoint:
+        results = evaluate_checkpoint(checkpoint, args.store, tuple(args.split))
     stdout.print(_metrics_table(f"{args.checkpoint} on {args.store}", results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from mmim.serving import local_checkpoint
+
     source = args.input
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
@@ -139,7 +163,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         utterances = [utterances]
     if not isinstance(utterances, list):
         raise MMIMInputError(f"{source}: expected a list of utterances")
-    model, _, tokenizer = load_checkpoint(args.checkpoint)
+    with local_checkpoint(args.checkpoint) as checkpoint:
+        model, _, tokenizer = load_checkpoint(checkpoint)
     print(json.dumps(predict_utterances(model, tokenizer, utterances), indent=2))
 
 
@@ -194,27 +219,42 @@ def cmd_registry(args: argparse.Namespace) -> None:
         stdout.print(f"{args.name}: champion -> v{args.version}")
     elif args.registry_command == "rollback":
         stdout.print(f"{args.name}: champion -> v{rollback(client, args.name)}")
-    rows = describe(client, args.name)
-    table = Table(title=f"{args.name} ({tracking_uri()})")
-    for column in ("version", "aliases", "valid metric", "decision", "run"):
-        table.add_column(column)
+    stdout.print(_registry_table(f"{args.name} ({tracking_uri()})", describe(client, args.name)))
+
+
+def _metric_cell(row: dict) -> str:
+    """`MAE 0.8123` from a version's `valid_MAE` tag (the value as written, if not a number)."""
+    key, value = next(((k, v) for k, v in row.items() if k.startswith("valid_")), ("", ""))
+    try:
+        value = f"{float(value):.4f}"
+    except ValueError:
+        pass
+    return f"{key.removeprefix('valid_')} {value}".strip()
+
+
+def _registry_table(title: str, rows: list[dict]) -> Table:
+    """Versions and aliases never wrap or shorten; at 80 columns the decision and the
+    run id (folded, never cut) take the lines they need."""
+    table = Table(title=title)
+    table.add_column("version", justify="right", no_wrap=True)
+    table.add_column("aliases", no_wrap=True)
+    table.add_column("valid", no_wrap=True)
+    table.add_column("decision")
+    table.add_column("run", overflow="fold")
     for row in rows:
-        metric = next((f"{k}={v}" for k, v in row.items() if k.startswith("valid_")), "")
-        table.add_row(str(row["version"]), row["aliases"], metric, row.get("registry_decision", ""),
-                      row["run_id"] or "")
-    stdout.print(table)
+        table.add_row(str(row["version"]), row["aliases"], _metric_cell(row),
+                      row.get("registry_decision", ""), row["run_id"] or "")
+    return table
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """`mlflow models serve` for a registered model, in this environment."""
-    import shutil
+    """`mlflow models serve` for a registered model, with this environment's MLflow and uvicorn;
+    a model that does not resolve is a one-line error before anything starts."""
+    from mmim.serving import check_model, serve_command
 
-    from mmim.tracking import tracking_uri
-
-    mlflow_cli = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
-    os.execv(mlflow_cli, [mlflow_cli, "models", "serve", "-m", args.model, "--env-manager", "local",
-                          "-h", args.host, "-p", str(args.port)])
+    check_model(args.model)
+    command, env = serve_command(args.model, args.host, args.port)
+    os.execve(command[0], command, env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,14 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.set_defaults(run=cmd_train)
 
     evaluate_cmd = commands.add_parser("evaluate", help="metrics of a checkpoint on a feature store")
-    evaluate_cmd.add_argument("--checkpoint", required=True)
+    evaluate_cmd.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     evaluate_cmd.add_argument("--store", required=True)
     evaluate_cmd.add_argument("--split", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
     evaluate_cmd.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     evaluate_cmd.set_defaults(run=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="scores for raw utterances given as JSON")
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     predict.add_argument("--input", required=True, metavar="FILE",
                          help='JSON list of {"text": str, "audio": [[...]], "vision": [[...]]}; - for stdin')
     predict.set_defaults(run=cmd_predict)
@@ -273,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=cmd_registry)
 
     serve = commands.add_parser("serve", help="REST predictions from a registered model (mlflow models serve)")
-    serve.add_argument("--model", default="models:/mmim-synthetic@champion")
+    serve.add_argument("--model", default="models:/mmim-synthetic@champion",
+                       help="models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model "
+                            "(default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
     serve.set_defaults(run=cmd_serve)

@@ -72,11 +72,16 @@ class RayConfig(_Section):
     max_failures: int = Field(default=0, ge=-1)  # worker failures to recover from; -1: no limit
     storage_path: str = "runs/ray"  # local directory or s3://bucket/prefix for checkpoints
     s3_endpoint: str | None = None  # S3-compatible endpoint (MinIO); credentials from AWS_* env
-    keep_checkpoints: int = Field(default=3, ge=1)  # best N by validation MAE (plus the latest)
+    # Checkpoints kept in storage_path: the best N by validation MAE, plus the latest (Ray
+    # always keeps it, to resume from). Each carries the optimizer state (~3x the weights).
+    keep_checkpoints: int = Field(default=3, ge=1)
     run_name: str | None = None  # reuse a name to continue that run from its latest checkpoint
     # Driver environment variables handed to the workers (e.g. AWS_ACCESS_KEY_ID for a DVC
     # remote) when the cluster's nodes do not have them; values travel in the runtime_env.
     forward_env: list[str] = []
+    # Stream the workers' and Ray Train controller's logs to this terminal (they are always
+    # in Ray's session logs, /tmp/ray/session_latest/logs). Used when this process starts Ray.
+    log_to_driver: bool = False
 
 
 class TrainConfig(_Section):

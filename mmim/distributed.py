@@ -1,8 +1,9 @@
 """Ray Train adapter: the same two-stage engine in every worker, under DDP.
 
-    driver: train_distributed(config)
+    driver: train_distributed(config, on_report)
               -> TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig)
-              -> best checkpoint (lowest validation MAE) copied to OUTPUT_DIR/best
+              -> every epoch's report, as it arrives: on_report(metrics) (MLflow, a line)
+              -> best checkpoint (lowest validation MAE), weights only, in OUTPUT_DIR/best
     worker: train_loop_per_worker
               store (local, or fetched with DVC) -> model wrapped in DDP -> Engine
               -> per epoch: DistributedSampler.set_epoch, stage 0 + 1, valid/test,
@@ -20,7 +21,13 @@ Choices, and why:
     resumes from a checkpoint draws the same dropout masks and shuffles as one that
     never stopped.
   - Checkpoints (rank 0) are the ordinary mmim checkpoint plus the training state
-    (optimizers, scheduler, epoch, model selection), all safetensors + JSON.
+    (optimizers, scheduler, epoch, model selection), all safetensors + JSON. The
+    training state (twice the weights' size with Adam) stays in Ray's storage, where
+    resuming needs it; OUTPUT_DIR/best gets the weights only.
+  - The driver sees every report. Ray's own record of them (`Result.metrics_dataframe`)
+    keeps only the reports whose checkpoints survived `ray.keep_checkpoints`, so a
+    callback in Ray's controller (a separate process on the driver's node) forwards each
+    report to a small actor that the driver drains while `fit` runs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,12 +48,13 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from mmim.checkpoint import load_training_state, load_weights, save_checkpoint, save_training_state
+from mmim.checkpoint import (load_training_state, load_weights, remove_training_state, save_checkpoint,
+                             save_training_state)
 from mmim.config import Config, config_from_dict
 from mmim.data import SplitDataset, make_loader
 from mmim.engine import Engine, ModelSelection, flat_metrics
@@ -59,6 +69,7 @@ from mmim.versioning import local_store
 log = logging.getLogger(__name__)
 
 SCORE = "valid_MAE"  # what CheckpointConfig keeps the best checkpoints by
+DRAIN_SECONDS = 0.5  # how often the driver collects the reports forwarded so far
 
 
 class DistributedTrainingError(RuntimeError):
@@ -69,7 +80,7 @@ class DistributedTrainingError(RuntimeError):
 class DistributedResult:
     best: dict[str, float]  # reported metrics of the epoch with the lowest validation MAE
     last: dict[str, float]  # reported metrics of the last epoch
-    epochs: list[dict[str, float]]  # every report, in order (repeats epochs redone after a failure)
+    epochs: list[dict[str, float]]  # every epoch's report, by epoch (the last try of a redone epoch)
     checkpoint: Path  # local copy of the best epoch's checkpoint (OUTPUT_DIR/best)
     run_path: str  # where Ray keeps the run: every kept checkpoint, resumable by name
 
@@ -148,6 +159,69 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch_{epoch:03d}")
 
 
+@ray.remote(num_cpus=0)
+class ReportInbox:
+    """Reports forwarded by the controller, until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+
+    def put(self, metrics: dict) -> None:
+        self.reports.append(metrics)
+
+    def take(self) -> list[dict]:
+        reports, self.reports = self.reports, []
+        return reports
+
+
+class ForwardReports(UserCallback):
+    """Runs in Ray Train's controller: hands rank 0's metrics of every report to the inbox."""
+
+    def __init__(self, inbox) -> None:
+        self.inbox = inbox
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        # Waited for, so that a report is in the inbox before `fit` returns.
+        ray.get(self.inbox.put.remote(dict(metrics[0])))
+
+
+class ReportFollower:
+    """Drains the inbox in a driver thread while `fit` runs; calls `on_report` for each report."""
+
+    def __init__(self, on_report: Callable[[dict], None] | None) -> None:
+        self.on_report = on_report
+        self.inbox = ReportInbox.remote()
+        self.reports: list[dict] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="mmim-reports", daemon=True)
+
+    def __enter__(self) -> "ReportFollower":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join()
+        ray.kill(self.inbox)
+
+    def _follow(self) -> None:
+        while True:
+            finished = self._done.wait(DRAIN_SECONDS)
+            for metrics in ray.get(self.inbox.take.remote()):
+                self.reports.append(metrics)
+                if self.on_report is not None:
+                    try:
+                        self.on_report(metrics)
+                    except Exception:  # a tracking hiccup must not lose the training
+                        log.warning("handling the report of epoch %s failed", metrics.get("epoch"), exc_info=True)
+            if finished:
+                return
+
+    def epochs(self) -> list[dict]:
+        """One report per epoch, in epoch order; an epoch redone after a failure keeps its last try."""
+        return sorted({int(m["epoch"]): m for m in self.reports}.values(), key=lambda m: m["epoch"])
+
+
 def _storage(ray_config) -> tuple[str, object | None]:
     """(storage_path, pyarrow filesystem or None) for RunConfig."""
     if not ray_config.storage_path.startswith("s3://"):
@@ -185,7 +259,7 @@ def check_config(config: Config) -> None:
         FeatureStore(config.data.store)  # raises, naming the path
 
 
-def build_trainer(config: Config) -> TorchTrainer:
+def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
     ray_config = config.ray
     storage_path, filesystem = _storage(ray_config)
     name = ray_config.run_name or f"mmim-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
@@ -199,28 +273,32 @@ def build_trainer(config: Config) -> TorchTrainer:
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=ray_config.keep_checkpoints,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=ray_config.max_failures),
+            failure_config=FailureConfig(max_failures=ray_config.max_failures), callbacks=callbacks,
             worker_runtime_env={"env_vars": {name: os.environ[name] for name in ray_config.forward_env
                                              if name in os.environ}}),
     )
 
 
-def train_distributed(config: Config) -> DistributedResult:
-    """Run Ray training; the best epoch's checkpoint is copied to OUTPUT_DIR/best."""
+def train_distributed(config: Config, on_report: Callable[[dict], None] | None = None) -> DistributedResult:
+    """Run Ray training; `on_report(metrics)` sees every epoch's report as it arrives (in a driver
+    thread). The best epoch's weights are copied to OUTPUT_DIR/best."""
     check_config(config)
     if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (if set) names the cluster; otherwise a local one starts
-    trainer = build_trainer(config)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as error:
-        reason = first_line(error)
-        raise DistributedTrainingError(
-            f"Ray training failed (ray.max_failures={config.ray.max_failures}): {reason}") from None
+        # RAY_ADDRESS (if set) names the cluster; otherwise a local one starts. Worker and
+        # controller logs stay in Ray's session logs unless ray.log_to_driver asks for them.
+        ray.init(log_to_driver=config.ray.log_to_driver)
+    with ReportFollower(on_report) as follower:
+        trainer = build_trainer(config, [ForwardReports(follower.inbox)])
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as error:
+            reason = first_line(error)
+            raise DistributedTrainingError(
+                f"Ray training failed (ray.max_failures={config.ray.max_failures}): {reason}") from None
     best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda item: item[1][SCORE])
     destination = Path(config.output_dir) / BEST_CHECKPOINT
     with atomic_directory(destination) as staging:
         best_checkpoint.to_directory(str(staging))
-    return DistributedResult(best=best_metrics, last=result.metrics,
-                             epochs=result.metrics_dataframe.to_dict("records"),
+        remove_training_state(staging)  # serving and evaluation need the weights only
+    return DistributedResult(best=best_metrics, last=result.metrics, epochs=follower.epochs(),
                              checkpoint=destination, run_path=result.path)

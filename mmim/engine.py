@@ -93,6 +93,13 @@ def flat_metrics(record: EpochRecord) -> dict[str, float]:
     return metrics
 
 
+def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    """One line of progress from an epoch's flat metrics, e.g. for a terminal or a flow log."""
+    return (f"epoch {int(metrics['epoch'])}/{epochs} | loss {metrics['stage1_loss']:.4f} | "
+            f"valid MAE {metrics['valid_MAE']:.4f} Corr {metrics['valid_Corr']:.3f} | "
+            f"{metrics['seconds']:.1f}s{' (best)' if metrics.get('improved') else ''}")
+
+
 @dataclass
 class FitResult:
     best_epoch: int

@@ -1,4 +1,4 @@
-"""MLflow adapter: one run per training job, logged from the driver after training.
+"""MLflow adapter: one run per training job, logged from the driver while it trains.
 
     params     the flattened, validated config (model.*, data.*, train.*, ray.*)
     tags       git commit, data version, source format, text encoder, Ray workers and GPUs
@@ -6,7 +6,7 @@
                lr_{bert,main,mmilb}, {valid,test}_{MAE,Corr,Acc-7,Acc-5,Acc-2_*,F1_*};
                then selected_{valid,test}_* for the epoch chosen on validation
     artifacts  config.json, metrics.json, learning_curves.png, test_scatter.png,
-               checkpoint/, and the pyfunc model "model" (tokenizer + config + weights)
+               and the pyfunc model "model" (its artifacts/checkpoint: weights, config, tokenizer)
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import json
 import os
 import subprocess
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 
 from mmim.checkpoint import load_checkpoint  # noqa: E402
@@ -37,6 +42,8 @@ from mmim.store import FeatureStore  # noqa: E402
 from mmim.versioning import STORES_DIR, data_version, local_store  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview; with it, on the runs.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 
 
@@ -98,11 +105,14 @@ def ensure_experiment(config: Config) -> str:
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     location = config.tracking.artifact_location or Path("mlartifacts").resolve().as_uri()
     if "://" not in location:
         location = Path(location).resolve().as_uri()
-    return mlflow.create_experiment(config.tracking.experiment, artifact_location=location)
+    return mlflow.create_experiment(config.tracking.experiment, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
 
 def _plots(directory: Path, epochs: list[dict], predictions: np.ndarray, truths: np.ndarray) -> None:
@@ -139,53 +149,102 @@ def input_example(store: FeatureStore, texts: list[str]) -> pd.DataFrame:
     })
 
 
-def log_training(config: Config, epochs: list[dict], selected: dict, checkpoint: Path, *,
-                 data_version: str | None = None, source: str | None = None) -> TrackedRun:
-    """Log a finished training job (per-epoch flat metrics, the selected epoch's) to MLflow."""
-    experiment_id = ensure_experiment(config)
-    store = FeatureStore(local_store(config.data), verify_checksums=False)
-    model, _, tokenizer = load_checkpoint(checkpoint)
-    predictions, truths = predict_scores(model, make_loader(store["test"], 64, shuffle=False),
-                                         next(model.parameters()).device)
-    tags = {
-        "git_commit": git_commit(),
-        "data_version": data_version or store_data_version(config) or "unversioned",
-        "source_format": source or store.manifest.get("source", "unknown"),
-        "text_encoder": config.model.text_encoder,
-        "ray_workers": str(config.ray.num_workers),
-        "gpus": str(config.ray.num_workers if config.ray.use_gpu else 0),
-        "dataset": dataset_name(config),
-    }
-    with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run, \
-            tempfile.TemporaryDirectory() as workdir:
-        mlflow.log_params(flatten(config))
-        for epoch in epochs:
-            step = int(epoch["epoch"])
-            mlflow.log_metrics({k.replace("-", "_"): float(v) for k, v in epoch.items()
-                                if k != "epoch" and isinstance(v, (int, float))}, step=step)
-        mlflow.log_metrics({f"selected_{k.replace('-', '_')}": float(v) for k, v in selected.items()
-                            if k.startswith(("valid_", "test_"))})
-        work = Path(workdir)
-        (work / "config.json").write_text(json.dumps(config.model_dump(), indent=2))
-        (work / "metrics.json").write_text(json.dumps({"epochs": epochs, "selected": selected}, indent=2))
-        _plots(work, epochs, predictions, truths)
-        for name in ("config.json", "metrics.json", "learning_curves.png", "test_scatter.png"):
-            mlflow.log_artifact(str(work / name))
-        mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
-        example = input_example(store, ["the movie was very good", "the plot was not great"])
+class TrainingRun:
+    """One MLflow run per training job, open from before the first epoch to the logged model.
+
+    Created by the driver before training starts, so the run's duration is the training's
+    and the UI shows each epoch as it is reported; `tracked_run` marks it FAILED when
+    training raises. All writes name the run id (no active-run state), so `log_epoch` may
+    be called from another thread of the driver (Ray reports arrive on one).
+    """
+
+    def __init__(self, config: Config, *, data_version: str | None = None, source: str | None = None):
+        self.config = config
+        self.store = FeatureStore(local_store(config.data), verify_checksums=False)
+        self.experiment_id = ensure_experiment(config)
+        self.client = MlflowClient(tracking_uri())
+        tags = {
+            "git_commit": git_commit(),
+            "data_version": data_version or store_data_version(config) or "unversioned",
+            "source_format": source or self.store.manifest.get("source", "unknown"),
+            "text_encoder": config.model.text_encoder,
+            "ray_workers": str(config.ray.num_workers),
+            "gpus": str(config.ray.num_workers if config.ray.use_gpu else 0),
+            "dataset": dataset_name(config),
+        }
+        self.run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
+
+    def log_epoch(self, metrics: dict) -> None:
+        """An epoch's flat metrics (a Ray report or `flat_metrics(record)`), at step = epoch."""
+        now = int(time.time() * 1000)
+        step = int(metrics["epoch"])
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()
+            if k != "epoch" and isinstance(v, (int, float))])
+
+    def finish(self, epochs: list[dict], selected: dict, checkpoint: Path) -> TrackedRun:
+        """Log the selected epoch, plots, config, and the pyfunc model; end the run FINISHED."""
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(f"selected_{_metric_name(k)}", float(v), int(time.time() * 1000), 0)
+            for k, v in selected.items() if k.startswith(("valid_", "test_"))])
+        model, _, _ = load_checkpoint(checkpoint)
+        predictions, truths = predict_scores(model, make_loader(self.store["test"], 64, shuffle=False),
+                                             next(model.parameters()).device)
+        epochs = sorted(epochs, key=lambda e: e["epoch"])
+        with tempfile.TemporaryDirectory() as workdir:
+            work = Path(workdir)
+            (work / "config.json").write_text(json.dumps(self.config.model_dump(), indent=2))
+            (work / "metrics.json").write_text(json.dumps({"epochs": epochs, "selected": selected}, indent=2))
+            _plots(work, epochs, predictions, truths)
+            for name in ("config.json", "metrics.json", "learning_curves.png", "test_scatter.png"):
+                self.client.log_artifact(self.run_id, str(work / name))
+        example = input_example(self.store, ["the movie was very good", "the plot was not great"])
         signature = infer_signature(example, pd.DataFrame({"score": [0.0], "polarity": ["positive"],
                                                            "class7": [0]}))
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_ENTRY),
-                                       artifacts={"checkpoint": str(checkpoint)}, signature=signature,
-                                       input_example=example, pip_requirements=["mmim-pipeline"])
-        return TrackedRun(run.info.run_id, info.model_uri, experiment_id)
+        # The model carries the checkpoint (weights, config, tokenizer): the run's only copy.
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_ENTRY),
+                                           artifacts={"checkpoint": str(checkpoint)}, signature=signature,
+                                           input_example=example, pip_requirements=["mmim-pipeline"])
+        return TrackedRun(self.run_id, info.model_uri, self.experiment_id)
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def tracked_run(config: Config, *, data_version: str | None = None) -> Iterator[TrainingRun]:
+    """A `TrainingRun` that ends FINISHED when the block completes, FAILED when it raises."""
+    run = TrainingRun(config, data_version=data_version)
+    try:
+        yield run
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+
+
+def _metric_name(key: str) -> str:
+    return key.replace("-", "_")  # MLflow metric names: Acc-7 -> Acc_7
+
+
+def checkpoint_artifact(model_uri: str) -> str:
+    """Where a logged model (models:/m-...) keeps the checkpoint it serves."""
+    return f"{model_uri.rstrip('/')}/artifacts/checkpoint"
 
 
 def track_and_register(config: Config, epochs: list[dict], selected: dict, checkpoint: Path,
                        data_version: str | None = None) -> tuple[TrackedRun, Decision]:
-    """Log the run and register its model, gating `champion` on the validation metric."""
-    run = log_training(config, epochs, selected, checkpoint, data_version=data_version)
-    value = float(selected[f"valid_{config.tracking.metric}"])
-    decision = register(mlflow.MlflowClient(tracking_uri()), run.model_uri, registered_model_name(config),
-                        config.tracking.metric, config.tracking.margin, value)
-    return run, decision
+    """Log a finished training and register its model, gating `champion` on the validation metric."""
+    with tracked_run(config, data_version=data_version) as run:
+        for epoch in epochs:
+            run.log_epoch(epoch)
+        tracked = run.finish(epochs, selected, checkpoint)
+    return tracked, register_run(config, tracked, float(selected[f"valid_{config.tracking.metric}"]))
+
+
+def register_run(config: Config, run: TrackedRun, value: float) -> Decision:
+    """Register a tracked run's model as a new version and gate `champion` on `value`."""
+    return register(MlflowClient(tracking_uri()), run.model_uri, registered_model_name(config),
+                    config.tracking.metric, config.tracking.margin, value)

@@ -14,8 +14,9 @@ from pydantic import BaseModel
 
 from mmim.config import Config
 from mmim.distributed import train_distributed
+from mmim.engine import epoch_line
 from mmim.predict import evaluate_checkpoint
-from mmim.tracking import log_training, tracking_uri
+from mmim.tracking import checkpoint_artifact, tracked_run, tracking_uri
 from mmim.versioning import ensure_store
 from tasks.caching import evaluation_key, training_key
 from tasks.features import FeatureStoreRef
@@ -30,7 +31,8 @@ class TrainedModel(BaseModel):
     run_id: str  # the MLflow run
     experiment_id: str
     model_uri: str  # the logged pyfunc model (models:/m-...), what gets registered
-    checkpoint_uri: str  # runs:/<run_id>/checkpoint, the selected epoch's checkpoint
+    checkpoint_uri: str  # the selected epoch's checkpoint inside the logged model
+    checkpoint: str  # its local copy (weights only): OUTPUT_DIR/best
     epoch: int  # the selected epoch (lowest validation MAE)
     metrics: dict[str, float]  # valid_* and test_* of the selected epoch
 
@@ -38,21 +40,27 @@ class TrainedModel(BaseModel):
 @task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
       cache_key_fn=training_key, result_serializer="json", task_run_name="train[{features.dataset}]")
 def train(features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
-    """Ray Train on the store (RAY_ADDRESS names the cluster), then one MLflow run for it."""
+    """Ray Train on the store (RAY_ADDRESS names the cluster), tracked live in one MLflow run."""
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
     config = config.model_copy(update={"data": config.data.model_copy(
         update={"store": str(store.resolve()), "dvc_dataset": features.dataset})})
     log.info("training on %s (%s) with %d Ray workers%s", features.dataset, features.data_version,
              config.ray.num_workers, " on GPUs" if config.ray.use_gpu else "")
-    result = train_distributed(config)
-    run = log_training(config, result.epochs, result.best, result.checkpoint, data_version=features.data_version)
+    with tracked_run(config, data_version=features.data_version) as run:
+        log.info("MLflow run %s", run.run_id)
+
+        def on_report(metrics: dict) -> None:
+            log.info(epoch_line(metrics, config.train.epochs))
+            run.log_epoch(metrics)
+
+        result = train_distributed(config, on_report)
+        tracked = run.finish(result.epochs, result.best, result.checkpoint)
     metrics = {k: float(v) for k, v in result.best.items() if k.startswith(("valid_", "test_"))}
-    log.info("MLflow run %s: selected epoch %d, valid MAE %.4f", run.run_id, int(result.best["epoch"]),
-             metrics["valid_MAE"])
-    return TrainedModel(run_id=run.run_id, experiment_id=run.experiment_id, model_uri=run.model_uri,
-                        checkpoint_uri=f"runs:/{run.run_id}/checkpoint", epoch=int(result.best["epoch"]),
-                        metrics=metrics)
+    log.info("selected epoch %d, valid MAE %.4f", int(result.best["epoch"]), metrics["valid_MAE"])
+    return TrainedModel(run_id=tracked.run_id, experiment_id=tracked.experiment_id, model_uri=tracked.model_uri,
+                        checkpoint_uri=checkpoint_artifact(tracked.model_uri), checkpoint=str(result.checkpoint),
+                        epoch=int(result.best["epoch"]), metrics=metrics)
 
 
 @task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,

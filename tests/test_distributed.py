@@ -3,20 +3,24 @@
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import boto3
+import mlflow
 import psutil
 import pytest
 import ray
+from mlflow import MlflowClient
 
 from mmim.checkpoint import load_checkpoint
 from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.errors import MMIMInputError
 from mmim.files import read_json
 from mmim.synthetic import write_synthetic_store
+from mmim.tracking import tracked_run
 from mmim.train import train
 from tests.conftest import run
 
@@ -33,22 +37,61 @@ def ray_config(tiny_config, tmp_path, **ray_settings):
     return tiny_config.model_copy(update={"ray": tiny_config.ray.model_copy(update=settings)})
 
 
-def test_two_workers_match_single_process(ray_cluster, tiny_config, tmp_path):
-    config = ray_config(tiny_config, tmp_path)
-    result = train_distributed(config)
-    run = Path(result.run_path)
-    epochs = sorted(p.name for p in run.iterdir() if p.name.startswith("epoch_"))
-    assert epochs == ["epoch_001", "epoch_002"]  # a checkpoint per epoch
-    assert result.last["ranks_in_sync"] == 1 and result.last["epoch"] == 2
-    # the best checkpoint is the one with the lowest validation MAE
-    maes = {name: read_json(run / name / "metrics.json")["valid"]["MAE"] for name in epochs}
-    assert result.best["valid_MAE"] == pytest.approx(min(maes.values()))
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch):
+    """MLflow on a sqlite file (what `make demo` uses); the client for reading runs back."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+def tracked(config, tmp_path):
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update={
+        "enabled": True, "artifact_location": str(tmp_path / "artifacts")})})
+
+
+def test_two_workers_match_single_process(ray_cluster, tiny_config, tmp_path, mlflow_sqlite):
+    config = tracked(ray_config(tiny_config, tmp_path, keep_checkpoints=1), tmp_path)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 4})})
+    reported_at = {}
+
+    def on_report(metrics):  # what the flow and the CLI do with each report
+        reported_at[int(metrics["epoch"])] = int(time.time() * 1000)
+        run.log_epoch(metrics)
+
+    with tracked_run(config) as run:
+        result = train_distributed(config, on_report)
+        tracked_model = run.finish(result.epochs, result.best, result.checkpoint)
+    ray_run = Path(result.run_path)
+    # Ray keeps the best checkpoint and the latest; the driver still saw every epoch
+    kept = sorted(p.name for p in ray_run.iterdir() if p.name.startswith("epoch_"))
+    assert 1 <= len(kept) <= 2 and "epoch_004" in kept
+    assert [int(e["epoch"]) for e in result.epochs] == [1, 2, 3, 4] == sorted(reported_at)
+    assert result.last["ranks_in_sync"] == 1 and result.last["epoch"] == 4
+    # the best checkpoint is the epoch with the lowest validation MAE, copied without training state
+    assert result.best["valid_MAE"] == min(e["valid_MAE"] for e in result.epochs)
+    assert not list(result.checkpoint.glob("training_state*"))
     model, loaded_config, _ = load_checkpoint(result.checkpoint)
     assert loaded_config.model.audio_dim == 5
-    # against one process on the same data and seed (different sharding, same optimisation)
-    single, _ = train(tiny_config.model_copy(update={"output_dir": str(tmp_path / "single")}))
-    assert result.best["valid_MAE"] == pytest.approx(single.valid["MAE"], abs=0.25)
-    assert result.best["test_MAE"] == pytest.approx(single.test["MAE"], abs=0.25)
+
+    # MLflow: every epoch at steps 1..4, logged as it was reported, in a run opened before epoch 1 ended
+    logged = mlflow_sqlite.get_run(tracked_model.run_id)
+    history = mlflow_sqlite.get_metric_history(logged.info.run_id, "valid_MAE")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [e["valid_MAE"] for e in result.epochs]
+    assert logged.info.start_time <= reported_at[1] <= min(m.timestamp for m in history)
+    assert max(m.timestamp for m in history) < logged.info.end_time and logged.info.status == "FINISHED"
+    with tempfile.TemporaryDirectory() as workdir:
+        metrics = read_json(Path(mlflow.artifacts.download_artifacts(
+            run_id=logged.info.run_id, artifact_path="metrics.json", dst_path=workdir)))
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]  # what learning_curves.png plots
+    assert "learning_curves.png" in {a.path for a in mlflow_sqlite.list_artifacts(logged.info.run_id)}
+    # against one process on the same data and seed (different sharding, same optimisation), epoch by epoch
+    single, _ = train(tiny_config.model_copy(update={"output_dir": str(tmp_path / "single")}))  # 2 epochs
+    for distributed, alone in zip(result.epochs, single.history, strict=False):
+        assert distributed["valid_MAE"] == pytest.approx(alone.valid["MAE"], abs=0.25)
+        assert distributed["test_MAE"] == pytest.approx(alone.test["MAE"], abs=0.25)
 
 
 def checkpoint_registered(run: Path, name: str) -> bool:
@@ -80,11 +123,14 @@ def slower_store(tiny_encoder, tmp_path_factory):
 
 
 def run_in_thread(config):
+    """Train tracked in MLflow, as the flow does, in a thread: the test kills a worker meanwhile."""
     outcome = {}
 
     def target():
         try:
-            outcome["result"] = train_distributed(config)
+            with tracked_run(config) as run:
+                outcome["run_id"] = run.run_id
+                outcome["result"] = train_distributed(config, run.log_epoch)
         except Exception as error:  # handed to the test thread
             outcome["error"] = error
     thread = threading.Thread(target=target)
@@ -93,8 +139,8 @@ def run_in_thread(config):
 
 
 @pytest.mark.parametrize("max_failures", [1, 0])
-def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_failures):
-    config = ray_config(tiny_config, tmp_path, max_failures=max_failures)
+def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_failures, mlflow_sqlite):
+    config = tracked(ray_config(tiny_config, tmp_path, max_failures=max_failures), tmp_path)
     config = config.model_copy(update={
         "data": config.data.model_copy(update={"store": str(slower_store)}),
         "train": config.train.model_copy(update={"epochs": 3})})
@@ -102,9 +148,13 @@ def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_fai
     kill_a_worker_during_epoch_2(tmp_path / "ray" / "run", thread)
     thread.join(timeout=600)
     assert not thread.is_alive()
+    logged = mlflow_sqlite.get_run(outcome["run_id"])
+    steps = sorted(m.step for m in mlflow_sqlite.get_metric_history(outcome["run_id"], "valid_MAE"))
     if max_failures:
         result = outcome["result"]
         assert result.last["epoch"] == 3 and result.last["resumed_from"] == 1
+        assert [int(e["epoch"]) for e in result.epochs] == [1, 2, 3]  # the redone epoch 2 once
+        assert logged.info.status == "FINISHED" and steps == [1, 2, 3]
         for name in ("epoch_001", "epoch_002", "epoch_003"):  # none lost, each complete
             model, _, _ = load_checkpoint(tmp_path / "ray" / "run" / name)
             assert model is not None
@@ -112,6 +162,8 @@ def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_fai
         error = outcome["error"]
         assert isinstance(error, DistributedTrainingError)
         assert "ray.max_failures=0" in str(error)
+        # the crash is visible in MLflow: the run FAILED, with the epochs finished before it
+        assert logged.info.status == "FAILED" and steps == [1]
         load_checkpoint(tmp_path / "ray" / "run" / "epoch_001")  # what was written stays whole
 
 

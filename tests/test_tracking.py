@@ -70,7 +70,10 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
     assert len(client.get_metric_history(run.run_id, "valid_MAE")) == 2
     assert {"stage0_neg_lld", "stage1_H", "lr_bert", "test_Acc_2_non0", "selected_test_MAE"} <= set(logged.data.metrics)
     names = {a.path for a in client.list_artifacts(run.run_id)}
-    assert {"config.json", "metrics.json", "learning_curves.png", "test_scatter.png", "checkpoint"} <= names
+    assert {"config.json", "metrics.json", "learning_curves.png", "test_scatter.png"} <= names
+    assert "checkpoint" not in names  # the logged model carries the run's only copy
+    assert logged.info.status == "FINISHED"
+    assert client.get_experiment(run.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     frame = input_example(FeatureStore(good.data.store), ["the movie was very good", "the plot was dull"])
     champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -101,21 +104,39 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         with pytest.raises(MlflowException, match=re.escape(message)):
             champion.predict(broken)
 
-    # REST: the served champion answers like the in-process model
-    port = free_port()
-    server = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
-                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                   f"http://127.0.0.1:{port}/ping")
+    # REST: `mmim serve`, the installed console script, without its environment on PATH (MLflow
+    # starts uvicorn from PATH), answers like the in-process model
+    from tests.test_serving import EXAMPLE, run_mmim
+
+    champion_uri, port = f"models:/{name}@champion", free_port()
+    server = start([str(Path(sys.executable).parent / "mmim"), "serve", "--model", champion_uri, "--port", str(port)],
+                   f"http://127.0.0.1:{port}/ping", env={"PATH": "/usr/bin:/bin"})
     try:
-        body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
-        served = [row["score"] for row in answer["predictions"]]
+        served = invocations(port, {"dataframe_split": frame.to_dict(orient="split")})
         assert served == pytest.approx(predicted["score"].tolist(), abs=1e-5)
+        # the README's request (examples/utterances.json as records) = `mmim predict` on the registered model
+        served = invocations(port, {"dataframe_records": json.loads(EXAMPLE.read_text())})
+        code, out, err = run_mmim("predict", "--checkpoint", champion_uri, "--input", str(EXAMPLE))
+        assert code == 0 and [p["score"] for p in json.loads(out)] == pytest.approx(served, abs=1e-5), err
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # evaluate shares predict's way to a logged model; here by its run
+    code, out, err = run_mmim("evaluate", "--checkpoint", f"runs:/{run.run_id}/model", "--store", good.data.store,
+                              "--split", "test")
+    assert code == 0 and "MAE" in out, err
+    # a model the registry does not have: one line naming it, exit 2, before any server starts
+    for command in (["serve", "--model"], ["predict", "--input", str(EXAMPLE), "--checkpoint"]):
+        code, _, err = run_mmim(*command, f"models:/{name}@nosuch")
+        assert code == 2 and err.startswith(f"error: models:/{name}@nosuch: ") and "Traceback" not in err
+
+
+def invocations(port: int, body: dict) -> list[float]:
+    """The scores a model server on 127.0.0.1:`port` answers to a POST /invocations."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    return [row["score"] for row in answer["predictions"]]
 
 
 @pytest.mark.parametrize("tracking", ["sqlite"], indirect=True)
@@ -150,6 +171,17 @@ def test_concurrent_registrations_leave_the_best_champion(tracking, tiny_config,
     assert register(client, models[-1], name, "MAE", 0.0, 0.05).version == champion.version
     assert len(describe(client, name)) == 7
 
-    from mmim.cli import main
+    import io
+
+    from rich.console import Console
+
+    from mmim.cli import _registry_table, main
     assert main(["registry", "list", "--name", name]) == 0
     assert f"{name}" in capsys.readouterr().out
+    # readable at 80 columns: versions and aliases whole, nothing cut
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(_registry_table(name, describe(client, name)))
+    table = console.export_text()
+    assert "…" not in table and max(len(line) for line in table.splitlines()) <= 80
+    for row in describe(client, name):
+        assert re.search(rf"│ +{row['version']} │ {re.escape(row['aliases'])} +│", table), row
