@@ -9,20 +9,36 @@ Output: a table with `score` (sentiment in [-3, 3]), `polarity` (the Acc-2 class
 
 The model is logged as "model from code" (`mmim/pyfunc_entry.py`), so nothing is
 pickled; loading it needs the `mmim` package and the logged checkpoint only.
+
+The command line reaches registered models through the helpers below:
+    check_model(uri)          the URI resolves to an MLflow model, or a one-line error
+    local_checkpoint(spec)    a checkpoint directory, or the one inside a registered model
+    serve_command(uri, ...)   `mlflow models serve` from this environment
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from mmim.checkpoint import load_checkpoint
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, ServiceUnavailableError, first_line
 from mmim.predict import predict_utterances
 
 COLUMNS = ("text", "audio", "vision")
+log = logging.getLogger(__name__)
 
 
 class MMIMPyfunc(PythonModel):
@@ -52,3 +68,94 @@ def _frames(value):
     if isinstance(value, list):
         return [frame.tolist() if hasattr(frame, "tolist") else frame for frame in value]
     return value
+
+
+# ---------------------------------------------------------------- registered models, for the CLI
+
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+# An unreachable tracking server fails in seconds, not after MLflow's ~4 minutes of retries
+# (unless the user has set these).
+QUICK_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def is_model_uri(spec: str) -> bool:
+    """Whether `spec` names an MLflow model (models:/..., runs:/...) rather than a directory."""
+    return spec.startswith(MODEL_URI_SCHEMES)
+
+
+def _tracking_uri() -> str:
+    # imported here: mmim.tracking brings DVC and matplotlib, which the served model needs none of
+    from mmim.tracking import tracking_uri
+
+    return tracking_uri()
+
+
+@contextmanager
+def _mlflow_errors(uri: str) -> Iterator[None]:
+    """MLflow failures about `uri` as one-line errors: a server that did not answer (or failed)
+    is a ServiceUnavailableError, an unknown model, version or alias an MMIMInputError."""
+    unset = [key for key in QUICK_FAILURE if key not in os.environ]
+    os.environ.update({key: QUICK_FAILURE[key] for key in unset})
+    try:
+        yield
+    except MlflowException as error:
+        if error.get_http_status_code() >= 500:  # what MLflow reports for a server it cannot reach
+            raise ServiceUnavailableError(f"{uri}: the MLflow server {_tracking_uri()} (MLFLOW_TRACKING_URI) "
+                                          f"failed: {first_line(error)}") from None
+        raise MMIMInputError(f"{uri}: {first_line(error)}") from None
+    except OSError as error:
+        kind = ServiceUnavailableError if isinstance(error, (ConnectionError, TimeoutError)) else MMIMInputError
+        raise kind(f"{uri}: {first_line(error)}") from None
+    finally:
+        for key in unset:
+            os.environ.pop(key, None)
+
+
+def check_model(uri: str) -> None:
+    """Raise a one-line error unless `uri` (models:/<name>@<alias>, a path, ...) is an MLflow model."""
+    with _mlflow_errors(uri):
+        files = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=_tracking_uri())
+    if "MLmodel" not in {Path(file.path).name for file in files}:
+        raise MMIMInputError(f"{uri}: not an MLflow model (no MLmodel file there)")
+
+
+def _checkpoint_in(model_dir: Path, uri: str) -> Path:
+    """The checkpoint directory inside a downloaded mmim pyfunc model (its artifact "checkpoint")."""
+    try:
+        flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    except (OSError, MlflowException):
+        raise MMIMInputError(f"{uri}: not an MLflow model (no readable MLmodel file)") from None
+    path = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
+    if path is None:
+        raise MMIMInputError(f"{uri}: not an mmim model (its MLmodel has no \"checkpoint\" artifact)")
+    return model_dir / path
+
+
+@contextmanager
+def local_checkpoint(spec: str) -> Iterator[Path]:
+    """A checkpoint directory: `spec` itself, or, for an MLflow model URI (models:/<name>@<alias>,
+    models:/<name>/<version>, runs:/<run id>/model), the checkpoint the model carries, downloaded
+    to a temporary directory that is removed afterwards."""
+    if not is_model_uri(spec):
+        yield Path(spec)
+        return
+    log.info("downloading the checkpoint of %s", spec)
+    with tempfile.TemporaryDirectory(prefix="mmim-model-") as workdir:
+        with _mlflow_errors(spec):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=workdir,
+                                                        tracking_uri=_tracking_uri())
+        yield _checkpoint_in(Path(local), spec)
+
+
+def serve_command(uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """`mlflow models serve` for `uri` with this interpreter's MLflow, and its environment.
+
+    MLflow starts `uvicorn` from PATH, so this environment's scripts directory comes first
+    there: `mmim serve` works without an activated virtual environment.
+    """
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.setdefault("MLFLOW_TRACKING_URI", _tracking_uri())
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+               "-h", host, "-p", str(port)]
+    return command, env

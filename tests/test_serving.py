@@ -1,0 +1,54 @@
+"""`mmim predict` on the shipped example input, and registry commands that cannot reach MLflow.
+
+Serving a registered model, and `predict`/`evaluate` from the registry, run against a
+real MLflow server in tests/test_tracking.py (they share its registered model).
+"""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from mmim.checkpoint import save_checkpoint
+from mmim.cli import main
+from mmim.model import build_model
+from mmim.store import FeatureStore
+from mmim.synthetic import AUDIO_DIM, VISION_DIM
+from mmim.text_encoder import load_tokenizer
+from mmim.train import bind_store
+from tests.conftest import free_port
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "utterances.json"
+
+
+def run_mmim(*argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `mmim ARGV` run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_predict_accepts_the_shipped_example(tiny_config, tmp_path):
+    store = FeatureStore(tiny_config.data.store)
+    # the example has the dims of the demo's synthetic store; the test store is synthetic too
+    assert (store.dims["audio"], store.dims["vision"]) == (AUDIO_DIM, VISION_DIM)
+    config = bind_store(tiny_config, store)
+    checkpoint = save_checkpoint(tmp_path / "untrained", build_model(config.model), config,
+                                 load_tokenizer(config.model.text_encoder))
+    code, out, err = run_mmim("predict", "--checkpoint", str(checkpoint), "--input", str(EXAMPLE))
+    assert code == 0, err
+    predictions = json.loads(out)
+    assert len(predictions) == len(json.loads(EXAMPLE.read_text())) == 3
+    assert all(set(p) == {"score", "polarity", "class7"} for p in predictions)
+
+
+@pytest.mark.parametrize("command", [["serve", "--model"], ["predict", "--input", str(EXAMPLE), "--checkpoint"]])
+def test_an_unreachable_registry_is_one_line(command, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    code, _, err = run_mmim(*command, "models:/mmim-synthetic@champion")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "error: models:/mmim-synthetic@champion: the MLflow server http://127.0.0.1:")
