@@ -229,11 +229,6 @@ def _metric_name(key: str) -> str:
     return key.replace("-", "_")  # MLflow metric names: Acc-7 -> Acc_7
 
 
-def checkpoint_artifact(model_uri: str) -> str:
-    """Where a logged model (models:/m-...) keeps the checkpoint it serves."""
-    return f"{model_uri.rstrip('/')}/artifacts/checkpoint"
-
-
 def track_and_register(config: Config, epochs: list[dict], selected: dict, checkpoint: Path,
                        data_version: str | None = None) -> tuple[TrackedRun, Decision]:
     """Log a finished training and register its model, gating `champion` on the validation metric."""

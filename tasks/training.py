@@ -1,12 +1,9 @@
-"""Training and evaluation as pipeline steps: Ray Train, then an MLflow run from the driver."""
+"""Training and evaluation as pipeline steps: Ray Train, tracked live in an MLflow run from the driver."""
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from prefect import get_run_logger, task
@@ -16,7 +13,8 @@ from mmim.config import Config
 from mmim.distributed import train_distributed
 from mmim.engine import epoch_line
 from mmim.predict import evaluate_checkpoint
-from mmim.tracking import checkpoint_artifact, tracked_run, tracking_uri
+from mmim.serving import local_checkpoint
+from mmim.tracking import tracked_run, tracking_uri
 from mmim.versioning import ensure_store
 from tasks.caching import evaluation_key, training_key
 from tasks.features import FeatureStoreRef
@@ -31,8 +29,7 @@ class TrainedModel(BaseModel):
     run_id: str  # the MLflow run
     experiment_id: str
     model_uri: str  # the logged pyfunc model (models:/m-...), what gets registered
-    checkpoint_uri: str  # the selected epoch's checkpoint inside the logged model
-    checkpoint: str  # its local copy (weights only): OUTPUT_DIR/best
+    checkpoint: str  # local copy of the selected epoch's checkpoint (weights only): OUTPUT_DIR/best
     epoch: int  # the selected epoch (lowest validation MAE)
     metrics: dict[str, float]  # valid_* and test_* of the selected epoch
 
@@ -59,7 +56,7 @@ def train(features: FeatureStoreRef, config: Config, project_dir: str) -> Traine
     metrics = {k: float(v) for k, v in result.best.items() if k.startswith(("valid_", "test_"))}
     log.info("selected epoch %d, valid MAE %.4f", int(result.best["epoch"]), metrics["valid_MAE"])
     return TrainedModel(run_id=tracked.run_id, experiment_id=tracked.experiment_id, model_uri=tracked.model_uri,
-                        checkpoint_uri=checkpoint_artifact(tracked.model_uri), checkpoint=str(result.checkpoint),
+                        checkpoint=str(result.checkpoint),
                         epoch=int(result.best["epoch"]), metrics=metrics)
 
 
@@ -72,10 +69,8 @@ def evaluate(trained: TrainedModel, features: FeatureStoreRef, project_dir: str)
     """
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
-    with tempfile.TemporaryDirectory() as workdir:
-        checkpoint = mlflow.artifacts.download_artifacts(artifact_uri=trained.checkpoint_uri, dst_path=workdir,
-                                                         tracking_uri=tracking_uri())
-        results = evaluate_checkpoint(Path(checkpoint), store)
+    with local_checkpoint(trained.model_uri) as checkpoint:
+        results = evaluate_checkpoint(checkpoint, store)
     now = int(time.time() * 1000)
     MlflowClient(tracking_uri()).log_batch(trained.run_id, metrics=[
         Metric(f"eval_{split}_{name.replace('-', '_')}", float(value), now, 0)

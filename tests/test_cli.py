@@ -1,6 +1,7 @@
 """The `mmim` command line end to end: train, evaluate, predict, and exit code 2 on bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_train_evaluate_predict(tiny_config, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "train", "--config", str(path), "--set", "train.epochs=1")
     assert code == 0
     assert "Acc-2_non0" in out and "test" in out
+    assert re.search(r"^epoch 1/1 \| loss [\d.]+ \| valid MAE [\d.]+ Corr", out, re.MULTILINE)  # progress per epoch
     checkpoint = tmp_path / "run" / "best"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "text_encoder" / "tokenizer.json").is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
