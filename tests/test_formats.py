@@ -3,6 +3,10 @@
 import csv
 import json
 import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -227,3 +231,79 @@ def test_row_order_fallback_checks_video_ids(tmp_path, tiny_encoder):
     (source / "MOSI-label.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(MMIMInputError, match="pickle and CSV disagree"):
         extract("mult", source, tmp_path / "store2", tiny_encoder)
+
+
+# ---------------------------------------------------------------- crafted pickles: numpy state from the file
+
+class Reduced:
+    """Pickles as the call `function(*arguments)` followed by BUILD with `state`."""
+
+    def __init__(self, function, arguments, state=None):
+        self.reduced = (function, arguments) if state is None else (function, arguments, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def object_field_dtype():
+    """A structured dtype whose one field holds objects, with flags 0: numpy then reads the
+    array's raw bytes as object pointers (memory corruption on first access)."""
+    return Reduced(np.dtype, ("V8", False, True), (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))
+
+
+def attacker_array(dtype):
+    return Reduced(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), (1, (2,), dtype, False, b"A" * 16))
+
+
+@pytest.mark.parametrize("source", ["mult", "mmsa"])
+def test_dtype_state_from_the_file_never_reaches_numpy(tmp_path, tiny_encoder, source):
+    """Run as a separate process: a regression is a crash (exit 139), not a dead test run."""
+    source_dir = write_mult_files(tmp_path / "mosi", ragged_examples())
+    path = source_dir / ("mosi_data_noalign.pkl" if source == "mult" else "unaligned_50.pkl")
+    data = pickle.loads((source_dir / "mosi_data_noalign.pkl").read_bytes())
+    data["train"]["id" if source == "mult" else "raw_text"] = attacker_array(object_field_dtype())
+    path.write_bytes(pickle.dumps(data, protocol=2))
+    done = subprocess.run([str(Path(sys.executable).parent / "mmim"), "extract", "--source", source, "--input",
+                           str(path), "--out", str(tmp_path / "store"), "--encoder", tiny_encoder],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "refused dtype 'V8'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("crafted, message", [
+    (Reduced(bytearray, (2**31,)), "refused bytearray(2147483648)"),
+    (Reduced(bytes, (2**31,)), "refused bytes(2147483648)"),
+    (attacker_array(Reduced(np.dtype, ("f8", False, True), (3, "<", None, ("a",), {}, 8, 1, 0x3F))),
+     "refused dtype with fields"),
+    (attacker_array(Reduced(np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 63))),
+     "refused object array whose elements do not match its shape"),
+    (attacker_array(Reduced(np.dtype, ("f4", False, True), (3, "<", None, None, None, -1, -1, 0))),
+     "refused array: 16 bytes for shape (2,) of float32"),
+    (Reduced(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b")), "refused array without data"),
+    (Reduced(np._core.multiarray._reconstruct, (dict, (0,), b"b")), "refused _reconstruct of anything but"),
+])
+def test_crafted_numpy_state_is_refused(tmp_path, crafted, message):
+    path = tmp_path / "crafted.pkl"
+    path.write_bytes(pickle.dumps({"train": crafted}, protocol=2))
+    with pytest.raises(MMIMInputError, match=re.escape(message)):
+        load_untrusted_pickle(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_plain_arrays_round_trip_through_the_stand_ins(tmp_path, protocol):
+    arrays = {"f4": np.arange(6, dtype=np.float32).reshape(2, 3), "fortran": np.asfortranarray(np.ones((3, 2))),
+              "big_endian": np.arange(3, dtype=">i4"), "unicode": np.array([["ab"], ["c"]]),
+              "bytes": np.array([b"x", b"yz"]), "objects": np.array(["a", b"b", np.float32(2.5)], dtype=object),
+              "nested": np.array([np.zeros(2), np.ones(3)], dtype=object), "scalar": np.float64(1.25)}
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps(arrays, protocol=protocol))
+    loaded = load_untrusted_pickle(path)
+    for name, array in arrays.items():
+        if name == "nested":
+            assert all(np.array_equal(a, b) for a, b in zip(loaded[name], array, strict=True))
+        else:
+            assert np.array_equal(loaded[name], array) and loaded[name].dtype == array.dtype, name
+    assert type(loaded["nested"][0]) is np.ndarray and loaded["fortran"].flags.f_contiguous
+    path.write_bytes(pickle.dumps({"dtype": np.dtype("int16")}, protocol=protocol))
+    assert load_untrusted_pickle(path)["dtype"] == np.dtype("int16")
