@@ -128,8 +128,8 @@ def write_csd(path, root, videos):
             group.create_dataset("intervals", data=intervals)
 
 
-def test_csd_round_trip_aligns_segments(tmp_path, tiny_encoder):
-    examples = ragged_examples(seed=2)
+def write_csd_sample(source, examples):
+    """The four .csd files and folds.json of `examples` in `source`."""
     per_video = {}
     for split in examples.values():
         for e in split:
@@ -150,7 +150,6 @@ def test_csd_round_trip_aligns_segments(tmp_path, tiny_encoder):
         audio[video] = (np.array(a, np.float32), np.array(ai))
         vision[video] = (np.array(v, np.float32), np.array(vi))
         labels[video] = (np.array(lab, np.float32), np.array(li))
-    source = tmp_path / "csd"
     source.mkdir()
     write_csd(source / "CMU_MOSI_TimestampedWords.csd", "words", words)
     write_csd(source / "CMU_MOSI_COVAREP.csd", "COVAREP", audio)
@@ -158,8 +157,47 @@ def test_csd_round_trip_aligns_segments(tmp_path, tiny_encoder):
     write_csd(source / "CMU_MOSI_Opinion_Labels.csd", "labels", labels)
     folds = {name: sorted({e["video"] for e in split}) for name, split in examples.items()}
     (source / "folds.json").write_text(json.dumps(folds))
+    return source
+
+
+def test_csd_round_trip_aligns_segments(tmp_path, tiny_encoder):
+    examples = ragged_examples(seed=2)
+    source = write_csd_sample(tmp_path / "csd", examples)
     summary = extract("csd", source, tmp_path / "store", tiny_encoder)
     assert_store_matches(summary.root, examples, load_tokenizer(tiny_encoder))
+
+
+def point_words_elsewhere(words_file, secrets, how):
+    """Replace the first video's word features by data that lives outside the .csd file."""
+    with h5py.File(words_file, "a") as handle:
+        group = handle["words/data"][sorted(handle["words/data"])[0]]
+        size = group["features"].shape[0]
+        del group["features"]
+        if how == "external_link":
+            with h5py.File(secrets.with_suffix(".h5"), "w") as other:
+                other.create_dataset("secret", data=np.array([[b"hunter2"]] * size))
+            group["features"] = h5py.ExternalLink(str(secrets.with_suffix(".h5")), "/secret")
+        elif how == "external_storage":
+            group.create_dataset("features", shape=(size, 1), dtype="S8", external=[(str(secrets), 0, 8 * size)])
+        elif how == "virtual":
+            with h5py.File(secrets.with_suffix(".h5"), "w") as other:
+                other.create_dataset("secret", data=np.array([[b"hunter2"]] * size))
+            layout = h5py.VirtualLayout(shape=(size, 1), dtype="S7")
+            layout[:] = h5py.VirtualSource(str(secrets.with_suffix(".h5")), "secret", shape=(size, 1))
+            group.create_virtual_dataset("features", layout)
+        else:
+            group["features"] = h5py.SoftLink("/words/data")
+
+
+@pytest.mark.parametrize("how", ["external_link", "external_storage", "virtual", "soft_link"])
+def test_csd_data_from_other_files_is_refused(tmp_path, tiny_encoder, how):
+    source = write_csd_sample(tmp_path / "csd", ragged_examples(seed=2))
+    secrets = tmp_path / "secrets.txt"
+    secrets.write_bytes(b"hunter2 " * 64)
+    point_words_elsewhere(source / "CMU_MOSI_TimestampedWords.csd", secrets, how)
+    with pytest.raises(MMIMInputError, match=r"CMU_MOSI_TimestampedWords\.csd: /words/data/vid000/features"):
+        extract("csd", source, tmp_path / "store", tiny_encoder)
+    assert not (tmp_path / "store").exists()
 
 
 class Payload:

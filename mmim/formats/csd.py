@@ -76,10 +76,28 @@ class _Sequence:
             self.handle = h5py.File(path, "r")
         except OSError as error:
             raise MMIMInputError(f"{path}: not a readable HDF5 computational sequence ({error})") from None
+        self._refuse_data_from_elsewhere(h5py)
         roots = list(self.handle.keys())
         if len(roots) != 1 or "data" not in self.handle[roots[0]]:
             raise MMIMInputError(f"{path}: expected one root group with a 'data' group, found {roots}")
         self.data = self.handle[roots[0]]["data"]
+
+    def _refuse_data_from_elsewhere(self, h5py) -> None:
+        """HDF5 can make an object of this file read another file (external links, external
+        storage, virtual datasets): bytes of any local file would end up in the store. A .csd
+        file holds its data itself, so only plain (hard) links and contiguous data pass."""
+        def problem(name: str, link) -> str | None:  # a message stops the visit
+            if not isinstance(link, h5py.HardLink):
+                return f"/{name} is a {type(link).__name__}"
+            item = self.handle[name]
+            if isinstance(item, h5py.Dataset) and (item.external or item.is_virtual):
+                return f"/{name} reads its data from other files (external storage or a virtual dataset)"
+            return None
+
+        found = self.handle.visititems_links(problem)
+        if found:
+            self.handle.close()
+            raise MMIMInputError(f"{self.path}: {found}; refused (a .csd file must hold its data itself)")
 
     def video(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
         if video_id not in self.data:
