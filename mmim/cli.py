@@ -8,7 +8,8 @@
     mmim registry {list,promote,rollback} --name mmim-<dataset>   the MLflow model registry
     mmim serve --model models:/mmim-<dataset>@champion             REST /invocations
 
-Bad input of any kind prints one line, `error: ...`, and exits with code 2.
+Bad input of any kind prints one line, `error: ...`, and exits with code 2; a service that
+does not answer (MLflow, a DVC remote, a Ray cluster) or a failed run exits with code 1.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mmim.config import Config, load_config
 from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.engine import EpochRecord, TrainingHooks, epoch_line, flat_metrics
 from mmim.jobs import submit_training_job
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, ServiceUnavailableError
 from mmim.extract import SOURCES, extract
 from mmim.metrics import METRIC_NAMES
 from mmim.predict import evaluate_checkpoint, predict_utterances
@@ -133,8 +134,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         from mmim.tracking import register_run
 
         decision = register_run(config, tracked, float(selected[f"valid_{config.tracking.metric}"]))
-        stdout.print(f"MLflow run {tracked.run_id}; {decision.name} v{decision.version}: "
-                     f"{'promoted to champion' if decision.promoted else 'challenger, champion unchanged'}")
+        stdout.print(f"MLflow run {tracked.run_id}; {decision.name} v{decision.version}: {decision.text}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -210,16 +210,18 @@ def cmd_extract(args: argparse.Namespace) -> None:
 def cmd_registry(args: argparse.Namespace) -> None:
     from mlflow import MlflowClient
 
+    from mmim.mlflow_server import answering, tracking_uri
     from mmim.registry import describe, promote, rollback
-    from mmim.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
-    if args.registry_command == "promote":
-        promote(client, args.name, args.version)
-        stdout.print(f"{args.name}: champion -> v{args.version}")
-    elif args.registry_command == "rollback":
-        stdout.print(f"{args.name}: champion -> v{rollback(client, args.name)}")
-    stdout.print(_registry_table(f"{args.name} ({tracking_uri()})", describe(client, args.name)))
+    with answering(f"registered model {args.name}"):
+        if args.registry_command == "promote":
+            promote(client, args.name, args.version)
+            stdout.print(f"{args.name}: champion -> v{args.version}")
+        elif args.registry_command == "rollback":
+            stdout.print(f"{args.name}: champion -> v{rollback(client, args.name)}")
+        rows = describe(client, args.name)
+    stdout.print(_registry_table(f"{args.name} ({tracking_uri()})", rows))
 
 
 def _metric_cell(row: dict) -> str:
@@ -298,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract_cmd.add_argument("--labels", help="mult: the label CSV (default: the *label*.csv beside the pickle)")
     extract_cmd.add_argument("--folds", help="csd: folds JSON, or cmu_mosi (default: INPUT/folds.json)")
     extract_cmd.add_argument("--seed", type=int, default=0, help="synthetic: the seed")
-    extract_cmd.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    extract_cmd.add_argument("--overwrite", action="store_true",
+                             help="replace an existing feature store or an empty directory "
+                                  "(anything else at --out is refused)")
     extract_cmd.set_defaults(run=cmd_extract)
 
     registry = commands.add_parser("registry", help="the MLflow model registry (MLFLOW_TRACKING_URI)")
@@ -356,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except MMIMInputError as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_BAD_INPUT
-    except DistributedTrainingError as error:
+    except (ServiceUnavailableError, DistributedTrainingError) as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_FAILED
     return 0

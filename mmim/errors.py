@@ -1,13 +1,15 @@
-"""The exception types that mean "the user gave us something we cannot use".
+"""The exception types behind the command line's exit codes.
 
-Everything that a person can fix by changing a file, a setting or a command line
-raises `MMIMInputError` with a one-line message that names the file, field or
-setting. The CLI turns it into that line on stderr and exit code 2; anything else
-is a bug and keeps its traceback.
+    0  done
+    1  a service did not answer, or the run failed (ServiceUnavailableError, a failed training)
+    2  bad input: something a person fixes by changing a file, a setting or a command line
 
-`ServiceUnavailableError` is the one kind of bad input that may fix itself: a remote
-service (a DVC remote, an MLflow server, a Ray cluster) that did not answer. The
-pipeline retries those; everything else fails at once.
+Bad input raises `MMIMInputError` with a one-line message that names the file, field
+or setting. `ServiceUnavailableError` is a remote service (a DVC remote, an MLflow
+server, a Ray cluster) that did not answer: nothing is wrong with the input, and the
+same command may succeed later, so the pipeline retries those; everything else fails
+at once. The CLI prints either as one line on stderr; anything else is a bug and keeps
+its traceback.
 """
 
 
@@ -15,7 +17,7 @@ class MMIMInputError(Exception):
     """Bad input: a config value, a feature store file, a checkpoint, a request."""
 
 
-class ServiceUnavailableError(MMIMInputError):
+class ServiceUnavailableError(Exception):
     """A remote service did not answer (refused, timed out, unreachable); worth retrying."""
 
 

@@ -51,8 +51,10 @@ def submit_training_job(address: str, config_path: str | Path | None, overrides:
         raise MMIMInputError(
             f"--submit {address}: the cluster requires its auth token; set RAY_AUTH_MODE=token and "
             "RAY_AUTH_TOKEN (or ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH)") from None
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise MMIMInputError(f"--submit {address}: cannot reach the Ray job server ({error})") from None
+    except ConnectionError as error:
+        raise ServiceUnavailableError(f"--submit {address}: cannot reach the Ray job server ({error})") from None
+    except (RuntimeError, ValueError) as error:
+        raise MMIMInputError(f"--submit {address}: not a Ray job server address ({error})") from None
     for attempt in range(SUBMIT_ATTEMPTS):
         try:
             return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,

@@ -34,7 +34,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from mmim.checkpoint import load_checkpoint
-from mmim.errors import MMIMInputError, ServiceUnavailableError, first_line
+from mmim.errors import MMIMInputError
+from mmim.mlflow_server import answering, tracking_uri
 from mmim.predict import predict_utterances
 
 COLUMNS = ("text", "audio", "vision")
@@ -73,9 +74,6 @@ def _frames(value):
 # ---------------------------------------------------------------- registered models, for the CLI
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
-# An unreachable tracking server fails in seconds, not after MLflow's ~4 minutes of retries
-# (unless the user has set these).
-QUICK_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def is_model_uri(spec: str) -> bool:
@@ -83,38 +81,10 @@ def is_model_uri(spec: str) -> bool:
     return spec.startswith(MODEL_URI_SCHEMES)
 
 
-def _tracking_uri() -> str:
-    # imported here: mmim.tracking brings DVC and matplotlib, which the served model needs none of
-    from mmim.tracking import tracking_uri
-
-    return tracking_uri()
-
-
-@contextmanager
-def _mlflow_errors(uri: str) -> Iterator[None]:
-    """MLflow failures about `uri` as one-line errors: a server that did not answer (or failed)
-    is a ServiceUnavailableError, an unknown model, version or alias an MMIMInputError."""
-    unset = [key for key in QUICK_FAILURE if key not in os.environ]
-    os.environ.update({key: QUICK_FAILURE[key] for key in unset})
-    try:
-        yield
-    except MlflowException as error:
-        if error.get_http_status_code() >= 500:  # what MLflow reports for a server it cannot reach
-            raise ServiceUnavailableError(f"{uri}: the MLflow server {_tracking_uri()} (MLFLOW_TRACKING_URI) "
-                                          f"failed: {first_line(error)}") from None
-        raise MMIMInputError(f"{uri}: {first_line(error)}") from None
-    except OSError as error:
-        kind = ServiceUnavailableError if isinstance(error, (ConnectionError, TimeoutError)) else MMIMInputError
-        raise kind(f"{uri}: {first_line(error)}") from None
-    finally:
-        for key in unset:
-            os.environ.pop(key, None)
-
-
 def check_model(uri: str) -> None:
     """Raise a one-line error unless `uri` (models:/<name>@<alias>, a path, ...) is an MLflow model."""
-    with _mlflow_errors(uri):
-        files = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=_tracking_uri())
+    with answering(uri):
+        files = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri())
     if "MLmodel" not in {Path(file.path).name for file in files}:
         raise MMIMInputError(f"{uri}: not an MLflow model (no MLmodel file there)")
 
@@ -141,9 +111,9 @@ def local_checkpoint(spec: str) -> Iterator[Path]:
         return
     log.info("downloading the checkpoint of %s", spec)
     with tempfile.TemporaryDirectory(prefix="mmim-model-") as workdir:
-        with _mlflow_errors(spec):
+        with answering(spec):
             local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=workdir,
-                                                        tracking_uri=_tracking_uri())
+                                                        tracking_uri=tracking_uri())
         yield _checkpoint_in(Path(local), spec)
 
 
@@ -155,7 +125,7 @@ def serve_command(uri: str, host: str, port: int) -> tuple[list[str], dict[str, 
     """
     scripts = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.setdefault("MLFLOW_TRACKING_URI", _tracking_uri())
+    env.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                "-h", host, "-p", str(port)]
     return command, env

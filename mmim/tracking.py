@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import time
@@ -37,11 +36,11 @@ from mmim.config import Config  # noqa: E402
 from mmim.data import make_loader  # noqa: E402
 from mmim.engine import predict_scores  # noqa: E402
 from mmim.errors import MMIMInputError  # noqa: E402
+from mmim.mlflow_server import tracking_uri  # noqa: E402
 from mmim.registry import Decision, register  # noqa: E402
 from mmim.store import FeatureStore  # noqa: E402
 from mmim.versioning import STORES_DIR, data_version, local_store  # noqa: E402
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview; with it, on the runs.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
@@ -52,10 +51,6 @@ class TrackedRun:
     run_id: str
     model_uri: str  # models:/m-... (MLflow 3's logged model)
     experiment_id: str
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
 def dataset_name(config: Config) -> str:

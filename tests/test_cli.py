@@ -145,6 +145,7 @@ def test_ray_job_entrypoint_ships_config_inside_the_project(tmp_path):
         training_entrypoint(tmp_path / "outside.yaml", [])
 
 
-def test_submit_to_an_unreachable_cluster_exits_2(capsys):
+def test_submit_to_an_unreachable_cluster_exits_1(capsys):
+    """Nothing wrong with the input: the service did not answer (exit 1, not 2)."""
     code, _, err = run_cli(capsys, "train", "--config", "configs/demo.yaml", "--submit", "http://127.0.0.1:9")
-    assert code == 2 and "cannot reach the Ray job server" in err
+    assert code == 1 and "cannot reach the Ray job server" in err

@@ -7,6 +7,7 @@ real MLflow server in tests/test_tracking.py (they share its registered model).
 import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,18 @@ def test_predict_accepts_the_shipped_example(tiny_config, tmp_path):
 def test_an_unreachable_registry_is_one_line(command, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
     code, _, err = run_mmim(*command, "models:/mmim-synthetic@champion")
-    assert code == 2 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err  # a service that does not answer: exit 1
     assert err.strip().splitlines()[-1].startswith(
-        "error: models:/mmim-synthetic@champion: the MLflow server http://127.0.0.1:")
+        "error: models:/mmim-synthetic@champion: tracking server http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("command", [["list"], ["rollback"], ["promote", "--version", "1"]])
+def test_registry_commands_fail_fast_when_mlflow_does_not_answer(command, monkeypatch):
+    """Not MLflow's minutes of HTTP retries, and not "no champion" when nobody could be asked."""
+    uri = f"http://127.0.0.1:{free_port()}"  # a closed port
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    code, _, err = run_mmim("registry", *command, "--name", "mmim-synthetic")
+    assert time.monotonic() - started < 30
+    assert code == 1 and "Traceback" not in err and "no champion" not in err
+    assert f"error: registered model mmim-synthetic: tracking server {uri} does not answer" in err
