@@ -20,7 +20,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -80,12 +80,30 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"
     config = config_from_dict(read_json(directory / CONFIG), str(directory / CONFIG))
     encoder_dir = str(directory / TEXT_ENCODER)
     try:
-        backbone = AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir))
+        encoder_config = AutoConfig.from_pretrained(encoder_dir)
+        # Built without memory first: a config that asks for more than the weights file holds
+        # (a vocab_size of 1e11, say) is refused before anything is allocated.
+        with torch.device("meta"):
+            _check_shapes(directory / WEIGHTS, MMIM(config.model, AutoModel.from_config(encoder_config)))
+        backbone = AutoModel.from_config(encoder_config)
     except (OSError, ValueError) as error:
-        raise MMIMInputError(f"{encoder_dir}: cannot read the encoder config ({error})") from None
+        raise MMIMInputError(f"{encoder_dir}: cannot read the encoder config ({first_line(error)})") from None
     model = MMIM(config.model, backbone)
     load_weights(directory, model)
     return model.to(device).eval(), config, load_tokenizer(encoder_dir)
+
+
+def _check_shapes(path: Path, model: MMIM) -> None:
+    """Every parameter of `model` (built on the meta device) has the shape the weights file declares."""
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            declared = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (SafetensorError, OSError) as error:
+        raise MMIMInputError(f"{path}: corrupt or truncated ({error})") from None
+    for name, tensor in model.state_dict().items():
+        if name in declared and declared[name] != tuple(tensor.shape):
+            raise MMIMInputError(f"{path}: {name} has shape {declared[name]}, but the checkpoint's config "
+                                 f"builds {tuple(tensor.shape)}")
 
 
 def load_weights(directory: str | Path, model: MMIM) -> None:
@@ -95,6 +113,9 @@ def load_weights(directory: str | Path, model: MMIM) -> None:
         state = load_file(str(path), device=str(next(model.parameters()).device))
     except (SafetensorError, OSError) as error:
         raise MMIMInputError(f"{path}: corrupt or truncated ({error})") from None
+    broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise MMIMInputError(f"{path}: {broken} contains NaN or inf")
     try:
         load_official_state_dict(model, state)
     except MMIMInputError as error:

@@ -34,7 +34,7 @@ from rich.text import Text
 from mmim.checkpoint import load_checkpoint
 from mmim.config import Config, load_config
 from mmim.distributed import DistributedTrainingError, train_distributed
-from mmim.engine import EpochRecord, TrainingHooks, epoch_line, flat_metrics
+from mmim.engine import EpochRecord, TrainingDiverged, TrainingHooks, epoch_line, flat_metrics
 from mmim.jobs import submit_training_job
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 from mmim.extract import SOURCES, extract
@@ -84,16 +84,16 @@ class ProgressHooks(TrainingHooks):
         self.on_epoch({**flat_metrics(record), "improved": int(improved)})
 
 
-def _train(config: Config, on_epoch: Callable[[dict], None]) -> tuple[list[dict], dict, Path, str]:
+def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) -> tuple[list[dict], dict, Path, str]:
     """(every epoch's flat metrics, the selected epoch's, its checkpoint, a title) of one training."""
     if config.ray.num_workers > 0:
-        result = train_distributed(config, on_epoch)
+        result = train_distributed(config, on_epoch, overwrite)
         title = f"selected epoch {int(result.best['epoch'])} (lowest validation MAE), {config.ray.num_workers} Ray workers"
         return result.epochs, result.best, result.checkpoint, title
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        fitted, checkpoint = train(config, ProgressHooks(progress, on_epoch))
+        fitted, checkpoint = train(config, ProgressHooks(progress, on_epoch), overwrite)
     epochs = [flat_metrics(record) for record in fitted.history]
     return epochs, epochs[fitted.best_epoch - 1], checkpoint, f"selected epoch {fitted.best_epoch} (lowest validation MAE)"
 
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             if tracking is not None:
                 tracking.log_epoch(metrics)
 
-        epochs, selected, checkpoint, title = _train(config, on_epoch)
+        epochs, selected, checkpoint, title = _train(config, on_epoch, args.overwrite)
         stdout.print(_metrics_table(title, {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES}
                                             for split in ("valid", "test")}))
         stdout.print(f"checkpoint: {checkpoint}")
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--workers", type=int, metavar="N",
                            help="Ray Train workers (DDP); 0: one process without Ray (default: ray.num_workers)")
     train_cmd.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
+    train_cmd.add_argument("--overwrite", action="store_true",
+                           help="replace the checkpoint an earlier run left in output_dir (refused otherwise)")
     train_cmd.add_argument("--submit", metavar="ADDRESS",
                            help="submit this training as a Ray Job to the cluster at ADDRESS "
                                 "(e.g. http://head:8265), shipping the project with runtime_env")
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     except MMIMInputError as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_BAD_INPUT
-    except (ServiceUnavailableError, DistributedTrainingError) as error:
+    except (ServiceUnavailableError, DistributedTrainingError, TrainingDiverged) as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_FAILED
     return 0

@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     clip: float = Field(default=1.0, gt=0)  # max gradient norm
     when: int = Field(default=20, ge=0)  # ReduceLROnPlateau patience
     patience: int = Field(default=10, gt=0)  # early stopping patience (epochs)
-    seed: int = 1111
+    seed: int = Field(default=1111, ge=0, le=2**32 - 1)  # numpy and torch take 32-bit seeds
     contrast: bool = True  # run stage 0 and the nce/lld terms (official --contrast)
     # Share of the training batches used in stage 0; the official code uses 0.5 on MOSEI.
     stage0_fraction: float = Field(default=1.0, gt=0, le=1)

@@ -63,7 +63,7 @@ from mmim.files import atomic_directory
 from mmim.model import build_model
 from mmim.store import FeatureStore
 from mmim.text_encoder import load_tokenizer
-from mmim.train import BEST_CHECKPOINT, bind_store
+from mmim.train import BEST_CHECKPOINT, bind_store, prepare_output_dir
 from mmim.versioning import local_store
 
 log = logging.getLogger(__name__)
@@ -279,10 +279,13 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
     )
 
 
-def train_distributed(config: Config, on_report: Callable[[dict], None] | None = None) -> DistributedResult:
+def train_distributed(config: Config, on_report: Callable[[dict], None] | None = None,
+                      overwrite: bool = False) -> DistributedResult:
     """Run Ray training; `on_report(metrics)` sees every epoch's report as it arrives (in a driver
-    thread). The best epoch's weights are copied to OUTPUT_DIR/best."""
+    thread). The best epoch's weights are copied to OUTPUT_DIR/best, replacing an earlier run's
+    only with `overwrite`."""
     check_config(config)
+    prepare_output_dir(config, overwrite)
     if not ray.is_initialized():
         # RAY_ADDRESS (if set) names the cluster; otherwise a local one starts. Worker and
         # controller logs stay in Ray's session logs unless ray.log_to_driver asks for them.

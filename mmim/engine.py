@@ -129,6 +129,17 @@ def evaluate(model: MMIM, loader: DataLoader, device: torch.device) -> dict[str,
     return metrics
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf: the weights are lost, nothing later in the run is worth having."""
+
+
+def _finite(loss: float, epoch: int, stage: int, batch: int) -> float:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged at epoch {epoch}, stage {stage}, batch {batch + 1}: loss is "
+                               f"{loss} (lower the learning rates train.lr_main/lr_bert/lr_mmilb, or train.clip)")
+    return loss
+
+
 class TrainingHooks:
     """Override what you need; every method is a no-op by default."""
 
@@ -251,8 +262,9 @@ class Engine:
             lld = self.model(**batch.model_inputs(), mmilb_only=fast).lld
             loss = -lld
             self._step(loss, self.optimizer_mmilb)
-            means.add(len(batch), neg_lld=loss.item())
-            hooks.on_batch_end(epoch, 0, loss.item())
+            value = _finite(loss.item(), epoch, 0, index)
+            means.add(len(batch), neg_lld=value)
+            hooks.on_batch_end(epoch, 0, value)
         return means.means()
 
     def train_stage1(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None
@@ -277,9 +289,10 @@ class Engine:
             loss = loss - config.beta * output.entropy  # 0 until a memory is passed
             self._step(loss, self.optimizer_main)
             memory = output.memory
-            means.add(len(batch), loss=loss.item(), task=task.item(), nce=output.nce.item(),
+            value = _finite(loss.item(), epoch, 1, index)
+            means.add(len(batch), loss=value, task=task.item(), nce=output.nce.item(),
                       lld=output.lld.item(), H=output.entropy.item())
-            hooks.on_batch_end(epoch, 1, loss.item())
+            hooks.on_batch_end(epoch, 1, value)
         return means.means()
 
     def run_epoch(self, epoch: int, train: DataLoader, valid: DataLoader, test: DataLoader,

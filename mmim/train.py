@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,15 +33,38 @@ def bind_store(config: Config, store: FeatureStore) -> Config:
         raise MMIMInputError(
             f"model.text_encoder {config.model.text_encoder!r} does not match the tokenizer of "
             f"data.store {str(store.root)!r} ({store.text_encoder!r}); re-extract or change the config")
-    for field in ("audio", "vision"):
-        configured = getattr(config.model, f"{field}_dim")
-        if configured is not None and configured != store.dims[field]:
-            raise MMIMInputError(f"model.{field}_dim is {configured} but data.store has {field} "
-                                 f"dim {store.dims[field]}")
-    model = config.model.model_copy(update={"audio_dim": store.dims["audio"],
-                                            "vision_dim": store.dims["vision"],
-                                            "max_tokens": store.max_tokens})
-    return config.model_copy(update={"model": model})
+    stored = {"audio_dim": store.dims["audio"], "vision_dim": store.dims["vision"], "max_tokens": store.max_tokens}
+    for field, value in stored.items():
+        configured = getattr(config.model, field)
+        if configured is not None and configured != value:
+            raise MMIMInputError(f"model.{field} is {configured} but data.store {str(store.root)!r} has {value} "
+                                 "(leave it out: it comes from the store)")
+    return config.model_copy(update={"model": config.model.model_copy(update=stored)})
+
+
+def prepare_output_dir(config: Config, overwrite: bool) -> Path:
+    """OUTPUT_DIR, checked before the first epoch: writable, and not holding another run's
+    checkpoint unless `overwrite` (a worse run must not silently replace a better one)."""
+    output = Path(config.output_dir)
+    earlier = output / BEST_CHECKPOINT
+    if earlier.exists() and not overwrite:
+        raise MMIMInputError(f"output_dir {output}: holds the checkpoint of an earlier run ({_describe(earlier)}); "
+                             "choose another output_dir, or pass --overwrite to replace it")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output).close()
+    except OSError as error:
+        raise MMIMInputError(f"output_dir {output}: not writable ({error.strerror or error})") from None
+    return output
+
+
+def _describe(checkpoint: Path) -> str:
+    """What an earlier checkpoint scored, from its metrics.json, for the refusal above."""
+    try:
+        metrics = json.loads((checkpoint / "metrics.json").read_text())
+        return f"epoch {metrics['epoch']}, valid MAE {metrics['valid']['MAE']:.4f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(checkpoint)
 
 
 class _SaveBest(TrainingHooks):
@@ -63,12 +87,14 @@ class _SaveBest(TrainingHooks):
         self.inner.on_epoch_end(record, improved)
 
 
-def train(config: Config, hooks: TrainingHooks | None = None) -> tuple[FitResult, Path]:
-    """Train on `config.data.store`; returns the result and the best checkpoint's path."""
+def train(config: Config, hooks: TrainingHooks | None = None, overwrite: bool = False) -> tuple[FitResult, Path]:
+    """Train on `config.data.store`; returns the result and the best checkpoint's path.
+    `overwrite` lets the run replace an earlier run's checkpoint in OUTPUT_DIR."""
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     store = FeatureStore(config.data.store, verify_checksums=config.data.verify_checksums)
     config = bind_store(config, store)
+    output = prepare_output_dir(config, overwrite)
     seed_everything(config.train.seed)
     model = build_model(config.model)
     tokenizer = load_tokenizer(config.model.text_encoder)
@@ -77,7 +103,6 @@ def train(config: Config, hooks: TrainingHooks | None = None) -> tuple[FitResult
     valid_loader = make_loader(store["valid"], batch_size, shuffle=False)
     test_loader = make_loader(store["test"], batch_size, shuffle=False)
     engine = Engine(model, config.train)
-    output = Path(config.output_dir)
     saver = _SaveBest(hooks or TrainingHooks(), engine, config, tokenizer, output / BEST_CHECKPOINT)
     result = fit(engine, train_loader, valid_loader, test_loader, saver)
     write_metrics(output / METRICS_FILE, result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -15,6 +16,7 @@ from mmim.engine import epoch_line
 from mmim.predict import evaluate_checkpoint
 from mmim.serving import local_checkpoint
 from mmim.tracking import tracked_run, tracking_uri
+from mmim.train import BEST_CHECKPOINT
 from mmim.versioning import ensure_store
 from tasks.caching import evaluation_key, training_key
 from tasks.features import FeatureStoreRef
@@ -51,7 +53,10 @@ def train(features: FeatureStoreRef, config: Config, project_dir: str) -> Traine
             log.info(epoch_line(metrics, config.train.epochs))
             run.log_epoch(metrics)
 
-        result = train_distributed(config, on_report)
+        if (Path(config.output_dir) / BEST_CHECKPOINT).exists():
+            log.info("replacing %s/%s: every run's checkpoint is kept in its MLflow run's model",
+                     config.output_dir, BEST_CHECKPOINT)
+        result = train_distributed(config, on_report, overwrite=True)
         tracked = run.finish(result.epochs, result.best, result.checkpoint)
     metrics = {k: float(v) for k, v in result.best.items() if k.startswith(("valid_", "test_"))}
     log.info("selected epoch %d, valid MAE %.4f", int(result.best["epoch"]), metrics["valid_MAE"])

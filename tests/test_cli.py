@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 
 from mmim.cli import main
 from mmim.config import load_config
@@ -69,12 +70,58 @@ def test_train_evaluate_predict(tiny_config, tmp_path, capsys):
     ({"train": {"lr_main": -1}}, "train.lr_main: Input should be greater than 0"),
     ({"model": {"bidirectional": "sideways"}}, "model.bidirectional: Input should be a valid boolean"),
     ({"data": {"store": "/nonexistent/store"}}, "/nonexistent/store: feature store not found"),
+    ({"train": {"seed": -1}}, "train.seed: Input should be greater than or equal to 0"),
+    ({"train": {"seed": 2**32}}, "train.seed: Input should be less than or equal to 4294967295"),
+    ({"model": {"max_tokens": 7}}, "model.max_tokens is 7 but data.store"),
+    ({"output_dir": "/etc/hostname/run"}, "output_dir /etc/hostname/run: not writable"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tiny_config, tmp_path, capsys, sections, message):
     path = write_config(tmp_path, tiny_config, **sections)
     code, _, err = run_cli(capsys, "train", "--config", str(path))
     assert code == 2
     assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_an_earlier_runs_checkpoint_is_kept_unless_overwrite(tiny_config, tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config, train={"epochs": 1})
+    assert run_cli(capsys, "train", "--config", str(path))[0] == 0
+    best = tmp_path / "run" / "best" / "model.safetensors"
+    before = best.read_bytes()
+    worse = write_config(tmp_path, tiny_config, train={"epochs": 1, "lr_main": 1e-9, "lr_bert": 1e-9})
+    code, _, err = run_cli(capsys, "train", "--config", str(worse))
+    assert code == 2 and "holds the checkpoint of an earlier run (epoch 1, valid MAE" in err
+    assert best.read_bytes() == before  # refused before the first epoch, nothing replaced
+    code, _, _ = run_cli(capsys, "train", "--config", str(worse), "--overwrite")
+    assert code == 0 and best.read_bytes() != before
+
+
+def test_diverging_training_is_one_line_and_exit_1(tiny_config, tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config, train={"epochs": 1, "lr_main": 1e8, "lr_bert": 1e8, "lr_mmilb": 1e8})
+    code, _, err = run_cli(capsys, "train", "--config", str(path))
+    assert code == 1 and "Traceback" not in err
+    assert re.search(r"error: training diverged at epoch 1, stage \d, batch \d+: loss is (nan|inf)", err)
+
+
+def test_hostile_checkpoints_are_refused_before_allocating(tiny_config, tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config, train={"epochs": 1})
+    assert run_cli(capsys, "train", "--config", str(path))[0] == 0
+    checkpoint = tmp_path / "run" / "best"
+    example = tmp_path / "in.json"
+    example.write_text(json.dumps([{"text": "good", "audio": [[0.0] * 5], "vision": [[0.0] * 20]}]))
+
+    encoder_config = checkpoint / "text_encoder" / "config.json"
+    original = encoder_config.read_text()
+    encoder_config.write_text(json.dumps({**json.loads(original), "vocab_size": 10**11}))
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", str(checkpoint), "--input", str(example))
+    assert code == 2 and "word_embeddings.weight has shape" in err and "100000000000" in err
+    encoder_config.write_text(original)
+
+    weights = checkpoint / "model.safetensors"
+    state = load_file(str(weights))
+    state["fusion_prj.linear_3.weight"][0, 0] = float("nan")
+    save_file(state, str(weights))
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", str(checkpoint), "--input", str(example))
+    assert code == 2 and "model.safetensors: fusion_prj.linear_3.weight contains NaN or inf" in err
 
 
 def test_store_problems_exit_2_naming_the_file(tiny_config, tiny_store, tmp_path, capsys):
