@@ -17,7 +17,7 @@ from mmim.formats.csd import read_csd
 from mmim.formats.mmsa import read_mmsa
 from mmim.formats.mult import read_mult
 from mmim.store import SEQUENCE_FIELDS
-from mmim.store_writer import ExtractionSummary, NonFinitePolicy, SourceSplit, write_store
+from mmim.store_writer import ExtractionSummary, NonFinitePolicy, SourceSplit, check_destination, write_store
 from mmim.synthetic import synthesize
 from mmim.text_encoder import DEFAULT_MAX_TOKENS, load_tokenizer
 
@@ -51,6 +51,7 @@ def extract(source: Source, input_path: str | Path | None, out: str | Path, enco
     """Read, validate, tokenize and write; `on_start(total steps)` then `advance()` per step."""
     if max_tokens < 2:
         raise MMIMInputError(f"--max-tokens {max_tokens}: must be at least 2 (CLS and SEP)")
+    check_destination(Path(out), overwrite)  # before the slow part; write_store checks again
     splits = read_source(source, input_path, labels=labels, folds=folds, seed=seed)
     tokenizer = load_tokenizer(encoder)
     on_start(sum(len(split.ids) for split in splits.values()) * len(SEQUENCE_FIELDS))

@@ -1,7 +1,8 @@
 """The feature store: the only thing training reads.
 
     STORE/
-      manifest.json            schema version, encoder, dims, counts, sha256 of every file
+      manifest.json            schema version, encoder (and its vocab_size), dims, counts,
+                               sha256 of every file
       train/ valid/ test/
         input_ids.npy          (N, max_tokens) int32   tokenized once, at extraction
         attention_mask.npy     (N, max_tokens) int8
@@ -36,6 +37,12 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
 TEXT_FIELDS = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8}
 SEQUENCE_FIELDS = ("audio", "vision")
+# Every file of a split; each must have a checksum in the manifest, or editing the
+# manifest could switch the check off.
+SPLIT_FILES = (*(f"{field}.npy" for field in TEXT_FIELDS),
+               *(name for field in SEQUENCE_FIELDS for name in (f"{field}.npy", f"{field}_offsets.npy")),
+               "labels.npy", "ids.json")
+LABEL_RANGE = (-3.0, 3.0)
 _CHUNK_ROWS = 1 << 16  # rows per chunk when scanning arrays for NaN/inf
 
 
@@ -89,16 +96,24 @@ class FeatureStore:
         if not self.root.is_dir():
             raise MMIMInputError(f"{self.root}: feature store not found (no such directory)")
         manifest = read_json(path)
+        if not isinstance(manifest, dict):
+            raise MMIMInputError(f"{path}: expected a JSON object")
         for key in ("schema_version", "text_encoder", "max_tokens", "dims", "splits"):
             if key not in manifest:
                 raise MMIMInputError(f"{path}: field {key!r} missing")
         if manifest["schema_version"] != SCHEMA_VERSION:
             raise MMIMInputError(f"{path}: schema_version {manifest['schema_version']}, "
                                  f"this version of mmim reads {SCHEMA_VERSION}")
+        if not isinstance(manifest["splits"], dict):
+            raise MMIMInputError(f"{path}: field 'splits' must be an object (split name -> entry)")
         for name in SPLITS:
             if name not in manifest["splits"]:
                 raise MMIMInputError(f"{path}: split {name!r} missing "
                                      f"(has {', '.join(manifest['splits']) or 'none'})")
+            _check_split_entry(path, name, manifest["splits"][name])
+        vocab_size = manifest.get("vocab_size")  # absent in stores written before it was recorded
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+            raise MMIMInputError(f"{path}: field 'vocab_size' is {vocab_size!r}, expected a positive integer")
         return manifest
 
     def _load_array(self, path: Path, dtype: type, shape: tuple[int | None, ...]) -> np.ndarray:
@@ -120,12 +135,7 @@ class FeatureStore:
         entry = self.manifest["splits"][name]
         count = int(entry["count"])
         if verify_checksums:
-            for filename, expected in entry["sha256"].items():
-                path = directory / filename
-                if not path.is_file():
-                    raise MMIMInputError(f"{path}: missing")
-                if sha256_of(path) != expected:
-                    raise MMIMInputError(f"{path}: checksum mismatch with manifest.json (corrupt or modified)")
+            _verify_checksums(directory, entry["sha256"])
         arrays: dict[str, np.ndarray] = {}
         for field, dtype in TEXT_FIELDS.items():
             arrays[field] = self._load_array(directory / f"{field}.npy", dtype, (count, self.max_tokens))
@@ -140,8 +150,14 @@ class FeatureStore:
             arrays[field], arrays[f"{field}_offsets"] = values, offsets
         arrays["labels"] = self._load_array(directory / "labels.npy", np.float32, (count,))
         _check_finite(directory / "labels.npy", arrays["labels"])
+        _check_range(directory / "labels.npy", arrays["labels"], "label", *LABEL_RANGE)
         if (arrays["attention_mask"][:, 0] != 1).any():
             raise MMIMInputError(f"{directory / 'attention_mask.npy'}: an example has no tokens")
+        if "vocab_size" in self.manifest:
+            # An id outside the vocabulary would be an IndexError deep inside the encoder.
+            vocab_size = self.manifest["vocab_size"]
+            _check_range(directory / "input_ids.npy", arrays["input_ids"], "token id", 0, vocab_size - 1,
+                         f" (vocab_size {vocab_size} of {self.text_encoder} in manifest.json)")
         ids_path = directory / "ids.json"
         ids = read_json(ids_path)
         if not isinstance(ids, list) or len(ids) != count:
@@ -155,3 +171,38 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
         if not np.isfinite(chunk).all():
             row = start + int(np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))[0])
             raise MMIMInputError(f"{path}: NaN or inf at row {row}")
+
+
+def _verify_checksums(directory: Path, checksums: dict[str, str]) -> None:
+    for filename in SPLIT_FILES:
+        if filename not in checksums:
+            raise MMIMInputError(f"{directory / filename}: no checksum in manifest.json "
+                                 f"(splits.{directory.name}.sha256)")
+    for filename, expected in checksums.items():
+        path = directory / filename
+        if not path.is_file():
+            raise MMIMInputError(f"{path}: missing")
+        if sha256_of(path) != expected:
+            raise MMIMInputError(f"{path}: checksum mismatch with manifest.json (corrupt or modified)")
+
+
+def _check_split_entry(path: Path, name: str, entry: object) -> None:
+    """The manifest fields a split is opened with: a missing one is named, not a KeyError."""
+    if not isinstance(entry, dict):
+        raise MMIMInputError(f"{path}: field 'splits.{name}' must be an object")
+    for key in ("count", "sha256"):
+        if key not in entry:
+            raise MMIMInputError(f"{path}: field 'splits.{name}.{key}' missing")
+    if not isinstance(entry["count"], int) or entry["count"] < 0:
+        raise MMIMInputError(f"{path}: field 'splits.{name}.count' must be a non-negative integer")
+    if not isinstance(entry["sha256"], dict):
+        raise MMIMInputError(f"{path}: field 'splits.{name}.sha256' must be an object (file name -> hash)")
+
+
+def _check_range(path: Path, array: np.ndarray, what: str, low: float, high: float, why: str = "") -> None:
+    """Every value within [low, high]; the first row outside is named."""
+    outside = (array < low) | (array > high)
+    if outside.any():
+        row = int(np.flatnonzero(outside.reshape(len(array), -1).any(axis=1))[0])
+        value = array[row] if array.ndim == 1 else array[row][outside[row]][0]
+        raise MMIMInputError(f"{path}: {what} {value} at row {row} outside [{low}, {high}]{why}")

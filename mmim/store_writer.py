@@ -30,13 +30,12 @@ import numpy as np
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.errors import MMIMInputError
-from mmim.files import atomic_directory
-from mmim.store import SCHEMA_VERSION, SEQUENCE_FIELDS, SPLITS, TEXT_FIELDS, sha256_of
+from mmim.files import atomic_directory, check_replaceable_directory
+from mmim.store import LABEL_RANGE, SCHEMA_VERSION, SEQUENCE_FIELDS, SPLITS, TEXT_FIELDS, sha256_of
 from mmim.text_encoder import tokenize
 
 log = logging.getLogger(__name__)
 
-LABEL_RANGE = (-3.0, 3.0)
 TOKENIZE_CHUNK = 2048  # texts tokenized per call
 NonFinitePolicy = Literal["zero", "fail"]
 
@@ -211,6 +210,29 @@ def _write_split(directory: Path, name: str, split: SourceSplit, tokenizer: PreT
     return {"count": len(keep), "sha256": {p.name: sha256_of(p) for p in sorted(directory.iterdir())}}
 
 
+def _is_store(root: Path) -> bool:
+    """A directory holding only what `write_store` writes, with a manifest it wrote."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and {"schema_version", "splits", "text_encoder"} <= manifest.keys()
+            and {path.name for path in root.iterdir()} <= {"manifest.json", *SPLITS})
+
+
+def check_destination(root: Path, overwrite: bool) -> None:
+    """Refuse, naming `root`, anything but a new path, or with `overwrite` an existing store
+    or an empty directory: --overwrite must never delete someone's other files."""
+    check_replaceable_directory(root)
+    if not root.exists():
+        return
+    if not overwrite:
+        raise MMIMInputError(f"{root}: already exists (use --overwrite to replace it)")
+    if any(root.iterdir()) and not _is_store(root):
+        raise MMIMInputError(f"{root}: not a feature store (no manifest.json from mmim extract, or other "
+                             f"files beside it); refusing to replace it with --overwrite")
+
+
 def write_store(root: str | Path, splits: dict[str, SourceSplit], tokenizer: PreTrainedTokenizerBase, *,
                 text_encoder: str, max_tokens: int, source: str, nonfinite: NonFinitePolicy = "zero",
                 overwrite: bool = False, advance: Callable[[], None] = lambda: None) -> ExtractionSummary:
@@ -224,13 +246,12 @@ def write_store(root: str | Path, splits: dict[str, SourceSplit], tokenizer: Pre
     for name in SPLITS:
         _check_shapes(name, splits[name], dims)
     _check_ids(splits)
-    if root.exists() and not overwrite:
-        raise MMIMInputError(f"{root}: already exists (use --overwrite to replace it)")
+    check_destination(root, overwrite)
 
     summary = ExtractionSummary(root=root, counts={}, dims=dims)
     with atomic_directory(root) as staging:
         manifest = {"schema_version": SCHEMA_VERSION, "source": source, "text_encoder": text_encoder,
-                    "max_tokens": max_tokens, "dims": dims, "splits": {}}
+                    "vocab_size": len(tokenizer), "max_tokens": max_tokens, "dims": dims, "splits": {}}
         for name in SPLITS:
             manifest["splits"][name] = _write_split(staging / name, name, splits[name], tokenizer,
                                                     max_tokens, nonfinite, summary, advance)

@@ -1,15 +1,19 @@
 """The feature store: streaming writer round trip, batching, and errors naming file and field."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mmim.cli import main
 from mmim.data import make_loader
 from mmim.errors import MMIMInputError
 from mmim.store import FeatureStore, sha256_of
 from mmim.store_writer import PaddedSequences, SequenceList, SourceSplit, write_store
+from mmim.synthetic import synthesize
 from mmim.text_encoder import load_tokenizer, tokenize
 
 WORDS = ["the movie was good", "the plot was not bad", "i watched it", "the acting was very dull and weak"]
@@ -173,3 +177,155 @@ def test_existing_store_is_not_overwritten_by_default(write):
     write()
     with pytest.raises(MMIMInputError, match="already exists"):
         write()
+
+
+# ---------------------------------------------------------------- integrity of the manifest
+
+def edit_manifest(root, edit):
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(data)
+
+
+def test_emptied_checksums_do_not_switch_the_check_off(write):
+    root = write().root
+    flip_a_byte(root / "train" / "labels.npy")
+    edit_manifest(root, lambda m: m["splits"]["train"]["sha256"].clear())
+    with pytest.raises(MMIMInputError, match=r"train/input_ids.npy: no checksum in manifest.json "
+                                             r"\(splits.train.sha256\)"):
+        FeatureStore(root)
+    edit_manifest(root, lambda m: m["splits"]["train"]["sha256"].update(
+        {name: sha256_of(root / "train" / name) for name in ("input_ids.npy", "attention_mask.npy")}))
+    with pytest.raises(MMIMInputError, match="train/token_type_ids.npy: no checksum"):
+        FeatureStore(root)
+
+
+@pytest.mark.parametrize("field", ["sha256", "count"])
+def test_missing_split_field_is_named(write, field):
+    root = write().root
+    edit_manifest(root, lambda m: m["splits"]["valid"].pop(field))
+    with pytest.raises(MMIMInputError, match=rf"manifest.json: field 'splits.valid.{field}' missing"):
+        FeatureStore(root, verify_checksums=False)
+
+
+def rewrite_array(root, filename, change):
+    """Change an array and record its new checksum, as someone editing the store would."""
+    path = root / "train" / filename
+    array = np.load(path)
+    change(array)
+    np.save(path, array)
+    edit_manifest(root, lambda m: m["splits"]["train"]["sha256"].__setitem__(filename, sha256_of(path)))
+
+
+def test_label_outside_the_range_is_named(write):
+    root = write().root
+    rewrite_array(root, "labels.npy", lambda labels: labels.__setitem__(4, 7.5))
+    with pytest.raises(MMIMInputError, match=r"train/labels.npy: label 7.5 at row 4 outside \[-3.0, 3.0\]"):
+        FeatureStore(root)
+
+
+@pytest.mark.parametrize("token", [-1, 10_000])
+def test_token_id_outside_the_vocabulary_is_named(write, token):
+    root = write().root
+    assert json.loads((root / "manifest.json").read_text())["vocab_size"] == len(write.tokenizer)
+    rewrite_array(root, "input_ids.npy", lambda ids: ids.__setitem__((2, 1), token))
+    with pytest.raises(MMIMInputError, match=rf"train/input_ids.npy: token id {token} at row 2 outside "
+                                             rf"\[0, {len(write.tokenizer) - 1}\] \(vocab_size"):
+        FeatureStore(root)
+    # A store written before vocab_size was recorded opens as before: the range is unknown.
+    edit_manifest(root, lambda m: m.pop("vocab_size"))
+    assert FeatureStore(root)["train"].input_ids[2, 1] == token
+
+
+# ---------------------------------------------------------------- --out and --overwrite
+
+def extract_synthetic(capsys, out, encoder, *extra):
+    code = main(["extract", "--source", "synthetic", "--out", str(out), "--encoder", encoder, *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def small_synthetic(monkeypatch):
+    """`--source synthetic` at a few examples per split, so an extraction takes no time."""
+    sizes = {"train": 8, "valid": 4, "test": 4}
+    monkeypatch.setattr("mmim.extract.synthesize", lambda seed: synthesize(seed, sizes))
+
+
+def _precious_directory(out, write):
+    out.mkdir()
+    (out / "important.txt").write_text("precious")
+
+
+def _store_with_a_stranger(out, write):
+    write(name=out.name)
+    (out / "important.txt").write_text("precious")
+
+
+def _fake_manifest(out, write):
+    out.mkdir()
+    (out / "manifest.json").write_text('{"not": "a store"}')
+
+
+@pytest.mark.parametrize("make", [_precious_directory, _store_with_a_stranger, _fake_manifest])
+def test_overwrite_refuses_what_is_not_a_store(tmp_path, tiny_encoder, capsys, write, make):
+    out = tmp_path / "d"
+    make(out, write)
+    before = sorted(p.name for p in out.iterdir())
+    code, err = extract_synthetic(capsys, out, tiny_encoder, "--overwrite")
+    assert code == 2 and f"{out}: not a feature store" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def _file(tmp_path, monkeypatch):
+    (tmp_path / "out").write_text("a file")
+    return tmp_path / "out"
+
+
+def _link_to_a_store(tmp_path, monkeypatch):
+    (tmp_path / "out").symlink_to(tmp_path / "store")
+    return tmp_path / "out"
+
+
+def _under_a_file(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file")
+    return tmp_path / "file" / "out"
+
+
+def _in_a_read_only_directory(tmp_path, monkeypatch):
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make access() answer as for anyone else
+        real_access = os.access
+        monkeypatch.setattr(os, "access",
+                            lambda path, mode: Path(path).name != "read-only" and real_access(path, mode))
+    return tmp_path / "read-only" / "out"
+
+
+@pytest.mark.parametrize("place, message", [
+    (_file, "exists and is not a directory"),
+    (_link_to_a_store, "is a symbolic link; refusing to replace it"),
+    (_under_a_file, "is a file, not a directory"),
+    (_in_a_read_only_directory, "cannot write in"),
+])
+def test_bad_out_is_one_line_and_exit_2(tmp_path, tiny_encoder, capsys, monkeypatch, write, place, message):
+    write(name="store")
+    out = place(tmp_path, monkeypatch)
+    code, err = extract_synthetic(capsys, out, tiny_encoder, "--overwrite")
+    assert code == 2 and err.strip().startswith(f"error: {out}: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and FeatureStore(tmp_path / "store")
+
+
+@pytest.mark.parametrize("existing", ["store", "empty directory"])
+def test_overwrite_replaces_a_store_or_an_empty_directory(tmp_path, tiny_encoder, capsys, write,
+                                                          small_synthetic, existing):
+    out = tmp_path / "d"
+    write(name="d") if existing == "store" else out.mkdir()
+    code, err = extract_synthetic(capsys, out, tiny_encoder, "--overwrite")
+    assert code == 0, err
+    assert FeatureStore(out).manifest["source"] == "synthetic" and len(FeatureStore(out)["train"]) == 8
