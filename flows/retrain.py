@@ -2,16 +2,19 @@
 
     retrain(dataset, config)
       extract_features   dvc repro extract@<dataset>   params.yaml + data/raw/<dataset> -> data/stores/<dataset>
-      push_features      dvc push                      the store (and its raw inputs) -> the DVC remote
+      push_features      dvc push                      the store (restored first if missing) -> the DVC remote
       train              Ray Train + MLflow            store + config -> MLflow run, checkpoint, logged model
       evaluate           the logged checkpoint         -> eval_{valid,test}_* on the run
       register           MLflow Model Registry         -> mmim-<dataset> vN; champion only if better
-    -> a summary table in the flow run's log and a markdown artifact `retrain-<dataset>`
+    -> the decision in the flow run's log, a summary as markdown artifact `retrain-<dataset>`;
+       the command line prints the summary and the commands to look at the results
 
 Steps whose content key matches an earlier run are restored from Prefect's result
 storage instead of running (tasks/caching.py): a rerun with the same data, config and
-code skips extraction, training and registration. A failing step fails the flow with a
-message that names it; the steps after it, registration included, never run.
+code skips extraction, training and registration, and the summary says which flow run
+they come from; the registry's current champion is read when the run ends. A failing
+step fails the flow with a message that names it; the steps after it, registration
+included, never run.
 
 Here, with Prefect's ephemeral API:   python -m flows.retrain --dataset synthetic --config configs/demo.yaml
 On a schedule: prefect.yaml (see README, "The pipeline").
@@ -20,7 +23,6 @@ On a schedule: prefect.yaml (see README, "The pipeline").
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import re
@@ -42,8 +44,11 @@ from mmim.distributed import check_ray_settings
 from mmim.errors import MMIMInputError, first_line
 from mmim.metrics import METRIC_NAMES
 from mmim.tracking import registered_model_name, tracking_uri
+from mmim.versioning import check_inputs, store_path
 from tasks import (FeatureStoreRef, Registration, TrainedModel, evaluate, extract_features, push_features,
                    register, train)
+from tasks.caching import Origin
+from tasks.registration import Champion, current_champion
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -60,14 +65,17 @@ class StepFailed(RuntimeError):
 class RetrainSummary(BaseModel):
     dataset: str
     data_version: str
-    stages_run: list[str]
+    stages_run: list[str]  # what DVC ran for the extraction step (this run's, or the restored run's)
+    extraction: Origin | None  # the flow run that extracted
     files_pushed: int | None  # None: push skipped
     run_id: str
-    run_link: str  # the run in the MLflow UI, or its runs:/ URI when there is no UI server
+    run_link: str  # the run in the MLflow UI, or its runs:/ URI when there is no UI for the tracking URI
     model_uri: str
+    checkpoint: str | None  # the local copy of the selected epoch's checkpoint (OUTPUT_DIR/best)
     selected_epoch: int
     evaluation: dict[str, dict[str, float]]  # split -> metric -> value, from the logged checkpoint
     registration: Registration
+    champion: Champion | None  # the registry's champion when the run ended
     cached_steps: list[str]  # restored from an earlier run with the same content key
 
     @property
@@ -77,6 +85,13 @@ class RetrainSummary(BaseModel):
                   if r.champion_before else "no champion before")
         verdict = "promoted to champion" if r.promoted else "challenger, champion unchanged"
         return f"{r.model_name} v{r.version} ({r.metric}={r.value:.4f}): {verdict} ({before})"
+
+    def provenance(self, step: str, what: str, origin: Origin | None = None) -> str:
+        """`what` a step did in this run, or which earlier flow run did it when it was restored."""
+        if step not in self.cached_steps:
+            return f"this run: {what}"
+        source = f"flow run {origin.flow_run} at {origin.at}" if origin else "an earlier flow run"
+        return f"restored from cache: {what}, by {source}"
 
 
 class Steps:
@@ -124,11 +139,25 @@ def pipeline_config(project: Path, config: str, overrides: list[str]) -> Config:
         "tracking": tracking})
 
 
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local tracking store
+
+
 def run_link(trained: TrainedModel) -> str:
+    """The run's page: on the tracking server, or under `mlflow ui` for a local store."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{trained.experiment_id}/runs/{trained.run_id}"
-    return f"runs:/{trained.run_id}"
+        base = uri.rstrip("/")
+    elif uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        base = MLFLOW_UI
+    else:  # databricks and other hosted stores: no URL we can know
+        return f"runs:/{trained.run_id}"
+    return f"{base}/#/experiments/{trained.experiment_id}/runs/{trained.run_id}"
+
+
+def _local(path: str | Path) -> str:
+    """`path` relative to the working directory when it is below it (shorter to copy)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def summary_table(summary: RetrainSummary) -> Table:
@@ -142,32 +171,48 @@ def summary_table(summary: RetrainSummary) -> Table:
     return table
 
 
-def summary_lines(summary: RetrainSummary) -> list[str]:
-    extracted = ", ".join(summary.stages_run) if summary.stages_run else "up to date"
-    pushed = "skipped" if summary.files_pushed is None else f"{summary.files_pushed} files"
-    return [f"data version  {summary.data_version} ({extracted}); DVC push: {pushed}",
-            f"MLflow run    {summary.run_link}",
-            f"model         {summary.model_uri}",
-            f"registry      {summary.decision}",
-            f"from cache    {', '.join(summary.cached_steps) or 'nothing'}"]
+def _checkpoint_here(summary: RetrainSummary) -> str | None:
+    """The local checkpoint, if it is on this machine (a cached result may name another's)."""
+    found = summary.checkpoint and Path(summary.checkpoint).is_dir()
+    return _local(summary.checkpoint) if found else None
+
+
+def _champion(champion: Champion | None) -> str:
+    if champion is None:
+        return "none"
+    figure = "no metric tag" if champion.value is None else f"{champion.metric}={champion.value:.4f}"
+    return f"{champion.model_name} v{champion.version} ({figure})"
+
+
+def summary_rows(summary: RetrainSummary, link: Callable[[str, str], str] = lambda text, url: url
+                 ) -> list[tuple[str, str]]:
+    """(label, text) of what this run did and what it restored; `link(text, url)` renders a link."""
+    ran = f"ran {', '.join(summary.stages_run)}" if summary.stages_run else "store up to date"
+    pushed = ("skipped" if summary.files_pushed is None else
+              f"{summary.files_pushed} files sent" if summary.files_pushed else "0 files sent (the remote had them)")
+    extracted = summary.provenance("extract_features", ran, summary.extraction)
+    trained = summary.provenance("train", f"epoch {summary.selected_epoch} selected")
+    return [("data version", f"{summary.data_version} ({extracted})"),
+            ("DVC push", pushed),
+            ("MLflow run", f"{link(summary.run_id, summary.run_link)} ({trained})"),
+            ("model", summary.model_uri),
+            ("checkpoint", _checkpoint_here(summary) or "not on this machine (use the model)"),
+            ("registry", summary.provenance("register", summary.decision, summary.registration.origin)),
+            ("champion now", _champion(summary.champion)),
+            ("from cache", ", ".join(summary.cached_steps) or "nothing")]
 
 
 def summary_markdown(summary: RetrainSummary) -> str:
     splits = list(summary.evaluation)
     rows = "\n".join(f"| {name} | " + " | ".join(f"{summary.evaluation[s][name]:.4f}" for s in splits) + " |"
                      for name in METRIC_NAMES)
-    extracted = ", ".join(summary.stages_run) if summary.stages_run else "up to date (nothing re-extracted)"
-    pushed = "skipped" if summary.files_pushed is None else f"{summary.files_pushed} files"
+    facts = "\n".join(f"| {label} | {text} |"
+                      for label, text in summary_rows(summary, lambda text, url: f"[{text}]({url})"))
     return f"""# Retraining on {summary.dataset}
 
 | | |
 |---|---|
-| data version | `{summary.data_version}` ({extracted}) |
-| DVC push | {pushed} |
-| MLflow run | [{summary.run_id}]({summary.run_link}) |
-| logged model | `{summary.model_uri}` |
-| registry | {summary.decision} |
-| steps restored from cache | {', '.join(summary.cached_steps) or 'none'} |
+{facts}
 | serve | `mmim serve --model models:/{summary.registration.model_name}@champion` |
 
 Selected epoch {summary.selected_epoch} (lowest validation MAE); figures of the logged checkpoint:
@@ -176,12 +221,6 @@ Selected epoch {summary.selected_epoch} (lowest validation MAE); figures of the 
 |---|{'---|' * len(splits)}
 {rows}
 """
-
-
-def _log_table(table: Table) -> str:
-    buffer = io.StringIO()
-    Console(file=buffer, width=110, color_system=None).print(table)
-    return buffer.getvalue()
 
 
 @flow(name="retrain", description="DVC extraction -> Ray training -> MLflow -> gated registration")
@@ -213,28 +252,42 @@ def retrain(dataset: str = "synthetic", config: str = "configs/demo.yaml", overr
     registration: Registration = step("register", register, trained, evaluation, model_name,
                                       settings.tracking.metric, settings.tracking.margin)
 
+    champion = _run("read_champion", current_champion, model_name, settings.tracking.metric)
+
     summary = RetrainSummary(dataset=dataset, data_version=features.data_version, stages_run=features.stages_run,
-                             files_pushed=pushed, run_id=trained.run_id, run_link=run_link(trained),
-                             model_uri=trained.model_uri, selected_epoch=trained.epoch, evaluation=evaluation,
-                             registration=registration, cached_steps=step.cached)
-    log.info("summary\n%s%s", _log_table(summary_table(summary)), "\n".join(summary_lines(summary)))
+                             extraction=features.origin, files_pushed=pushed, run_id=trained.run_id,
+                             run_link=run_link(trained), model_uri=trained.model_uri,
+                             checkpoint=trained.checkpoint, selected_epoch=trained.epoch, evaluation=evaluation,
+                             registration=registration, champion=champion, cached_steps=step.cached)
+    registry_row = summary.provenance("register", summary.decision, registration.origin)
+    log.info("%s; champion now %s", registry_row, _champion(champion))
     key = re.sub(r"[^a-z0-9-]+", "-", f"retrain-{dataset.lower()}")
-    create_markdown_artifact(summary_markdown(summary), key=key, description=summary.decision)
+    create_markdown_artifact(summary_markdown(summary), key=key, description=registry_row)
     return summary.model_dump()
 
 
 # ---------------------------------------------------------------- command line
 
-def _hints(summary: RetrainSummary) -> list[str]:
-    scripts = os.path.relpath(Path(sys.executable).parent)  # where mlflow, prefect and mmim are
-    scripts = scripts if not scripts.startswith("..") else str(Path(sys.executable).parent)
+def _hints(summary: RetrainSummary, project: Path) -> list[str]:
+    scripts = _local(Path(sys.executable).parent)  # where mlflow, prefect and mmim are
     uri = tracking_uri()
-    mlflow_ui = uri if uri.startswith("http") else f"{scripts}/mlflow ui --backend-store-uri {uri}   (http://127.0.0.1:5000)"
+    mlflow_ui = (summary.run_link if uri.startswith("http")
+                 else f"{scripts}/mlflow ui --backend-store-uri {uri}   then {summary.run_link}")
     name = summary.registration.model_name
+    examples = _local(project / "examples" / "utterances.json")
+    checkpoints = [c for c in (_checkpoint_here(summary), f"models:/{name}@champion") if c]
+    predict = [f"{scripts}/mmim predict --checkpoint {c} --input {examples}" for c in checkpoints]
     return [f"MLflow UI:   {mlflow_ui}",
             f"Prefect UI:  {scripts}/prefect server start   (http://127.0.0.1:4200; shows this run)",
+            *(f"{'predict:' if i == 0 else '':<13}{line}" for i, line in enumerate(predict)),
+            (f"evaluate:    {scripts}/mmim evaluate --checkpoint {checkpoints[0]} "
+             f"--store {_local(project / store_path(summary.dataset))}"),
             f"registry:    {scripts}/mmim registry list --name {name}",
             f"serve:       {scripts}/mmim serve --model models:/{name}@champion"]
+
+
+def _print_error(message: str) -> None:
+    Console(stderr=True).print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,18 +303,27 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     for library in ("mlflow", "dvc"):  # their progress lines repeat what the steps log
         logging.getLogger(library).setLevel(logging.WARNING)
-    console = Console(stderr=True)
+    project = Path(args.project_dir).resolve()
+    try:  # the flow checks these too; here they fail in one line, before Prefect starts
+        pipeline_config(project, args.config, args.set)
+        check_inputs(args.dataset, args.project_dir)  # names data/raw/<dataset> as the user would
+    except MMIMInputError as error:
+        _print_error(str(error))
+        return EXIT_BAD_INPUT
     try:
         result = retrain(dataset=args.dataset, config=args.config, overrides=args.set,
-                         project_dir=args.project_dir, push=not args.no_push, remote=args.remote,
+                         project_dir=str(project), push=not args.no_push, remote=args.remote,
                          refresh=args.refresh)
     except StepFailed as error:
-        console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        _print_error(str(error))
         return EXIT_BAD_INPUT if error.bad_input else EXIT_FAILED
     summary = RetrainSummary.model_validate(result)
     stdout = Console()
     stdout.print(summary_table(summary))
-    for line in summary_lines(summary) + [""] + _hints(summary):
+    for label, text in summary_rows(summary):
+        stdout.print(f"{label:<14}{text}", highlight=False, soft_wrap=True)
+    stdout.print()
+    for line in _hints(summary, project):
         stdout.print(line, highlight=False, soft_wrap=True)
     return 0
 

@@ -19,10 +19,12 @@ from contextlib import chdir, contextmanager
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
+from dvc.dependency import Dependency
 from dvc.exceptions import DvcException
 from dvc.fs import DVCFileSystem
 from dvc.repo import Repo
 from dvc.repo.graph import collect_pipeline
+from dvc.stage import Stage
 
 from mmim.config import DataConfig
 from mmim.errors import MMIMInputError, ServiceUnavailableError, first_line
@@ -95,6 +97,33 @@ def reproduce(dataset: str, repo_root: str | Path = ".", force: bool = False, pu
     return [stage.addressing for stage in stages]
 
 
+def _pipeline_inputs(repo: Repo, dataset: str) -> list[tuple[Stage, list[Dependency]]]:
+    """Every stage up to `extract@<dataset>`, with those of its inputs that no stage of
+    that pipeline writes (raw releases, code, params)."""
+    target = repo.stage.collect(stage_name(dataset))[0]
+    pipeline = list(collect_pipeline(target, repo.index.graph))
+    produced = {out.fs_path for stage in pipeline for out in stage.outs}
+    return [(stage, [d for d in stage.deps if d.fs_path not in produced]) for stage in pipeline]
+
+
+def _require(repo_root: str | Path, stage: Stage, dependency: Dependency) -> None:
+    if dependency.exists:
+        return
+    path = Path(repo_root) / dependency.def_path
+    hint = (f": put the {path.name} release there (README, \"Datasets\")"
+            if dependency.def_path.startswith("data/raw/") else "")
+    raise MMIMInputError(f"{path}: missing (an input of stage {stage.addressing}){hint}")
+
+
+def check_inputs(dataset: str, repo_root: str | Path = ".") -> None:
+    """Fail with one line naming the first missing input of the stages up to `extract@<dataset>`
+    (e.g. data/raw/mosi without the release), before DVC tries to run anything."""
+    with _open(repo_root) as repo:
+        for stage, dependencies in _pipeline_inputs(repo, dataset):
+            for dependency in dependencies:
+                _require(repo_root, stage, dependency)
+
+
 def input_fingerprint(dataset: str, repo_root: str | Path = ".") -> str:
     """A content hash of everything the store of `dataset` is built from.
 
@@ -105,31 +134,30 @@ def input_fingerprint(dataset: str, repo_root: str | Path = ".") -> str:
     """
     inputs: dict[str, object] = {}
     with _open(repo_root) as repo:
-        target = repo.stage.collect(stage_name(dataset))[0]
-        pipeline = list(collect_pipeline(target, repo.index.graph))
-        produced = {out.fs_path for stage in pipeline for out in stage.outs}
-        for stage in pipeline:
+        for stage, dependencies in _pipeline_inputs(repo, dataset):
             inputs[f"{stage.addressing} cmd"] = stage.cmd
-            for dependency in stage.deps:
-                if dependency.fs_path in produced:
-                    continue
-                if not dependency.exists:
-                    raise MMIMInputError(f"{repo_root}/{dependency.def_path}: missing "
-                                         f"(an input of stage {stage.addressing})")
+            for dependency in dependencies:
+                _require(repo_root, stage, dependency)
                 inputs[f"{stage.addressing} {dependency.def_path}"] = dependency.get_hash().value
     encoded = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()
 
 
+def _store_hash(repo: Repo, dataset: str) -> str | None:
+    """The store's hash as dvc.lock records it; None before the stage ever ran."""
+    outs = [out for stage in repo.stage.collect(stage_name(dataset)) for out in stage.outs
+            if out.def_path == store_path(dataset)]
+    return outs[0].hash_info.value if outs and outs[0].hash_info else None
+
+
 def data_version(dataset: str, repo_root: str | Path = ".") -> str:
     """The store's content hash from dvc.lock, e.g. `3f2a...e1.dir`."""
     with _open(repo_root) as repo:
-        stages = repo.stage.collect(stage_name(dataset))
-        outs = [out for stage in stages for out in stage.outs if out.def_path == store_path(dataset)]
-        if not outs or not outs[0].hash_info:
-            raise MMIMInputError(f"{repo_root}/dvc.lock: no hash for {store_path(dataset)}; "
-                                 f"run `dvc repro {stage_name(dataset)}` first")
-        return outs[0].hash_info.value
+        version = _store_hash(repo, dataset)
+    if not version:
+        raise MMIMInputError(f"{repo_root}/dvc.lock: no hash for {store_path(dataset)}; "
+                             f"run `dvc repro {stage_name(dataset)}` first")
+    return version
 
 
 def ensure_store(dataset: str, repo_root: str | Path = ".", expected_version: str | None = None) -> Path:
@@ -149,9 +177,22 @@ def ensure_store(dataset: str, repo_root: str | Path = ".", expected_version: st
 
 
 def push(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -> int:
-    """Upload the store (and the raw inputs DVC tracks for it) to the remote; returns files sent."""
+    """Upload the store (and the raw inputs DVC tracks for it) to the remote; returns files sent
+    (0 when the remote already had them). Fails, naming the store and the remote, when there
+    is nothing to push (dvc.lock records no store) or the remote lacks the store afterwards
+    (DVC only warns when its cache lacks files)."""
     with _open(repo_root) as repo:
-        return repo.push(targets=[stage_name(dataset)], remote=remote, with_deps=True)
+        version = _store_hash(repo, dataset)
+        named = repo.cloud.get_remote(remote)
+        where = f"DVC remote {named.name} ({named.path})"
+        if not version:
+            raise MMIMInputError(f"{store_path(dataset)}: nothing to push to {where}: dvc.lock records "
+                                 f"no store (run `dvc repro {stage_name(dataset)}` first)")
+        sent = repo.push(targets=[stage_name(dataset)], remote=remote, with_deps=True)
+        if not repo.cloud.get_remote_odb(remote).exists(version):  # a directory's listing is pushed after its files
+            raise MMIMInputError(f"{store_path(dataset)}: version {version} is not on {where} after the push "
+                                 f"(DVC's cache lacks it; `dvc repro -f {stage_name(dataset)}` rebuilds it)")
+    return sent
 
 
 def pull(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -> Path:

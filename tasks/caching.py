@@ -6,8 +6,10 @@
     register           MLflow run's model + registered model name + MLflow server
 
 A key that matches a completed run of the same task restores that run's result (state
-"Cached") instead of running it. Paths never enter a key: two checkouts with the same
-content share results, and moving a checkout does not invalidate them. The MLflow server
+"Cached") instead of running it; results that carry an `Origin` say which flow run made
+them, and when, so that a summary can tell a restored result from this run's. Paths
+never enter a key: two checkouts with the same content share results, and moving a
+checkout does not invalidate them. The MLflow server
 does, because the cached results name runs and versions that live there.
 """
 
@@ -15,9 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from prefect.runtime import flow_run
+from pydantic import BaseModel
 
 import mmim
 from mmim.config import Config
@@ -27,6 +33,19 @@ from mmim.versioning import input_fingerprint
 CODE_ROOT = Path(mmim.__file__).parent
 # Settings that name places, not content: the data version stands in for the store.
 PLACES = {"data": ("store", "dvc_url", "dvc_rev"), "ray": ("storage_path", "run_name"), None: ("output_dir",)}
+
+
+class Origin(BaseModel):
+    """The flow run that computed a result; a result restored from the cache keeps it."""
+
+    flow_run: str  # its name, e.g. vivacious-husky
+    at: str  # when, e.g. 2025-06-02 03:04:05 UTC
+
+
+def origin() -> Origin:
+    """The current flow run (called inside a task)."""
+    return Origin(flow_run=flow_run.name or "(no flow run)",
+                  at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))
 
 
 def digest(*parts: str) -> str:

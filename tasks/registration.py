@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from mmim import registry
 from mmim.tracking import tracking_uri
-from tasks.caching import registration_key
+from tasks.caching import Origin, origin, registration_key
 from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
 from tasks.training import TrainedModel
 
@@ -21,6 +21,16 @@ class Registration(BaseModel):
     value: float  # this version's figure
     champion_before: str | None  # the champion's version before this registration
     champion_before_value: float | None
+    origin: Origin | None = None  # the flow run that decided (None: results cached before origins)
+
+
+class Champion(BaseModel):
+    """What the registry calls `champion` now, with its validation figure."""
+
+    model_name: str
+    version: str
+    metric: str  # the tag, e.g. valid_MAE
+    value: float | None  # None: the version has no such tag (promoted by hand)
 
 
 @task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
@@ -35,4 +45,17 @@ def register(trained: TrainedModel, evaluation: dict[str, dict[str, float]], mod
     return Registration(model_name=model_name, version=str(decision.version), promoted=decision.promoted,
                         metric=registry.metric_tag(metric), value=value,
                         champion_before=None if decision.champion_version is None else str(decision.champion_version),
-                        champion_before_value=decision.champion_value)
+                        champion_before_value=decision.champion_value,
+                        origin=origin())
+
+
+def current_champion(model_name: str, metric: str) -> Champion | None:
+    """The registry's `champion` of `model_name` as it is now (None when there is none)."""
+    client = MlflowClient(tracking_uri())
+    version = client.get_registered_model(model_name).aliases.get(registry.CHAMPION)
+    if version is None:
+        return None
+    tag = registry.metric_tag(metric)
+    value = client.get_model_version(model_name, version).tags.get(tag)
+    return Champion(model_name=model_name, version=str(version), metric=tag,
+                    value=None if value is None else float(value))

@@ -1,7 +1,9 @@
 """The retraining flow under Prefect's test harness: a real DVC repository with a local
 remote, a local Ray cluster (2 CPU workers), MLflow on sqlite. First run registers a
-champion; a rerun is served from the cache; a params change re-extracts; a failing
-step fails the flow and registers nothing; a remote that does not answer is retried."""
+champion; a rerun is served from the cache and says so; a second checkout sharing the
+cache still pushes to its own remote; a params change re-extracts; a failing step fails
+the flow and registers nothing; a remote that does not answer is retried; bad input is
+one line before the flow starts."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,12 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 from prefect.testing.utilities import prefect_test_harness
 
 import tasks.training
-from flows.retrain import retrain
+from flows.retrain import RetrainSummary, main, retrain, summary_rows
 from mmim.distributed import DistributedTrainingError
 from tasks import FeatureStoreRef, push_features
 from tasks.retries import is_transient
 from mmim.errors import MMIMInputError, ServiceUnavailableError
-from tests.conftest import dvc, free_port, make_dvc_project
+from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
 
 MODEL = "mmim-flowtest"
 STEPS = ["extract_features", "push_features", "train", "evaluate", "register"]
@@ -35,6 +37,12 @@ class Pipeline:
     mlflow: MlflowClient
     first: dict  # the first run's summary
     first_steps: dict[str, str]
+    first_flow_run: str  # its name
+
+
+def flow_run_name(state) -> str:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).name
 
 
 def write_config(project: Path, encoder: str, artifacts: Path) -> None:
@@ -71,7 +79,7 @@ def pipeline(tiny_encoder, tmp_path_factory):
         try:
             state, steps = run_flow(project)
             assert state.is_completed(), state.message
-            yield Pipeline(project, remote, MlflowClient(uri), state.result(), steps)
+            yield Pipeline(project, remote, MlflowClient(uri), state.result(), steps, flow_run_name(state))
         finally:
             ray.shutdown()
             mlflow.set_tracking_uri(None)
@@ -79,6 +87,11 @@ def pipeline(tiny_encoder, tmp_path_factory):
 
 def versions(pipeline: Pipeline) -> list[str]:
     return sorted(str(v.version) for v in pipeline.mlflow.search_model_versions(f"name='{MODEL}'"))
+
+
+def rows(summary: dict) -> dict[str, str]:
+    """The summary as the command line prints it: label -> text."""
+    return dict(summary_rows(RetrainSummary.model_validate(summary)))
 
 
 def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
@@ -99,7 +112,11 @@ def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-synthetic"])),
                                             limit=1)
     assert artifact.type == "markdown"
-    assert summary["run_id"] in artifact.data and f"{MODEL} v1" in artifact.data and "promoted to champion" in artifact.data
+    assert f"this run: {MODEL} v1" in artifact.data and "promoted to champion" in artifact.data
+    # a link that opens under `mlflow ui` (the tracking store is a sqlite file), not runs:/
+    link = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{summary['run_id']}"
+    assert summary["run_link"] == link and f"[{summary['run_id']}]({link})" in artifact.data
+    assert Path(summary["checkpoint"]).is_dir()
 
 
 def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
@@ -115,6 +132,47 @@ def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
     assert summary["run_id"] == pipeline.first["run_id"] and summary["files_pushed"] == 0
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
     assert versions(pipeline) == versions_before
+    # it says what it restored, and from which run, not "promoted" as if it had decided now
+    assert rows(summary)["registry"].startswith(f"restored from cache: {MODEL} v1 ")
+    assert rows(summary)["registry"].endswith(f"by flow run {pipeline.first_flow_run} at "
+                                              f"{pipeline.first['registration']['origin']['at']}")
+
+
+def test_cached_rerun_prints_what_it_restored_and_the_champion_now(pipeline, capfd):
+    champion = pipeline.mlflow.get_model_version_by_alias(MODEL, "champion")
+    code = main(["--project-dir", str(pipeline.project), "--config", "configs/flowtest.yaml"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    print(out)  # shown when an assertion fails
+    lines = out.splitlines()
+    assert out.count("┏") == 1  # the table, once
+    assert f"registry      restored from cache: {MODEL} v1 " in out
+    assert f"by flow run {pipeline.first_flow_run} at " in out and "this run:" not in out
+    assert f"champion now  {MODEL} v{champion.version} (valid_MAE={float(champion.tags['valid_MAE']):.4f})" in lines
+    assert any(line.startswith("MLflow UI:") and line.endswith(pipeline.first["run_link"]) for line in lines)
+    checkpoint = pipeline.first["checkpoint"]
+    assert f"checkpoint    {checkpoint}" in lines
+    assert any(line.endswith(f"mmim predict --checkpoint {checkpoint} --input "
+                             f"{pipeline.project / 'examples' / 'utterances.json'}") for line in lines)
+
+
+def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny_encoder, tmp_path):
+    """Extraction is restored from the first checkout's cache: the store is not here, and
+    the push must not report 0 files for a store that is missing (DVC rebuilds it)."""
+    remote, clone = tmp_path / "dvc-remote", tmp_path / "clone"
+    run("git", "clone", "-q", str(pipeline.project), str(clone), cwd=tmp_path)  # no dvc.lock, no store
+    dvc("remote", "modify", "default", "url", str(remote), cwd=clone)
+    write_config(clone, tiny_encoder, pipeline.project.parent / "mlartifacts")
+    state, steps = run_flow(clone)
+    assert state.is_completed(), state.message
+    assert steps == {"extract_features": "Cached", "push_features": "Completed", "train": "Cached",
+                     "evaluate": "Cached", "register": "Cached"}
+    summary = state.result()
+    assert summary["data_version"] == pipeline.first["data_version"] and summary["files_pushed"] > 0
+    assert any(p.is_file() for p in remote.rglob("*"))
+    assert rows(summary)["data version"].startswith(
+        f"{summary['data_version']} (restored from cache: ran synthesize, extract@synthetic, "
+        f"by flow run {pipeline.first_flow_run} at ")
 
 
 def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeypatch):
@@ -177,13 +235,31 @@ def test_only_service_errors_are_transient():
     assert not is_transient(MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE))
 
 
-def test_bad_settings_stop_the_flow_before_any_step(pipeline, capsys):
-    from flows.retrain import main
-
-    code = main(["--project-dir", str(pipeline.project), "--config", "configs/flowtest.yaml",
-                 "--set", "ray.num_workers=0"])
-    assert code == 2
-    assert "step load_config failed: ray.num_workers: must be at least 1" in capsys.readouterr().err
+def test_bad_settings_stop_the_flow_before_any_step(pipeline):
     state, steps = run_flow(pipeline.project, overrides=["train.batch_size=15"])  # not divisible by 2 workers
     assert state.is_failed() and "step load_config failed: train.batch_size 15" in state.message
     assert steps == {}  # nothing was extracted, trained or registered
+
+
+@pytest.fixture(scope="module")
+def bare_project(tmp_path_factory) -> Path:
+    """A checkout that never ran anything: no store, no data/raw/mosi."""
+    root = tmp_path_factory.mktemp("bare")
+    return make_dvc_project(root / "project", str(root / "dvc-remote"))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--set", "train.epochs=abc"], "train.epochs: Input should be a valid integer"),
+    (["--set", "nonsense"], "--set 'nonsense': expected key=value, e.g. train.epochs=3"),
+    (["--set", "ray.num_workers=0"], "ray.num_workers: must be at least 1 for Ray training"),
+    (["--dataset", "mosi"], ('data/raw/mosi: missing (an input of stage extract@mosi): '
+                             'put the mosi release there (README, "Datasets")')),
+])
+def test_bad_input_is_one_line_and_exit_2_before_the_flow_starts(bare_project, monkeypatch, capfd, arguments,
+                                                                   message):
+    monkeypatch.chdir(bare_project)
+    code = main(["--config", str(PROJECT / "configs" / "demo.yaml"), *arguments])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()  # no Prefect traceback, no flow run
+    assert line.startswith("error: ") and message in line

@@ -2,16 +2,18 @@
 wipe, pull, byte-identical files; a second repro does nothing; a worker fetches without checkout."""
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
+from configobj import ConfigObj
 
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 from mmim.versioning import (data_version, ensure_store, fetch_store, input_fingerprint, pull, push, reproduce,
                              store_path)
-from tests.conftest import dvc, free_port, run
+from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -45,6 +47,29 @@ def test_repro_push_wipe_pull_and_no_rework(dvc_project, aws_env, bucket, tmp_pa
     run("git", "commit", "-qm", "data", cwd=repo)
     fetched = fetch_store(str(repo), "synthetic", tmp_path / "worker" / "store")
     assert snapshot(fetched) == before
+
+
+def test_repro_leaves_dvc_lock_tracked_by_git(tmp_path):
+    """The project's .dvc/config lets DVC `git add` what it writes (dvc.lock, the .gitignore
+    files), so that the data version a run recorded can be committed with `git commit`."""
+    core = ConfigObj(str(PROJECT / ".dvc" / "config"))["core"]
+    assert core.get("autostage") == "true"
+    repo = make_dvc_project(tmp_path / "project", str(tmp_path / "dvc-remote"))
+    dvc("config", "core.autostage", core["autostage"], cwd=repo)  # what a clone of the project has
+    reproduce("synthetic", repo)
+    status = subprocess.run(["git", "status", "--porcelain", "dvc.lock"], cwd=repo, capture_output=True, text=True,
+                            check=True)
+    assert status.stdout.strip() == "A  dvc.lock"  # staged, nothing left to `git add`
+
+
+def test_push_with_nothing_to_send_fails_naming_store_and_remote(dvc_project, bucket):
+    where = rf"data/stores/synthetic: .* DVC remote default \({bucket}/cache\)"
+    with pytest.raises(MMIMInputError, match=where + ": dvc.lock records no store"):
+        push("synthetic", dvc_project)
+    reproduce("synthetic", dvc_project)
+    shutil.rmtree(dvc_project / ".dvc" / "cache")  # DVC only warns, and sends nothing
+    with pytest.raises(MMIMInputError, match=where + r" after the push \(DVC's cache lacks it"):
+        push("synthetic", dvc_project)
 
 
 def test_changed_params_re_extract(dvc_project):
