@@ -83,7 +83,7 @@ class RetrainSummary(BaseModel):
         r = self.registration
         before = (f"v{r.champion_before} {r.metric}={r.champion_before_value:.4f}"
                   if r.champion_before else "no champion before")
-        verdict = "promoted to champion" if r.promoted else "challenger, champion unchanged"
+        verdict = r.decision or ("promoted to champion" if r.promoted else "challenger, champion unchanged")
         return f"{r.model_name} v{r.version} ({r.metric}={r.value:.4f}): {verdict} ({before})"
 
     def provenance(self, step: str, what: str, origin: Origin | None = None) -> str:

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 import mmim
 from mmim.config import Config
-from mmim.tracking import tracking_uri
+from mmim.mlflow_server import tracking_uri
 from mmim.versioning import input_fingerprint
 
 CODE_ROOT = Path(mmim.__file__).parent

@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from mmim import registry
-from mmim.tracking import tracking_uri
+from mmim.mlflow_server import tracking_uri
 from tasks.caching import Origin, origin, registration_key
 from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
 from tasks.training import TrainedModel
@@ -22,6 +22,7 @@ class Registration(BaseModel):
     champion_before: str | None  # the champion's version before this registration
     champion_before_value: float | None
     origin: Origin | None = None  # the flow run that decided (None: results cached before origins)
+    decision: str = ""  # what happened to `champion` and why ("kept champion v2, chosen by ana: ...")
 
 
 class Champion(BaseModel):
@@ -40,13 +41,12 @@ def register(trained: TrainedModel, evaluation: dict[str, dict[str, float]], mod
     """Register the run's model; `champion` moves only if it beats the champion by `margin`."""
     value = evaluation["valid"][metric]
     decision = registry.register(MlflowClient(tracking_uri()), trained.model_uri, model_name, metric, margin, value)
-    get_run_logger().info("%s v%s: %s", model_name, decision.version,
-                          "promoted to champion" if decision.promoted else "challenger, champion unchanged")
+    get_run_logger().info("%s v%s: %s", model_name, decision.version, decision.text)
     return Registration(model_name=model_name, version=str(decision.version), promoted=decision.promoted,
                         metric=registry.metric_tag(metric), value=value,
                         champion_before=None if decision.champion_version is None else str(decision.champion_version),
                         champion_before_value=decision.champion_value,
-                        origin=origin())
+                        origin=origin(), decision=decision.text)
 
 
 def current_champion(model_name: str, metric: str) -> Champion | None:

@@ -170,6 +170,7 @@ def make_dvc_project(repo: Path, remote_url: str, endpoint: str | None = None, e
     run("git", "config", "user.name", "ci", cwd=repo)
     dvc("init", "-q", cwd=repo)
     dvc("config", "core.analytics", "false", cwd=repo)
+    dvc("config", "core.autostage", "true", cwd=repo)  # as the project's .dvc/config
     dvc("remote", "add", "-d", "default", remote_url, cwd=repo)
     if endpoint:
         dvc("remote", "modify", "default", "endpointurl", endpoint, cwd=repo)

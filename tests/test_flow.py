@@ -176,7 +176,8 @@ def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny
 
 
 def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeypatch):
-    def lost_worker(config):
+    def lost_worker(config, on_report, overwrite):
+        on_report({"epoch": 1, "valid_MAE": 0.9, "stage1_loss": 1.0, "valid_Corr": 0.1, "seconds": 1.0})
         raise DistributedTrainingError("Ray training failed (ray.max_failures=0): worker died")
 
     monkeypatch.setattr(tasks.training, "train_distributed", lost_worker)
@@ -188,7 +189,10 @@ def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeyp
     assert "step train failed: Ray training failed" in state.message
     assert steps == {"extract_features": "Cached", "push_features": "Completed", "train": "Failed"}
     assert versions(pipeline) == versions_before
-    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    # the run that was watching the training is left FAILED, with the epoch reported before the crash
+    runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
+    assert len(runs) == runs_before + 1
+    assert runs.iloc[0]["status"] == "FAILED" and runs.iloc[0]["metrics.valid_MAE"] == 0.9
 
 
 def test_changed_params_re_extract_and_retrain(pipeline):

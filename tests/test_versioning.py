@@ -55,7 +55,6 @@ def test_repro_leaves_dvc_lock_tracked_by_git(tmp_path):
     core = ConfigObj(str(PROJECT / ".dvc" / "config"))["core"]
     assert core.get("autostage") == "true"
     repo = make_dvc_project(tmp_path / "project", str(tmp_path / "dvc-remote"))
-    dvc("config", "core.autostage", core["autostage"], cwd=repo)  # what a clone of the project has
     reproduce("synthetic", repo)
     status = subprocess.run(["git", "status", "--porcelain", "dvc.lock"], cwd=repo, capture_output=True, text=True,
                             check=True)
