@@ -345,3 +345,79 @@ def test_plain_arrays_round_trip_through_the_stand_ins(tmp_path, protocol):
     assert type(loaded["nested"][0]) is np.ndarray and loaded["fortran"].flags.f_contiguous
     path.write_bytes(pickle.dumps({"dtype": np.dtype("int16")}, protocol=protocol))
     assert load_untrusted_pickle(path)["dtype"] == np.dtype("int16")
+
+
+# ---------------------------------------------------------------- empty splits, text where numbers belong
+
+def run_extract(capsys, source, path, out, encoder):
+    """(exit code, stderr) of `mmim extract --source SOURCE --input PATH`."""
+    code = main(["extract", "--source", source, "--input", str(path), "--out", str(out), "--encoder", encoder])
+    return code, capsys.readouterr().err
+
+
+def mult_as_mmsa(source):
+    """The MulT sample's pickle rewritten as an MMSA pickle (for errors only: the padding differs)."""
+    data = pickle.loads((source / "mosi_data_noalign.pkl").read_bytes())
+    for split in data.values():
+        split["raw_text"] = np.array(["the movie was good"] * len(split["id"]), dtype=object)
+        split["regression_labels"] = split.pop("labels").reshape(-1)
+    path = source / "unaligned_50.pkl"
+    path.write_bytes(pickle.dumps(data, protocol=4))
+    return path
+
+
+@pytest.mark.parametrize("source, field, damage, message", [
+    ("mult", "labels", "empty", "split valid has no examples"),
+    ("mult", "labels", "text", "split train, field labels: values of type <U8, expected numbers"),
+    ("mult", "labels", "objects", "split train, field labels: values of type object, expected numbers"),
+    ("mmsa", "regression_labels", "text",
+     "split train, field regression_labels: values of type <U8, expected numbers"),
+])
+def test_pickle_with_an_empty_split_or_text_labels_is_one_line(tmp_path, tiny_encoder, capsys, source, field, damage,
+                                                             message):
+    mult_dir = write_mult_files(tmp_path / "mosi", ragged_examples())
+    path = mult_dir / "mosi_data_noalign.pkl" if source == "mult" else mult_as_mmsa(mult_dir)
+    data = pickle.loads(path.read_bytes())
+    if damage == "empty":  # every array of the split with 0 rows
+        data["valid"] = {key: value[:0] for key, value in data["valid"].items()}
+    elif damage == "text":  # numbers as text ("-1.5"): read as numbers before
+        data["train"][field] = data["train"][field].astype("U8")
+    else:  # a traceback before
+        data["train"][field] = np.full(data["train"][field].shape, "x", dtype=object)
+    path.write_bytes(pickle.dumps(data, protocol=4))
+    code, err = run_extract(capsys, source, path, tmp_path / "store", tiny_encoder)
+    assert (code, err.strip()) == (2, f"error: {path}: {message}")
+    assert not (tmp_path / "store").exists()
+
+
+def features_as_text(csd_file, video, text):
+    """Replace a video's features in a .csd file by `text` in every cell (same shape)."""
+    with h5py.File(csd_file, "a") as handle:
+        group = handle[next(iter(handle))]["data"][video]
+        shape = group["features"].shape
+        del group["features"]
+        group.create_dataset("features", data=np.full(shape, text))
+
+
+@pytest.mark.parametrize("file", ["CMU_MOSI_COVAREP.csd", "CMU_MOSI_Visual_Facet_41.csd"])
+@pytest.mark.parametrize("text", [b"1.5", b"abc"])  # read as 1.5 before; a traceback
+def test_csd_bytes_features_are_one_line(tmp_path, tiny_encoder, capsys, file, text):
+    source = write_csd_sample(tmp_path / "csd", ragged_examples(seed=2))
+    features_as_text(source / file, "vid001", text)
+    code, err = run_extract(capsys, "csd", source, tmp_path / "store", tiny_encoder)
+    assert code == 2
+    assert err.strip() == f"error: {source / file}: video 'vid001', features: values of type |S3, expected numbers"
+
+
+def test_csd_split_without_segments_is_one_line(tmp_path, tiny_encoder, capsys):
+    """Not "features of different dims across videos: []"."""
+    source = write_csd_sample(tmp_path / "csd", ragged_examples(seed=2))
+    labels = source / "CMU_MOSI_Opinion_Labels.csd"
+    with h5py.File(labels, "a") as handle:  # the valid fold's one video has no labelled segment
+        group = handle["labels/data/vid002"]
+        del group["features"], group["intervals"]
+        group.create_dataset("features", data=np.zeros((0, 1), np.float32))
+        group.create_dataset("intervals", data=np.zeros((0, 2)))
+    code, err = run_extract(capsys, "csd", source, tmp_path / "store", tiny_encoder)
+    assert code == 2
+    assert err.strip() == f"error: {labels}: split valid has no examples (no labelled segments in its 1 fold video(s))"

@@ -27,9 +27,10 @@ def padded_sequences(array, lengths: np.ndarray | None, padding: str, where: str
     if not isinstance(array, np.ndarray) or array.ndim != 3:
         shape = getattr(array, "shape", type(array).__name__)
         raise MMIMInputError(f"{where}: expected an (examples, frames, dim) array, got {shape}")
+    numeric_array(array, where)
     if lengths is None:
         lengths = leading_padding_lengths(array) if padding == "front" else trailing_padding_lengths(array)
-    lengths = np.asarray(lengths).reshape(-1)
+    lengths = numeric_array(lengths, f"{where}_lengths").reshape(-1)
     if len(lengths) != len(array):
         raise MMIMInputError(f"{where}: {len(lengths)} lengths for {len(array)} examples")
     bad = np.flatnonzero((lengths < 0) | (lengths > array.shape[1]))
@@ -37,6 +38,33 @@ def padded_sequences(array, lengths: np.ndarray | None, padding: str, where: str
         raise MMIMInputError(f"{where}: length {lengths[bad[0]]} of example {bad[0]} "
                              f"is outside [0, {array.shape[1]}]")
     return PaddedSequences(array, lengths, padding)
+
+
+def numeric_array(value, where: str) -> np.ndarray:
+    """`value` as an array of integers or floats, else an error naming `where`.
+
+    Text and objects are refused rather than converted: numpy would quietly read b"1.5" or
+    "1.5" as a number, and fail with a traceback on b"abc".
+    """
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nested lists
+        raise MMIMInputError(f"{where}: not an array of numbers") from None
+    if array.dtype.kind not in "iuf":
+        raise MMIMInputError(f"{where}: values of type {array.dtype}, expected numbers")
+    return array
+
+
+def sentiment_labels(raw, where: str) -> np.ndarray:
+    """(N,) float32 sentiment from (N,), (N, 1) or (N, 1, 1) labels, or from (N, 1, 7) MOSEI
+    emotion labels (sentiment first). N = 0 passes: an empty split is refused, naming it,
+    where all of a split's counts are checked (`mmim.store_writer`)."""
+    labels = numeric_array(raw, where)
+    if labels.ndim == 3 and labels.shape[-1] == 7:
+        labels = labels[..., 0]
+    if labels.ndim == 0 or labels.size != len(labels):
+        raise MMIMInputError(f"{where}: shape {labels.shape}, expected one number per example")
+    return labels.reshape(-1).astype(np.float32)
 
 
 def leading_padding_lengths(array: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mmim.errors import MMIMInputError
-from mmim.formats import as_text
+from mmim.formats import as_text, numeric_array
 from mmim.store import SPLITS
 from mmim.store_writer import SequenceList, SourceSplit
 
@@ -99,7 +99,9 @@ class _Sequence:
             self.handle.close()
             raise MMIMInputError(f"{self.path}: {found}; refused (a .csd file must hold its data itself)")
 
-    def video(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def video(self, video_id: str, numeric: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(features, intervals) of a video, checked to be numbers (the features of the words
+        are text: `numeric=False`), so that text never reaches `astype(np.float32)`."""
         if video_id not in self.data:
             raise MMIMInputError(f"{self.path}: video {video_id!r} missing")
         group = self.data[video_id]
@@ -107,6 +109,12 @@ class _Sequence:
             features, intervals = group["features"][()], group["intervals"][()]
         except KeyError as error:
             raise MMIMInputError(f"{self.path}: video {video_id!r} lacks {error}") from None
+        where = f"{self.path}: video {video_id!r}"
+        numeric_array(intervals, f"{where}, intervals")
+        if numeric:
+            numeric_array(features, f"{where}, features")
+            if features.ndim != 2 or features.shape[1] == 0:
+                raise MMIMInputError(f"{where}, features: shape {features.shape}, expected (frames, dim)")
         if intervals.ndim != 2 or intervals.shape != (len(features), 2):
             raise MMIMInputError(f"{self.path}: video {video_id!r}: intervals {intervals.shape} "
                                  f"do not match features {features.shape}")
@@ -133,7 +141,7 @@ def read_csd(input_path: str | Path, folds: str | Path | None = None) -> dict[st
             ids, texts, labels, audio, vision = [], [], [], [], []
             for video_id in fold_ids[name]:
                 segment_labels, segment_intervals = sequences["labels"].video(video_id)
-                words, word_intervals = sequences["words"].video(video_id)
+                words, word_intervals = sequences["words"].video(video_id, numeric=False)
                 audio_frames, audio_intervals = sequences["audio"].video(video_id)
                 vision_frames, vision_intervals = sequences["vision"].video(video_id)
                 for number, segment in enumerate(np.argsort(segment_intervals[:, 0], kind="stable"), 1):
@@ -144,6 +152,9 @@ def read_csd(input_path: str | Path, folds: str | Path | None = None) -> dict[st
                     labels.append(float(np.asarray(segment_labels[segment]).reshape(-1)[0]))
                     audio.append(audio_frames[_inside(audio_intervals, start, end)].astype(np.float32))
                     vision.append(vision_frames[_inside(vision_intervals, start, end)].astype(np.float32))
+            if not ids:  # no SequenceList (nor its dim) can be made of nothing
+                raise MMIMInputError(f"{sequences['labels'].path}: split {name} has no examples (no labelled "
+                                     f"segments in its {len(fold_ids[name])} fold video(s))")
             origin = ", ".join(str(s.path) for s in sequences.values())
             splits[name] = SourceSplit(
                 origin=origin, ids=ids, texts=texts, labels=np.asarray(labels, dtype=np.float32),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mmim.errors import MMIMInputError
-from mmim.formats import as_text, padded_sequences, split_dict
+from mmim.formats import as_text, padded_sequences, sentiment_labels, split_dict
 from mmim.store import SPLITS
 from mmim.store_writer import SourceSplit
 from mmim.untrusted_pickle import load_untrusted_pickle
@@ -44,7 +44,7 @@ def read_mmsa(input_path: str | Path) -> dict[str, SourceSplit]:
                      for modality in ("audio", "vision")}
         ids = [as_text(value).replace("$_$", "_") for value in np.asarray(raw["id"]).reshape(-1)]
         texts = [as_text(value) for value in np.asarray(raw["raw_text"]).reshape(-1)]
-        labels = np.asarray(raw["regression_labels"], dtype=np.float32).reshape(-1)
+        labels = sentiment_labels(raw["regression_labels"], f"{where}, field regression_labels")
         splits[name] = SourceSplit(origin=str(path), ids=ids, texts=texts, labels=labels,
                                    audio=sequences["audio"], vision=sequences["vision"])
     return splits

@@ -29,7 +29,7 @@ import numpy as np
 
 from mmim.errors import MMIMInputError
 from mmim.files import atomic_directory
-from mmim.formats import as_text, padded_sequences, split_dict
+from mmim.formats import as_text, padded_sequences, sentiment_labels, split_dict
 from mmim.store import SPLITS
 from mmim.store_writer import Sequences, SourceSplit
 from mmim.untrusted_pickle import load_untrusted_pickle
@@ -122,15 +122,10 @@ def read_mult(input_path: str | Path, labels: str | Path | None = None) -> dict[
         stop = start + len(raw_ids[name])
         ids, texts, start = all_ids[start:stop], all_texts[start:stop], stop
         where = f"{pickle_path}: split {name}"
-        labels_array = np.asarray(raw["labels"], dtype=np.float32)
-        if labels_array.ndim == 3 and labels_array.shape[-1] == 7:
-            labels_array = labels_array[..., 0]  # MOSEI: sentiment is the first of seven
-        labels_array = labels_array.reshape(len(labels_array), -1)
-        if labels_array.shape[1] != 1:
-            raise MMIMInputError(f"{where}, field labels: shape {np.shape(raw['labels'])}, expected (N, 1, 1)")
         sequences = {modality: padded_sequences(raw[modality], None, "front", f"{where}, field {modality}")
                      for modality in ("audio", "vision")}
-        splits[name] = SourceSplit(origin=str(pickle_path), ids=ids, texts=texts, labels=labels_array[:, 0],
+        splits[name] = SourceSplit(origin=str(pickle_path), ids=ids, texts=texts,
+                                   labels=sentiment_labels(raw["labels"], f"{where}, field labels"),
                                    audio=sequences["audio"], vision=sequences["vision"])
     return splits
 
