@@ -39,7 +39,7 @@ from mmim.jobs import submit_training_job
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 from mmim.extract import SOURCES, extract
 from mmim.metrics import METRIC_NAMES
-from mmim.predict import evaluate_checkpoint, predict_utterances
+from mmim.predict import evaluate_checkpoint, predict_utterances, read_utterances
 from mmim.store_writer import ExtractionSummary
 from mmim.synthetic import write_synthetic_raw
 from mmim.train import train
@@ -150,19 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from mmim.serving import local_checkpoint
 
-    source = args.input
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
-    except OSError as error:
-        raise MMIMInputError(f"{source}: cannot read ({error.strerror})") from None
-    try:
-        utterances = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MMIMInputError(f"{source}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    if isinstance(utterances, dict):
-        utterances = [utterances]
-    if not isinstance(utterances, list):
-        raise MMIMInputError(f"{source}: expected a list of utterances")
+    utterances = read_utterances(args.input)  # before a model download: bad input fails fast
     with local_checkpoint(args.checkpoint) as checkpoint:
         model, _, tokenizer = load_checkpoint(checkpoint)
     print(json.dumps(predict_utterances(model, tokenizer, utterances), indent=2))

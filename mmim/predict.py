@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,31 @@ def sentiment_classes(score: float) -> dict[str, Any]:
     }
 
 
+# Caps on one request (mmim predict, the pyfunc, the REST server; README, serving): the LSTMs
+# take one step per frame and a batch is padded to its longest utterance, so the cost grows
+# with frames times utterances. The MulT and MMSA releases hold at most 500 frames per
+# utterance; a 60 s utterance of 100 Hz COVAREP audio (.csd) is 6,000.
+MAX_FRAMES = 10_000  # per modality per utterance
+MAX_UTTERANCES = 256  # per request
+MAX_INPUT_BYTES = 64 * 2**20  # the JSON file `mmim predict` reads
+
+
+def _cap_frames(frames: int, where: str) -> None:
+    if frames > MAX_FRAMES:
+        raise MMIMInputError(f"{where}: {frames} frames, at most {MAX_FRAMES} per utterance")
+
+
 def _frames(value: Any, field: str, index: int, dim: int) -> np.ndarray:
     where = f"utterance {index}, field {field}"
+    if isinstance(value, (list, tuple)):  # counted before converting: that costs time too
+        _cap_frames(len(value), where)
     try:
         array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
         raise MMIMInputError(f"{where}: expected a list of frames of {dim} numbers") from None
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != dim:
         raise MMIMInputError(f"{where}: shape {array.shape}, expected (frames >= 1, {dim})")
+    _cap_frames(len(array), where)  # an array passed from Python
     if not np.isfinite(array).all():
         raise MMIMInputError(f"{where}: contains NaN or inf")
     return array
@@ -44,6 +64,8 @@ def utterances_to_batch(utterances: list[dict[str, Any]], tokenizer, model: MMIM
     """Validate raw utterances ({"text", "audio", "vision"}) and collate them into a Batch."""
     if not utterances:
         raise MMIMInputError("no utterances given")
+    if len(utterances) > MAX_UTTERANCES:
+        raise MMIMInputError(f"{len(utterances)} utterances, at most {MAX_UTTERANCES} per request")
     texts, audio, vision = [], [], []
     for index, utterance in enumerate(utterances):
         if not isinstance(utterance, dict):
@@ -69,6 +91,44 @@ def utterances_to_batch(utterances: list[dict[str, Any]], tokenizer, model: MMIM
         vision=vision_tensor, vision_lengths=vision_lengths,
         labels=torch.zeros(len(texts)), ids=[str(i) for i in range(len(texts))],
     )
+
+
+def read_utterances(source: str) -> list:
+    """The utterances in a JSON file (a list of them, or one), or on stdin for "-"."""
+    data = _read_capped(source)
+    try:
+        utterances = json.loads(data)
+    except json.JSONDecodeError as error:
+        raise MMIMInputError(f"{source}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    except UnicodeDecodeError:
+        raise MMIMInputError(f"{source}: not UTF-8 text") from None
+    except RecursionError:  # json's parser recurses once per open bracket
+        raise MMIMInputError(f"{source}: JSON nested too deeply") from None
+    if isinstance(utterances, dict):
+        utterances = [utterances]
+    if not isinstance(utterances, list):
+        raise MMIMInputError(f"{source}: expected a list of utterances")
+    return utterances
+
+
+def _read_capped(source: str) -> bytes:
+    """The bytes of `source` ("-": stdin), refused over MAX_INPUT_BYTES: a file by its size,
+    before reading; a pipe after reading one byte past the cap."""
+    too_large = MMIMInputError(f"{source}: larger than {MAX_INPUT_BYTES // 2**20} MB, "
+                               f"the cap on mmim predict's input (split it)")
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        else:
+            with open(source, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size > MAX_INPUT_BYTES:
+                    raise too_large
+                data = handle.read(MAX_INPUT_BYTES + 1)  # a FIFO or /dev/stdin has no size
+    except OSError as error:
+        raise MMIMInputError(f"{source}: cannot read ({error.strerror})") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise too_large
+    return data
 
 
 @torch.no_grad()

@@ -7,14 +7,20 @@ real MLflow server in tests/test_tracking.py (they share its registered model).
 import contextlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 
 from mmim.checkpoint import save_checkpoint
 from mmim.cli import main
 from mmim.model import build_model
+from mmim.predict import MAX_FRAMES, MAX_INPUT_BYTES, MAX_UTTERANCES
+from mmim.serving import MMIMPyfunc
 from mmim.store import FeatureStore
 from mmim.synthetic import AUDIO_DIM, VISION_DIM
 from mmim.text_encoder import load_tokenizer
@@ -65,3 +71,62 @@ def test_registry_commands_fail_fast_when_mlflow_does_not_answer(command, monkey
     assert time.monotonic() - started < 30
     assert code == 1 and "Traceback" not in err and "no champion" not in err
     assert f"error: registered model mmim-synthetic: tracking server {uri} does not answer" in err
+
+
+# ---------------------------------------------------------------- caps on a request, and hostile JSON
+
+@pytest.fixture
+def untrained_checkpoint(tiny_config, tmp_path) -> Path:
+    config = bind_store(tiny_config, FeatureStore(tiny_config.data.store))
+    return save_checkpoint(tmp_path / "untrained", build_model(config.model), config,
+                           load_tokenizer(config.model.text_encoder))
+
+
+def utterances(count: int = 1, frames: int = 3) -> list[dict]:
+    return [{"text": "the movie was good", "audio": [[0.5] * AUDIO_DIM] * frames,
+             "vision": [[0.5] * VISION_DIM] * frames} for _ in range(count)]
+
+
+OVER_THE_CAPS = [  # (utterances, the error) for predict, the pyfunc and the server alike
+    (utterances(frames=MAX_FRAMES + 1), "utterance 0, field audio: 10001 frames, at most 10000 per utterance"),
+    (utterances(MAX_UTTERANCES + 1), "257 utterances, at most 256 per request"),
+]
+
+
+@pytest.mark.parametrize("request_, message", OVER_THE_CAPS, ids=["frames", "utterances"])
+def test_predict_refuses_requests_over_the_caps(untrained_checkpoint, tmp_path, request_, message):
+    path = tmp_path / "utterances.json"
+    path.write_text(json.dumps(request_))
+    code, _, err = run_mmim("predict", "--checkpoint", str(untrained_checkpoint), "--input", str(path))
+    assert (code, err.strip()) == (2, f"error: {message}")
+
+
+@pytest.mark.parametrize("request_, message", OVER_THE_CAPS, ids=["frames", "utterances"])
+def test_the_pyfunc_refuses_requests_over_the_caps(untrained_checkpoint, request_, message):
+    model = MMIMPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"checkpoint": str(untrained_checkpoint)}))
+    with pytest.raises(MlflowException) as raised:
+        model.predict(None, pd.DataFrame(request_))
+    assert (raised.value.message, raised.value.get_http_status_code()) == (message, 400)
+
+
+def test_predict_refuses_an_input_file_over_the_size_cap(untrained_checkpoint, tmp_path):
+    path = tmp_path / "huge.json"
+    with open(path, "wb") as handle:  # sparse: no disk space, and never read
+        handle.truncate(MAX_INPUT_BYTES + 1)
+    code, _, err = run_mmim("predict", "--checkpoint", str(untrained_checkpoint), "--input", str(path))
+    assert (code, err.strip()) == (2, f"error: {path}: larger than 64 MB, the cap on mmim predict's input (split it)")
+
+
+@pytest.mark.parametrize("from_stdin", [False, True])
+def test_predict_refuses_deeply_nested_json(untrained_checkpoint, tmp_path, monkeypatch, from_stdin):
+    """A RecursionError traceback before. (Served, such a body fails in MLflow's own JSON parser
+    before the model sees it: HTTP 500, see the README.)"""
+    nested = b"[" * 100_000
+    source = "-" if from_stdin else str(tmp_path / "nested.json")
+    if from_stdin:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(nested)))
+    else:
+        Path(source).write_bytes(nested)
+    code, _, err = run_mmim("predict", "--checkpoint", str(untrained_checkpoint), "--input", source)
+    assert (code, err.strip()) == (2, f"error: {source}: JSON nested too deeply")
