@@ -24,6 +24,7 @@ from mmim.distributed import DistributedTrainingError
 from tasks import FeatureStoreRef, push_features
 from tasks.retries import is_transient
 from mmim.errors import MMIMInputError, ServiceUnavailableError
+from mmim.versioning import data_version
 from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
 
 MODEL = "mmim-flowtest"
@@ -216,8 +217,8 @@ def test_unanswered_remote_is_retried_then_fails(pipeline, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries would only slow this down
     dvc("remote", "add", "offline", "s3://nowhere/cache", cwd=pipeline.project)
     dvc("remote", "modify", "offline", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=pipeline.project)
-    features = FeatureStoreRef(dataset="synthetic", store="data/stores/synthetic",
-                               data_version=pipeline.first["data_version"], stages_run=[])
+    features = FeatureStoreRef(dataset="synthetic", store="data/stores/synthetic",  # the store as it is now
+                               data_version=data_version("synthetic", pipeline.project), stages_run=[])
     quick = push_features.with_options(retries=2, retry_delay_seconds=0)
     state = quick(features, str(pipeline.project), "offline", return_state=True)
     assert state.is_failed()
