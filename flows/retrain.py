@@ -33,6 +33,7 @@ from typing import Any
 
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging.handlers import PrefectConsoleHandler
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
@@ -290,6 +291,18 @@ def _print_error(message: str) -> None:
     Console(stderr=True).print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
 
 
+class RoutineLines(logging.Filter):
+    """Prefect's console lines that tell a person nothing the summary does not: steps that
+    finished or were restored, the flow starting, its temporary API server. They still go to
+    the Prefect API (the UI shows them); failures and every step's own lines are printed."""
+
+    ROUTINE = ("Finished in state Completed", "Finished in state Cached", "Beginning flow run",
+               "Starting temporary server", "Stopping temporary server")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.ROUTINE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=retrain.description)
     parser.add_argument("--dataset", default="synthetic", help="entry of params.yaml `datasets`")
@@ -303,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     for library in ("mlflow", "dvc"):  # their progress lines repeat what the steps log
         logging.getLogger(library).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(RoutineLines())
     project = Path(args.project_dir).resolve()
     try:  # the flow checks these too; here they fail in one line, before Prefect starts
         pipeline_config(project, args.config, args.set)

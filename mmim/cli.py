@@ -188,7 +188,14 @@ def cmd_extract(args: argparse.Namespace) -> None:
             nonfinite=args.nonfinite, labels=args.labels, folds=args.folds, seed=args.seed,
             overwrite=args.overwrite, on_start=lambda total: progress.update(task, total=total),
             advance=lambda: progress.advance(task))
-    stdout.print(_summary_table(summary))
+    repaired = sum(summary.nonfinite_zeroed.values()) + sum(summary.empty_padded.values())
+    if summary.dropped or repaired:  # the table, when there is something in it to read
+        stdout.print(_summary_table(summary))
+    else:
+        counts = ", ".join(f"{name} {count}" for name, count in summary.counts.items())
+        stdout.print(f"feature store {summary.root}: {counts} examples, dims audio {summary.dims['audio']}, "
+                     f"vision {summary.dims['vision']}; nothing dropped, zeroed or padded", highlight=False,
+                     soft_wrap=True)
     for split, example_id, reason in summary.dropped[:20]:
         stdout.print(f"dropped {split}/{example_id}: {reason}")
     if len(summary.dropped) > 20:
@@ -337,8 +344,9 @@ def quiet_libraries() -> None:
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
-    if not verbose:  # the progress hooks already print one line per epoch
-        logging.getLogger("mmim.engine").setLevel(logging.WARNING)
+    if not verbose:  # the progress hooks print one line per epoch, extract its own summary
+        for module in ("mmim.engine", "mmim.store_writer"):
+            logging.getLogger(module).setLevel(logging.WARNING)
         quiet_libraries()
 
 

@@ -288,8 +288,10 @@ def train_distributed(config: Config, on_report: Callable[[dict], None] | None =
     prepare_output_dir(config, overwrite)
     if not ray.is_initialized():
         # RAY_ADDRESS (if set) names the cluster; otherwise a local one starts. Worker and
-        # controller logs stay in Ray's session logs unless ray.log_to_driver asks for them.
-        ray.init(log_to_driver=config.ray.log_to_driver)
+        # controller logs, and the driver's own notices (token auth on, dashboard URL), stay
+        # in Ray's session logs unless ray.log_to_driver asks for them; errors always show.
+        verbose = config.ray.log_to_driver
+        ray.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     with ReportFollower(on_report) as follower:
         trainer = build_trainer(config, [ForwardReports(follower.inbox)])
         try:

@@ -147,6 +147,7 @@ def test_cached_rerun_prints_what_it_restored_and_the_champion_now(pipeline, cap
     print(out)  # shown when an assertion fails
     lines = out.splitlines()
     assert out.count("┏") == 1  # the table, once
+    assert "Finished in state" not in err and "Beginning flow run" not in err  # routine lines stay in the UI
     assert f"registry      restored from cache: {MODEL} v1 " in out
     assert f"by flow run {pipeline.first_flow_run} at " in out and "this run:" not in out
     assert f"champion now  {MODEL} v{champion.version} (valid_MAE={float(champion.tags['valid_MAE']):.4f})" in lines
