@@ -11,9 +11,9 @@ comma := ,
 # wheel the index serves before anything else can ask for another build.
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[$(subst +,$(comma),$*)]'
+	$(BIN)/python -m pip install --quiet --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet --quiet -e '.[$(subst +,$(comma),$*)]'
 	touch $@
 
 # The retraining flow on the synthetic sample: DVC extraction (pushed to the local remote
