@@ -152,7 +152,9 @@ def run_link(trained: TrainedModel) -> str:
         base = MLFLOW_UI
     else:  # databricks and other hosted stores: no URL we can know
         return f"runs:/{trained.run_id}"
-    return f"{base}/#/experiments/{trained.experiment_id}/runs/{trained.run_id}"
+    # MLflow 3.17's UI opens in its GenAI mode unless the address (or the browser's last
+    # choice) asks for model training, whatever the experiment's kind tag says.
+    return f"{base}/#/experiments/{trained.experiment_id}/runs/{trained.run_id}?workflowType=machine_learning"
 
 
 def _local(path: str | Path) -> str:

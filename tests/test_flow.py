@@ -115,7 +115,7 @@ def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
     assert artifact.type == "markdown"
     assert f"this run: {MODEL} v1" in artifact.data and "promoted to champion" in artifact.data
     # a link that opens under `mlflow ui` (the tracking store is a sqlite file), not runs:/
-    link = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{summary['run_id']}"
+    link = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{summary['run_id']}?workflowType=machine_learning"
     assert summary["run_link"] == link and f"[{summary['run_id']}]({link})" in artifact.data
     assert Path(summary["checkpoint"]).is_dir()
 
