@@ -39,7 +39,7 @@ from mmim.jobs import submit_training_job
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 from mmim.extract import SOURCES, extract
 from mmim.metrics import METRIC_NAMES
-from mmim.predict import evaluate_checkpoint, predict_utterances, read_utterances
+from mmim.predict import MAX_INPUT_BYTES, evaluate_checkpoint, predict_utterances, read_utterances
 from mmim.store_writer import ExtractionSummary
 from mmim.synthetic import write_synthetic_raw
 from mmim.train import train
@@ -245,12 +245,14 @@ def _registry_table(title: str, rows: list[dict]) -> Table:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """`mlflow models serve` for a registered model, with this environment's MLflow and uvicorn;
-    a model that does not resolve is a one-line error before anything starts."""
+    """MLflow's scoring server for a registered model, behind request limits, with this
+    environment's uvicorn; a model that does not resolve is a one-line error before anything starts."""
     from mmim.serving import check_model, serve_command
 
+    if args.max_request_mb <= 0:
+        raise MMIMInputError(f"--max-request-mb {args.max_request_mb}: must be positive")
     check_model(args.model)
-    command, env = serve_command(args.model, args.host, args.port)
+    command, env = serve_command(args.model, args.host, args.port, int(args.max_request_mb * 2**20))
     os.execve(command[0], command, env)
 
 
@@ -313,12 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--version", required=True)
         sub.set_defaults(run=cmd_registry)
 
-    serve = commands.add_parser("serve", help="REST predictions from a registered model (mlflow models serve)")
+    serve = commands.add_parser("serve", help="REST predictions from a registered model (MLflow's scoring server)")
     serve.add_argument("--model", default="models:/mmim-synthetic@champion",
                        help="models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model "
                             "(default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--max-request-mb", type=float, default=MAX_INPUT_BYTES / 2**20,
+                       help="larger request bodies are refused with HTTP 413 (default: %(default)s)")
     serve.set_defaults(run=cmd_serve)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -37,6 +37,7 @@ from mmim.checkpoint import load_checkpoint
 from mmim.errors import MMIMInputError
 from mmim.mlflow_server import answering, tracking_uri
 from mmim.predict import predict_utterances
+from mmim.serving_app import MAX_REQUEST_ENV, MODEL_ENV
 
 COLUMNS = ("text", "audio", "vision")
 log = logging.getLogger(__name__)
@@ -117,15 +118,12 @@ def local_checkpoint(spec: str) -> Iterator[Path]:
         yield _checkpoint_in(Path(local), spec)
 
 
-def serve_command(uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """`mlflow models serve` for `uri` with this interpreter's MLflow, and its environment.
-
-    MLflow starts `uvicorn` from PATH, so this environment's scripts directory comes first
-    there: `mmim serve` works without an activated virtual environment.
-    """
-    scripts = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
+def serve_command(uri: str, host: str, port: int, max_request_bytes: int) -> tuple[list[str], dict[str, str]]:
+    """The REST server for `uri` (mmim.serving_app: MLflow's scoring app behind request limits)
+    run by this interpreter's uvicorn, and its environment: no activated virtual environment
+    and nothing on PATH needed."""
+    env = {**os.environ, MODEL_ENV: uri, MAX_REQUEST_ENV: str(max_request_bytes)}
     env.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-               "-h", host, "-p", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "--factory", "mmim.serving_app:build_app",
+               "--host", host, "--port", str(port)]
     return command, env

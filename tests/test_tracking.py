@@ -5,6 +5,7 @@ import json
 import re
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -104,13 +105,13 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         with pytest.raises(MlflowException, match=re.escape(message)):
             champion.predict(broken)
 
-    # REST: `mmim serve`, the installed console script, without its environment on PATH (MLflow
-    # starts uvicorn from PATH), answers like the in-process model
+    # REST: `mmim serve`, the installed console script, without its environment on PATH,
+    # answers like the in-process model
     from tests.test_serving import EXAMPLE, run_mmim
 
     champion_uri, port = f"models:/{name}@champion", free_port()
-    server = start([str(Path(sys.executable).parent / "mmim"), "serve", "--model", champion_uri, "--port", str(port)],
-                   f"http://127.0.0.1:{port}/ping", env={"PATH": "/usr/bin:/bin"})
+    server = start([str(Path(sys.executable).parent / "mmim"), "serve", "--model", champion_uri, "--port", str(port),
+                    "--max-request-mb", "0.5"], f"http://127.0.0.1:{port}/ping", env={"PATH": "/usr/bin:/bin"})
     try:
         served = invocations(port, {"dataframe_split": frame.to_dict(orient="split")})
         assert served == pytest.approx(predicted["score"].tolist(), abs=1e-5)
@@ -118,6 +119,14 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         served = invocations(port, {"dataframe_records": json.loads(EXAMPLE.read_text())})
         code, out, err = run_mmim("predict", "--checkpoint", champion_uri, "--input", str(EXAMPLE))
         assert code == 0 and [p["score"] for p in json.loads(out)] == pytest.approx(served, abs=1e-5), err
+        # hostile bodies are refused before MLflow parses them (it would answer 500 to the first)
+        for body, status, message in [(b"[" * 100_000, 400, "nested deeper than 32"),
+                                      (b" " * 600_000, 413, "request body over 524288 bytes")]:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", data=body,
+                    headers={"Content-Type": "application/json"}), timeout=60)
+            assert refused.value.code == status and message in json.loads(refused.value.read())["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)
