@@ -42,7 +42,7 @@ from mmim.metrics import METRIC_NAMES
 from mmim.predict import MAX_INPUT_BYTES, evaluate_checkpoint, predict_utterances, read_utterances
 from mmim.store_writer import ExtractionSummary
 from mmim.synthetic import write_synthetic_raw
-from mmim.train import train
+from mmim.train import prepare_output_dir, train
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -109,15 +109,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         job_id = submit_training_job(args.submit, args.config, overrides)
         stdout.print(f"submitted Ray job {job_id} to {args.submit}")
         return
-    run = None
+    prepare_output_dir(config, args.overwrite)  # before an MLflow run exists for a training refused here
+    opened = contextlib.nullcontext()
     if config.tracking.enabled:  # the MLflow run exists from before the first epoch
         from mmim.tracking import tracked_run
 
         if not args.verbose:  # importing mlflow configures its own logger at INFO
             logging.getLogger("mlflow").setLevel(logging.WARNING)
-        run = tracked_run(config)
+        opened = tracked_run(config)
 
-    with run or contextlib.nullcontext() as tracking:
+    with opened as tracking:
         def on_epoch(metrics: dict) -> None:
             stdout.print(epoch_line(metrics, config.train.epochs), highlight=False)
             if tracking is not None:
