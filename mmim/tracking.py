@@ -153,7 +153,7 @@ class TrainingRun:
     be called from another thread of the driver (Ray reports arrive on one).
     """
 
-    def __init__(self, config: Config, *, data_version: str | None = None, source: str | None = None):
+    def __init__(self, config: Config, *, data_version: str | None = None):
         self.config = config
         self.store = FeatureStore(local_store(config.data), verify_checksums=False)
         self.experiment_id = ensure_experiment(config)
@@ -161,7 +161,7 @@ class TrainingRun:
         tags = {
             "git_commit": git_commit(),
             "data_version": data_version or store_data_version(config) or "unversioned",
-            "source_format": source or self.store.manifest.get("source", "unknown"),
+            "source_format": self.store.manifest.get("source", "unknown"),
             "text_encoder": config.model.text_encoder,
             "ray_workers": str(config.ray.num_workers),
             "gpus": str(config.ray.num_workers if config.ray.use_gpu else 0),
@@ -179,7 +179,8 @@ class TrainingRun:
             if k != "epoch" and isinstance(v, (int, float))])
 
     def finish(self, epochs: list[dict], selected: dict, checkpoint: Path) -> TrackedRun:
-        """Log the selected epoch, plots, config, and the pyfunc model; end the run FINISHED."""
+        """Log the selected epoch's figures, the plots, the config and the pyfunc model (the run
+        stays open: `tracked_run` ends it)."""
         self.client.log_batch(self.run_id, metrics=[
             Metric(f"selected_{_metric_name(k)}", float(v), int(time.time() * 1000), 0)
             for k, v in selected.items() if k.startswith(("valid_", "test_"))])
