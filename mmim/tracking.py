@@ -179,8 +179,9 @@ class TrainingRun:
             if k != "epoch" and isinstance(v, (int, float))])
 
     def finish(self, epochs: list[dict], selected: dict, checkpoint: Path) -> TrackedRun:
-        """Log the selected epoch's figures, the plots, the config and the pyfunc model (the run
-        stays open: `tracked_run` ends it)."""
+        """Log the selected epoch's figures, the plots, the config and the pyfunc model. (Logging a
+        model needs MLflow's active-run API, which marks the run FINISHED as it lets go of it;
+        `tracked_run` still sets the final status, FAILED if anything after this raises.)"""
         self.client.log_batch(self.run_id, metrics=[
             Metric(f"selected_{_metric_name(k)}", float(v), int(time.time() * 1000), 0)
             for k, v in selected.items() if k.startswith(("valid_", "test_"))])
