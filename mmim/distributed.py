@@ -279,6 +279,15 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
     )
 
 
+def _reason(error: ray.train.TrainingFailedError) -> str:
+    """The first worker's own error (e.g. "training diverged at epoch 1, ..."), not Ray's traceback digest."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        return f"rank {rank}: {first_line(failures[rank])}"
+    return first_line(error)
+
+
 def train_distributed(config: Config, on_report: Callable[[dict], None] | None = None,
                       overwrite: bool = False) -> DistributedResult:
     """Run Ray training; `on_report(metrics)` sees every epoch's report as it arrives (in a driver
@@ -297,9 +306,8 @@ def train_distributed(config: Config, on_report: Callable[[dict], None] | None =
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as error:
-            reason = first_line(error)
             raise DistributedTrainingError(
-                f"Ray training failed (ray.max_failures={config.ray.max_failures}): {reason}") from None
+                f"Ray training failed (ray.max_failures={config.ray.max_failures}): {_reason(error)}") from None
     best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda item: item[1][SCORE])
     destination = Path(config.output_dir) / BEST_CHECKPOINT
     with atomic_directory(destination) as staging:

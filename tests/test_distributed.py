@@ -167,6 +167,15 @@ def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_fai
         load_checkpoint(tmp_path / "ray" / "run" / "epoch_001")  # what was written stays whole
 
 
+def test_diverging_training_names_the_workers_error(ray_cluster, tiny_config, tmp_path):
+    config = ray_config(tiny_config, tmp_path)
+    config = config.model_copy(update={"train": config.train.model_copy(
+        update={"epochs": 1, "lr_main": 1e8, "lr_bert": 1e8, "lr_mmilb": 1e8})})
+    with pytest.raises(DistributedTrainingError,
+                       match=r"ray.max_failures=0\): rank 0: training diverged at epoch 1, stage \d, batch \d+"):
+        train_distributed(config)
+
+
 def test_checkpoints_on_s3(ray_cluster, tiny_config, tmp_path, aws_env, bucket):
     """storage_path on s3:// served by moto on 127.0.0.1 (pyarrow S3 with endpoint_override)."""
     config = ray_config(tiny_config, tmp_path, storage_path=f"s3://{bucket}/mmim", s3_endpoint=aws_env)
