@@ -51,7 +51,7 @@ class AudioFeatures:
             raise MMIMInputError(f"extraction.recordings.audio_features {feature_set!r}: "
                                  f"expected one of {', '.join(FEATURE_SETS)}")
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= MAX_RATE:
-            raise MMIMInputError(f"extraction.recordings.fps {rate!r}: "
+            raise MMIMInputError(f"extraction.recordings.audio_rate {rate!r}: "
                                  f"expected frames per second in (0, {MAX_RATE:g}]")
         self.feature_set = feature_set
         self.rate = float(rate)
