@@ -11,15 +11,22 @@ The public API (see README "Python API"):
 The core (model, engine, metrics, store) needs only torch, numpy and transformers.
 """
 
-from mmim.checkpoint import load_checkpoint, read_official_weights, save_checkpoint
-from mmim.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
-from mmim.errors import MMIMInputError
-from mmim.metrics import compute_metrics
-from mmim.model import MMIM, MMIMOutput, build_model, load_official_state_dict
-from mmim.store import FeatureStore
+from importlib import import_module
 
-__all__ = [
-    "MMIM", "MMIMOutput", "MMIMInputError", "Config", "DataConfig", "ModelConfig", "TrainConfig",
-    "FeatureStore", "build_model", "compute_metrics", "load_checkpoint", "load_config",
-    "load_official_state_dict", "read_official_weights", "save_checkpoint",
-]
+# Imported on first use (PEP 562), so that `import mmim.<module>` of a light module (the
+# recordings extractor's child processes, the CLI's --help) does not load torch.
+_EXPORTS = {
+    "load_checkpoint": "mmim.checkpoint", "read_official_weights": "mmim.checkpoint",
+    "save_checkpoint": "mmim.checkpoint", "Config": "mmim.config", "DataConfig": "mmim.config",
+    "ModelConfig": "mmim.config", "TrainConfig": "mmim.config", "load_config": "mmim.config",
+    "MMIMInputError": "mmim.errors", "compute_metrics": "mmim.metrics", "MMIM": "mmim.model",
+    "MMIMOutput": "mmim.model", "build_model": "mmim.model", "load_official_state_dict": "mmim.model",
+    "FeatureStore": "mmim.store",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmim' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -1,10 +1,12 @@
 """The `mmim` command line.
 
     mmim data synth --out DIR                     write the synthetic sample (MulT release format)
-    mmim extract --source S --input P --out DIR --encoder NAME   source files -> feature store
+    mmim extract --source S --input P --out DIR --encoder NAME   source files (or recordings) -> feature store
+    mmim data recordings-sample --out DIR         write generated recordings (label.csv + Raw/)
     mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
     mmim predict --checkpoint DIR|models:/... --input FILE   scores for raw utterances (JSON)
+    mmim predict --checkpoint DIR|models:/... --recording FILE --text "..."   score a recording
     mmim registry {list,promote,rollback} --name mmim-<dataset>   the MLflow model registry
     mmim serve --model models:/mmim-<dataset>@champion             REST /invocations
 
@@ -21,6 +23,7 @@ import logging
 import os
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,9 +154,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from mmim.serving import local_checkpoint
 
-    utterances = read_utterances(args.input)  # before a model download: bad input fails fast
+    if (args.input is None) == (args.recording is None):
+        raise MMIMInputError("give --input FILE (frames as JSON), or --recording FILE with --text")
+    if args.recording is not None and not (args.text or "").strip():
+        raise MMIMInputError("--recording needs --text, the transcript of what is said")
+    if args.recording is not None and not Path(args.recording).is_file():
+        raise MMIMInputError(f"{args.recording}: no such file")
+    utterances = read_utterances(args.input) if args.input else []  # before a model download: bad input fails fast
     with local_checkpoint(args.checkpoint) as checkpoint:
-        model, _, tokenizer = load_checkpoint(checkpoint)
+        model, config, tokenizer = load_checkpoint(checkpoint)
+    if args.recording is not None:
+        from mmim.recordings.scoring import model_extractor, recording_utterance
+
+        with model_extractor(config.model.extractor) as extract, console.status("extracting features"):
+            utterances = [recording_utterance(extract, args.recording, args.text, args.recording)]
     print(json.dumps(predict_utterances(model, tokenizer, utterances), indent=2))
 
 
@@ -165,6 +179,19 @@ def cmd_synth(args: argparse.Namespace) -> None:
     with console.status("synthesizing"):
         path = write_synthetic_raw(args.out, seed=args.seed, sizes=sizes)
     stdout.print(f"synthetic sample (MulT format): {path} ({', '.join(f'{k}={v}' for k, v in sizes.items())})")
+
+
+def cmd_recordings_sample(args: argparse.Namespace) -> None:
+    from mmim.recordings.sample import write_sample_dataset
+
+    if args.videos < 6 or args.clips_per_video < 1:
+        raise MMIMInputError(f"--videos {args.videos} --clips-per-video {args.clips_per_video}: need at least "
+                             "6 videos (2 per split) and 1 clip each")
+    with console.status("writing recordings"):
+        sample = write_sample_dataset(args.out, videos=args.videos, clips_per_video=args.clips_per_video,
+                                      seed=args.seed)
+    stdout.print(f"recordings sample: {sample.root} ({', '.join(f'{k}={v}' for k, v in sample.counts.items())}; "
+                 f"{sample.seconds:.0f} s of media)", highlight=False, soft_wrap=True)
 
 
 def _summary_table(summary: ExtractionSummary) -> Table:
@@ -180,15 +207,8 @@ def _summary_table(summary: ExtractionSummary) -> Table:
     return table
 
 
-def cmd_extract(args: argparse.Namespace) -> None:
-    columns = (TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("extract", total=None)
-        summary = extract(
-            args.source, args.input, args.out, args.encoder, max_tokens=args.max_tokens,
-            nonfinite=args.nonfinite, labels=args.labels, folds=args.folds, seed=args.seed,
-            overwrite=args.overwrite, on_start=lambda total: progress.update(task, total=total),
-            advance=lambda: progress.advance(task))
+def _print_store_summary(summary: ExtractionSummary, listed: frozenset[str] = frozenset()) -> None:
+    """The store's table (or one line), then what was dropped, except the ids already `listed`."""
     repaired = sum(summary.nonfinite_zeroed.values()) + sum(summary.empty_padded.values())
     if summary.dropped or repaired:  # the table, when there is something in it to read
         stdout.print(_summary_table(summary))
@@ -197,10 +217,77 @@ def cmd_extract(args: argparse.Namespace) -> None:
         stdout.print(f"feature store {summary.root}: {counts} examples, dims audio {summary.dims['audio']}, "
                      f"vision {summary.dims['vision']}; nothing dropped, zeroed or padded", highlight=False,
                      soft_wrap=True)
-    for split, example_id, reason in summary.dropped[:20]:
-        stdout.print(f"dropped {split}/{example_id}: {reason}")
-    if len(summary.dropped) > 20:
-        stdout.print(f"... and {len(summary.dropped) - 20} more dropped")
+    dropped = [entry for entry in summary.dropped if entry[1] not in listed]
+    for split, example_id, reason in dropped[:20]:
+        stdout.print(f"dropped {split}/{example_id}: {reason}", highlight=False)
+    if len(dropped) > 20:
+        stdout.print(f"... and {len(dropped) - 20} more dropped")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    if args.source == "recordings":
+        _extract_recordings(args)
+        return
+    columns = (TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("extract", total=None)
+        summary = extract(
+            args.source, args.input, args.out, args.encoder, max_tokens=args.max_tokens,
+            nonfinite=args.nonfinite, labels=args.labels, folds=args.folds, seed=args.seed,
+            overwrite=args.overwrite, on_start=lambda total: progress.update(task, total=total),
+            advance=lambda: progress.advance(task))
+    _print_store_summary(summary)
+
+
+# `mmim extract --source recordings` options -> ExtractorSettings fields (params.yaml extraction.recordings)
+RECORDING_OPTIONS = {"audio_features": "--audio-features", "audio_rate": "--audio-rate", "video_fps": "--video-fps",
+                     "video_width": "--video-width", "max_seconds": "--max-seconds", "max_pixels": "--max-pixels",
+                     "clip_timeout": "--clip-timeout"}
+
+
+def _extractor_settings(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from mmim.recordings.extractor import ExtractorSettings
+
+    given = {name: getattr(args, name) for name in RECORDING_OPTIONS if getattr(args, name) is not None}
+    try:
+        return ExtractorSettings(**given)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        name = str(problem["loc"][0])
+        raise MMIMInputError(f"{RECORDING_OPTIONS.get(name, name)} {given.get(name)!r}: {problem['msg']}") from None
+
+
+def _extract_recordings(args: argparse.Namespace) -> None:
+    from mmim.recordings.job import RecordingsProgress, extract_recordings
+
+    if args.input is None:
+        raise MMIMInputError("--input is required for --source recordings (data/raw/<dataset>)")
+    if args.workers is not None and args.workers < 0:
+        raise MMIMInputError(f"--workers {args.workers}: must be 0 (in this process) or more")
+    settings = _extractor_settings(args)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("reading clips", total=None)
+        recordings = extract_recordings(
+            args.input, args.out, args.encoder, settings, cache_dir=args.cache, max_tokens=args.max_tokens,
+            nonfinite=args.nonfinite, on_error=args.on_error, overwrite=args.overwrite, workers=args.workers,
+            ray_address=args.ray_address,
+            progress=RecordingsProgress(
+                start=lambda total: progress.update(task, description="extracting clips", total=total),
+                advance=lambda: progress.advance(task)))
+    reasons = Counter(rejected.reason for rejected in recordings.skipped)
+    skipped = f"{len(recordings.skipped)} skipped" + (
+        f" ({', '.join(f'{reason}: {count}' for reason, count in reasons.most_common())})" if reasons else "")
+    stdout.print(f"{recordings.clips} clips in label.csv: {recordings.extracted} extracted, "
+                 f"{recordings.cached} from the cache {args.cache}, {skipped}", highlight=False, soft_wrap=True)
+    for rejected in recordings.skipped[:20]:
+        detail = f" ({rejected.detail})" if rejected.detail else ""
+        stdout.print(f"skipped {rejected.where}: {rejected.reason}{detail}", highlight=False, soft_wrap=True)
+    if len(recordings.skipped) > 20:
+        stdout.print(f"... and {len(recordings.skipped) - 20} more skipped")
+    _print_store_summary(recordings.store, listed=frozenset(rejected.clip_id for rejected in recordings.skipped))
 
 
 def cmd_registry(args: argparse.Namespace) -> None:
@@ -285,13 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="scores for raw utterances given as JSON")
     predict.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    predict.add_argument("--input", required=True, metavar="FILE",
+    predict.add_argument("--input", metavar="FILE",
                          help='JSON list of {"text": str, "audio": [[...]], "vision": [[...]]}; - for stdin')
+    predict.add_argument("--recording", metavar="FILE",
+                         help="a recording (mp4, mkv, webm, avi, wav, flac) for a model trained on recordings; "
+                              "its features come from the extractor the model was trained with")
+    predict.add_argument("--text", help="with --recording: the transcript of what is said")
     predict.set_defaults(run=cmd_predict)
 
     extract_cmd = commands.add_parser("extract", help="source files -> feature store (the DVC stage)")
-    extract_cmd.add_argument("--source", required=True, choices=SOURCES)
-    extract_cmd.add_argument("--input", help="pickle, directory or .csd directory (not for synthetic)")
+    extract_cmd.add_argument("--source", required=True, choices=(*SOURCES, "recordings"))
+    extract_cmd.add_argument("--input", help="pickle, directory or .csd directory (not for synthetic); "
+                                             "recordings: data/raw/<dataset> with label.csv and Raw/")
     extract_cmd.add_argument("--out", required=True, help="store directory to create")
     extract_cmd.add_argument("--encoder", required=True, help="tokenizer: Hugging Face name or local directory")
     extract_cmd.add_argument("--max-tokens", type=int, default=50)
@@ -303,6 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
     extract_cmd.add_argument("--overwrite", action="store_true",
                              help="replace an existing feature store or an empty directory "
                                   "(anything else at --out is refused)")
+    recordings = extract_cmd.add_argument_group(
+        "recordings", "--source recordings only (params.yaml extraction.recordings; defaults in parentheses)")
+    recordings.add_argument("--audio-features", dest="audio_features", choices=["eGeMAPSv02", "ComParE_2016"],
+                            help="openSMILE low-level descriptor set (eGeMAPSv02: 25 per frame; ComParE_2016: 65)")
+    recordings.add_argument("--audio-rate", dest="audio_rate", type=float, metavar="HZ",
+                            help="audio frames per second, at most 100 (50)")
+    recordings.add_argument("--video-fps", dest="video_fps", type=float, metavar="FPS",
+                            help="video frames analysed per second (15)")
+    recordings.add_argument("--video-width", dest="video_width", type=int, metavar="PIXELS",
+                            help="frames are scaled down to this width before face detection (480)")
+    recordings.add_argument("--max-seconds", dest="max_seconds", type=float, metavar="S",
+                            help="longer clips are skipped, never decoded (60)")
+    recordings.add_argument("--max-pixels", dest="max_pixels", type=int, metavar="N",
+                            help="videos with larger frames (width x height) are skipped (3840x2160)")
+    recordings.add_argument("--clip-timeout", dest="clip_timeout", type=float, metavar="S",
+                            help="a clip taking longer is abandoned and skipped (120)")
+    recordings.add_argument("--cache", default="data/cache/recordings",
+                            help="per-clip feature cache, reused across runs (default: %(default)s)")
+    recordings.add_argument("--on-error", dest="on_error", choices=["skip", "fail"], default="skip",
+                            help="a clip that cannot be used: skip it and count it (default), or stop "
+                                 "with exit code 2 and write no store")
+    recordings.add_argument("--workers", type=int, metavar="N",
+                            help="Ray Data extractor actors (default: the cluster's CPUs); 0: in this process")
+    recordings.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS",
+                            help="Ray cluster to extract on (default: RAY_ADDRESS, else a local one)")
     extract_cmd.set_defaults(run=cmd_extract)
 
     registry = commands.add_parser("registry", help="the MLflow model registry (MLFLOW_TRACKING_URI)")
@@ -334,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--valid", type=int, default=229)
     synth.add_argument("--test", type=int, default=686)
     synth.set_defaults(run=cmd_synth)
+    sample = data.add_parser("recordings-sample",
+                             help="write generated recordings (label.csv + Raw/) for --source recordings")
+    sample.add_argument("--out", required=True, help="directory to create")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--videos", type=int, default=16, help="videos (default: %(default)s)")
+    sample.add_argument("--clips-per-video", dest="clips_per_video", type=int, default=3,
+                        help="clips of each video (default: %(default)s)")
+    sample.set_defaults(run=cmd_recordings_sample)
     return parser
 
 
@@ -350,7 +475,7 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     if not verbose:  # the progress hooks print one line per epoch, extract its own summary
-        for module in ("mmim.engine", "mmim.store_writer"):
+        for module in ("mmim.engine", "mmim.store_writer", "mmim.recordings.job"):
             logging.getLogger(module).setLevel(logging.WARNING)
         quiet_libraries()
 

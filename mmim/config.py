@@ -37,6 +37,9 @@ class ModelConfig(_Section):
     audio_dim: int | None = Field(default=None, gt=0)  # d_ain; filled from the store
     vision_dim: int | None = Field(default=None, gt=0)  # d_vin; filled from the store
     max_tokens: int | None = Field(default=None, gt=1)  # token cap of the store (50); filled from it
+    # A recordings store's extractor (name, version, settings), filled from it: what turns a new
+    # recording into this model's inputs at prediction time. None for the community releases.
+    extractor: dict[str, Any] | None = None
     audio_hidden: int = Field(default=16, gt=0)  # d_ah
     audio_out: int = Field(default=16, ge=4)  # d_aout (>= 4: MMILB projects to out // 4)
     vision_hidden: int = Field(default=16, gt=0)  # d_vh

@@ -100,3 +100,16 @@ def read_json(path: Path) -> Any:
         raise MMIMInputError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MMIMInputError(f"{path}: corrupt (not valid JSON)") from None
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place: a reader
+    sees the old file or the new one, never half of one."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -2,7 +2,8 @@
 
     STORE/
       manifest.json            schema version, encoder (and its vocab_size), dims, counts,
-                               sha256 of every file
+                               sha256 of every file, examples dropped by reason; for
+                               recordings, the extractor (name, version, settings)
       train/ valid/ test/
         input_ids.npy          (N, max_tokens) int32   tokenized once, at extraction
         attention_mask.npy     (N, max_tokens) int8
@@ -86,6 +87,8 @@ class FeatureStore:
         self.dims: dict[str, int] = self.manifest["dims"]
         self.text_encoder: str = self.manifest["text_encoder"]
         self.max_tokens: int = self.manifest["max_tokens"]
+        # A recordings store's extractor: name, version, settings (None for the community releases).
+        self.extractor: dict | None = self.manifest.get("extractor")
         self.splits = {name: self._open_split(name, verify_checksums) for name in SPLITS}
 
     def __getitem__(self, name: str) -> StoreSplit:
@@ -111,6 +114,8 @@ class FeatureStore:
                 raise MMIMInputError(f"{path}: split {name!r} missing "
                                      f"(has {', '.join(manifest['splits']) or 'none'})")
             _check_split_entry(path, name, manifest["splits"][name])
+        if not isinstance(manifest.get("extractor", {}), dict):
+            raise MMIMInputError(f"{path}: field 'extractor' must be an object (name, version, settings)")
         vocab_size = manifest.get("vocab_size")  # absent in stores written before it was recorded
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
             raise MMIMInputError(f"{path}: field 'vocab_size' is {vocab_size!r}, expected a positive integer")

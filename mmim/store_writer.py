@@ -235,8 +235,13 @@ def check_destination(root: Path, overwrite: bool) -> None:
 
 def write_store(root: str | Path, splits: dict[str, SourceSplit], tokenizer: PreTrainedTokenizerBase, *,
                 text_encoder: str, max_tokens: int, source: str, nonfinite: NonFinitePolicy = "zero",
-                overwrite: bool = False, advance: Callable[[], None] = lambda: None) -> ExtractionSummary:
-    """Validate and write a complete store atomically. `advance` is called per example and modality."""
+                overwrite: bool = False, advance: Callable[[], None] = lambda: None,
+                dropped: list[tuple[str, str, str]] = (), manifest_extra: dict | None = None) -> ExtractionSummary:
+    """Validate and write a complete store atomically. `advance` is called per example and modality.
+
+    `dropped` lists examples the reader already left out, as (split, id, reason); they are
+    reported with the writer's own. `manifest_extra` adds fields to the manifest (a
+    recordings store's extractor and settings)."""
     root = Path(root)
     missing = [name for name in SPLITS if name not in splits]
     if missing:
@@ -248,13 +253,15 @@ def write_store(root: str | Path, splits: dict[str, SourceSplit], tokenizer: Pre
     _check_ids(splits)
     check_destination(root, overwrite)
 
-    summary = ExtractionSummary(root=root, counts={}, dims=dims)
+    summary = ExtractionSummary(root=root, counts={}, dims=dims, dropped=list(dropped))
     with atomic_directory(root) as staging:
         manifest = {"schema_version": SCHEMA_VERSION, "source": source, "text_encoder": text_encoder,
-                    "vocab_size": len(tokenizer), "max_tokens": max_tokens, "dims": dims, "splits": {}}
+                    "vocab_size": len(tokenizer), "max_tokens": max_tokens, "dims": dims, "splits": {},
+                    **(manifest_extra or {})}
         for name in SPLITS:
             manifest["splits"][name] = _write_split(staging / name, name, splits[name], tokenizer,
                                                     max_tokens, nonfinite, summary, advance)
+        manifest["dropped"] = dict(Counter(reason for _, _, reason in summary.dropped))
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     log.info("wrote feature store %s (%s)", root, ", ".join(f"{n}={c}" for n, c in summary.counts.items()))
     return summary

@@ -29,7 +29,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.models import infer_signature  # noqa: E402
 
 from mmim.checkpoint import load_checkpoint  # noqa: E402
 from mmim.config import Config  # noqa: E402
@@ -38,6 +37,7 @@ from mmim.engine import predict_scores  # noqa: E402
 from mmim.errors import MMIMInputError  # noqa: E402
 from mmim.mlflow_server import tracking_uri  # noqa: E402
 from mmim.registry import Decision, register  # noqa: E402
+from mmim.serving import model_signature  # noqa: E402
 from mmim.store import FeatureStore  # noqa: E402
 from mmim.versioning import STORES_DIR, data_version, local_store  # noqa: E402
 
@@ -197,8 +197,7 @@ class TrainingRun:
             for name in ("config.json", "metrics.json", "learning_curves.png", "test_scatter.png"):
                 self.client.log_artifact(self.run_id, str(work / name))
         example = input_example(self.store, ["the movie was very good", "the plot was not great"])
-        signature = infer_signature(example, pd.DataFrame({"score": [0.0], "polarity": ["positive"],
-                                                           "class7": [0]}))
+        signature = model_signature(example, recordings=self.store.extractor is not None)
         # The model carries the checkpoint (weights, config, tokenizer): the run's only copy.
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_ENTRY),

@@ -33,13 +33,21 @@ def bind_store(config: Config, store: FeatureStore) -> Config:
         raise MMIMInputError(
             f"model.text_encoder {config.model.text_encoder!r} does not match the tokenizer of "
             f"data.store {str(store.root)!r} ({store.text_encoder!r}); re-extract or change the config")
-    stored = {"audio_dim": store.dims["audio"], "vision_dim": store.dims["vision"], "max_tokens": store.max_tokens}
+    stored = {"audio_dim": store.dims["audio"], "vision_dim": store.dims["vision"], "max_tokens": store.max_tokens,
+              "extractor": store.extractor}
     for field, value in stored.items():
         configured = getattr(config.model, field)
         if configured is not None and configured != value:
-            raise MMIMInputError(f"model.{field} is {configured} but data.store {str(store.root)!r} has {value} "
-                                 "(leave it out: it comes from the store)")
+            raise MMIMInputError(f"model.{field} is {_shown(configured)} but data.store {str(store.root)!r} has "
+                                 f"{_shown(value)} (leave it out: it comes from the store)")
     return config.model_copy(update={"model": config.model.model_copy(update=stored)})
+
+
+def _shown(value):
+    """A setting for an error message: an extractor record by its name, version and settings."""
+    if isinstance(value, dict) and "version" in value:
+        return f"extractor {value.get('name')} {value['version']} {value.get('settings')}"
+    return value
 
 
 def prepare_output_dir(config: Config, overwrite: bool) -> Path:
