@@ -9,8 +9,8 @@ untrusted input, so decoding is bounded before it begins and checked after it en
   - video frames may hold at most `max-pixels` pixels (checked per frame: a
     stream may change resolution midway), and are scaled down to `limits.width`
     before anything else sees them;
-  - a clip whose audio ends well before its declared end (a cut download) is refused
-    as truncated, since FFmpeg decodes what is there without complaint.
+  - a clip whose audio ends well before its declared end (a cut download, damaged
+    data) is refused as truncated: FFmpeg often decodes what is there without complaint.
 
 The demuxer is chosen from the file's first bytes (MP4/MOV, Matroska/WebM, AVI, WAV,
 FLAC), never left to FFmpeg's guess, and only local files may be opened: a "video"
@@ -142,7 +142,7 @@ def read_audio(path: str | Path, span: Span) -> np.ndarray:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         if span.start > SEEK_PREROLL:
             container.seek(int((span.start - SEEK_PREROLL) * av.time_base))  # to a point at or before it
-        chunks, first_time, decoded = [], None, 0
+        chunks, first_time, decoded, stopped = [], None, 0, ""
         most = (span.seconds + 2 * SEEK_PREROLL + 1) * SAMPLE_RATE
         try:
             for frame in container.decode(stream):
@@ -153,16 +153,16 @@ def read_audio(path: str | Path, span: Span) -> np.ndarray:
                     decoded += len(chunks[-1])
                 if (frame.time is not None and frame.time > span.end) or decoded > most:
                     break  # never decode past the clip: a file's claims about its length are not trusted
-            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-        except av.FFmpegError as error:
-            raise MediaError("unreadable media", f"audio: {_describe(error)}") from None
+        except av.FFmpegError as error:  # damaged data: keep what came before it, judged below
+            stopped = f"; the decoder stopped: {_describe(error)}"
+        chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     offset = round((span.start - (first_time or 0.0)) * SAMPLE_RATE)
     wanted = round(span.seconds * SAMPLE_RATE)
     clip = samples[max(offset, 0):max(offset, 0) + wanted]
     if len(clip) < wanted - TRUNCATION_TOLERANCE * SAMPLE_RATE or len(clip) < MIN_SECONDS * SAMPLE_RATE:
         raise MediaError("truncated", f"{len(clip) / SAMPLE_RATE:.2f} s of audio decoded, "
-                                        f"{span.seconds:.2f} s declared")
+                                        f"{span.seconds:.2f} s declared{stopped}")
     return np.ascontiguousarray(clip, dtype=np.float32)
 
 
@@ -194,8 +194,9 @@ def sample_frames(path: str | Path, span: Span, fps: float, limits: MediaLimits
                     continue  # before the span, or a step that already has its frame
                 last_step = step
                 yield step, _scaled_rgb(frame, limits)
-        except av.FFmpegError as error:
-            raise MediaError("unreadable media", f"video: {_describe(error)}") from None
+        except av.FFmpegError:
+            return  # damaged data: the steps decoded so far stand, the rest are filled (the audio
+            # of a cut file is checked for truncation)
 
 
 def _scaled_rgb(frame: av.VideoFrame, limits: MediaLimits) -> np.ndarray:
