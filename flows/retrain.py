@@ -26,11 +26,13 @@ import argparse
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import PrefectConsoleHandler
@@ -44,6 +46,7 @@ from mmim.config import Config, load_config
 from mmim.distributed import check_ray_settings
 from mmim.errors import MMIMInputError, first_line
 from mmim.metrics import METRIC_NAMES
+from mmim.recordings.layout import read_dataset
 from mmim.tracking import registered_model_name, tracking_uri
 from mmim.versioning import check_inputs, store_path
 from tasks import (FeatureStoreRef, Registration, TrainedModel, evaluate, extract_features, push_features,
@@ -277,9 +280,9 @@ def _hints(summary: RetrainSummary, project: Path) -> list[str]:
     mlflow_ui = (summary.run_link if uri.startswith("http")
                  else f"{scripts}/mlflow ui --backend-store-uri {uri}   then {summary.run_link}")
     name = summary.registration.model_name
-    examples = _local(project / "examples" / "utterances.json")
     checkpoints = [c for c in (_checkpoint_here(summary), f"models:/{name}@champion") if c]
-    predict = [f"{scripts}/mmim predict --checkpoint {c} --input {examples}" for c in checkpoints]
+    given = _prediction_input(project, summary.dataset)
+    predict = [f"{scripts}/mmim predict --checkpoint {c} {given}" for c in checkpoints]
     return [f"MLflow UI:   {mlflow_ui}",
             f"Prefect UI:  {scripts}/prefect server start   (http://127.0.0.1:4200; shows this run)",
             *(f"{'predict:' if i == 0 else '':<13}{line}" for i, line in enumerate(predict)),
@@ -287,6 +290,18 @@ def _hints(summary: RetrainSummary, project: Path) -> list[str]:
              f"--store {_local(project / store_path(summary.dataset))}"),
             f"registry:    {scripts}/mmim registry list --name {name}",
             f"serve:       {scripts}/mmim serve --model models:/{name}@champion"]
+
+
+def _prediction_input(project: Path, dataset: str) -> str:
+    """What the hints give `mmim predict`: a clip of a recordings dataset (a whole file, with its
+    transcript), else the shipped example utterances."""
+    entry = (yaml.safe_load((project / "params.yaml").read_text()).get("datasets") or {}).get(dataset) or {}
+    if entry.get("source") == "recordings":
+        clips, _ = read_dataset(project / entry["input"])
+        whole = next((clip for clip in clips if clip.start is None and clip.end is None), None)
+        if whole is not None:
+            return f"--recording {_local(whole.path)} --text {shlex.quote(whole.text)}"
+    return f"--input {_local(project / 'examples' / 'utterances.json')}"
 
 
 def _print_error(message: str) -> None:
