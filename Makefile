@@ -28,6 +28,7 @@ test: $(VENV)/.installed-demo+test
 benchmark: $(VENV)/.installed-demo
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/extract_recordings.py
 
 # The published table, for a user who has the real files in data/raw/<dataset>/.
 reproduce-mosi reproduce-mosei: reproduce-%: $(VENV)/.installed-demo
