@@ -125,7 +125,7 @@ def test_hostile_media_is_refused_with_a_reason(media, tmp_path):
 def test_a_crashed_or_hung_extractor_process_costs_one_clip(media):
     with IsolatedExtractor(SETTINGS) as extract:
         assert extract(media / "voice.wav").audio.shape == (65, 25)
-        extract._child.kill()  # as a decoder crash would end it
+        extract._child.kill()  # as a decoder crash would end it (SIGSEGV, SIGABRT, the OOM killer)
         with pytest.raises(MediaError, match="decoder crashed"):
             extract(media / "voice.wav")
         assert extract(media / "voice.wav").audio.shape == (65, 25)  # a new child took over

@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from mmim.errors import MMIMInputError
 from mmim.files import atomic_write
 from mmim.recordings.extractor import EXTRACTOR_VERSION, ClipFeatures, ExtractorSettings
 from mmim.recordings.layout import Clip
@@ -32,7 +34,11 @@ HASHES_FILE = "content-hashes.json"
 class FeatureCache:
     def __init__(self, root: str | Path, settings: ExtractorSettings) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.root).close()
+        except OSError as error:
+            raise MMIMInputError(f"--cache {self.root}: not a writable directory ({error.strerror or error})") from None
         self._settings = json.dumps(settings.features(), sort_keys=True)
         self._hashes = self._read_hashes()
 

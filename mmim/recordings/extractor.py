@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from multiprocessing.connection import Connection
@@ -131,19 +133,32 @@ class ClipExtractor:
 
 
 # ---------------------------------------------------------------- the same, in a child process
+#
+# The child is `python -m mmim.recordings.extractor`, talking over two pipes: a fresh
+# interpreter (not a fork of a parent with threads, such as a Ray worker) that imports
+# this module only (multiprocessing's spawn would import the parent's main script too,
+# which for the CLI costs seconds at every start and restart).
 
-def _serve(connection: Connection, settings_json: str) -> None:
+def _next_request(requests: Connection) -> tuple | None:
+    """The next clip to extract; None when asked to stop or when the parent is gone."""
+    try:
+        return requests.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _serve(requests: Connection, answers: Connection, settings_json: str) -> None:
     """The child: extract each requested clip, answer with features or the reason it failed."""
     extractor = ClipExtractor(ExtractorSettings.model_validate_json(settings_json))
-    connection.send(("ready", extractor.dims))
-    while (request := connection.recv()) is not None:
+    answers.send(("ready", extractor.dims))
+    while (request := _next_request(requests)) is not None:
         try:
             features = extractor(*request)
-            connection.send(("ok", features.audio, features.vision))
+            answers.send(("ok", features.audio, features.vision))
         except MediaError as error:
-            connection.send(("error", error.reason, error.detail))
+            answers.send(("error", error.reason, error.detail))
         except Exception as error:  # noqa: BLE001 - any failure on an untrusted file is that file's
-            connection.send(("error", "unreadable media", f"{type(error).__name__}: {error}"))
+            answers.send(("error", "unreadable media", f"{type(error).__name__}: {error}"))
 
 
 class IsolatedExtractor:
@@ -153,12 +168,13 @@ class IsolatedExtractor:
     when the child died or did not answer within `settings.clip_timeout`).
     """
 
+    START_TIMEOUT = 120.0  # seconds for a child to load its models
+
     def __init__(self, settings: ExtractorSettings) -> None:
         self.settings = settings
-        self._child: multiprocessing.process.BaseProcess | None = None
-        self._connection: Connection | None = None
-        self._exit_code: int | None = None  # of the last child that stopped
-        self.dims: dict[str, int] = {}
+        self._child: subprocess.Popen | None = None
+        self._requests: Connection | None = None
+        self._answers: Connection | None = None
 
     def __enter__(self) -> "IsolatedExtractor":
         return self
@@ -166,53 +182,60 @@ class IsolatedExtractor:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _start(self) -> Connection:
-        # spawn, not fork: the parent may be a Ray worker with threads of its own
-        context = multiprocessing.get_context("spawn")
-        parent_end, child_end = context.Pipe()
-        self._child = context.Process(target=_serve, args=(child_end, self.settings.model_dump_json()),
-                                      name="mmim-extractor", daemon=True)
-        self._child.start()
-        child_end.close()
-        self._connection = parent_end
-        if not parent_end.poll(max(self.settings.clip_timeout, 120.0)):  # loading the models
-            self.close()
-            raise RuntimeError("the extractor process did not start")
-        _, self.dims = parent_end.recv()
-        return parent_end
+    def _start(self) -> None:
+        to_child, from_parent = os.pipe()
+        to_parent, from_child = os.pipe()
+        command = [sys.executable, "-m", __name__, str(to_child), str(from_child), self.settings.model_dump_json()]
+        self._child = subprocess.Popen(command, pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL)
+        os.close(to_child)
+        os.close(from_child)
+        self._requests = Connection(from_parent, readable=False)
+        self._answers = Connection(to_parent, writable=False)
+        if not self._answers.poll(self.START_TIMEOUT):
+            self.close(kill=True)
+            raise RuntimeError(f"the extractor process did not start in {self.START_TIMEOUT:g} s")
+        self._answers.recv()  # ("ready", dims)
 
     def __call__(self, path: str | Path, start: float | None = None, end: float | None = None) -> ClipFeatures:
-        connection = self._connection or self._start()
+        if self._child is None:
+            self._start()
         try:
-            connection.send((str(path), start, end))
-            if not connection.poll(self.settings.clip_timeout):
+            self._requests.send((str(path), start, end))
+            if not self._answers.poll(self.settings.clip_timeout):
                 self.close(kill=True)
                 raise MediaError("timed out", f"no result after {self.settings.clip_timeout:g} s "
                                               "(extraction.recordings.clip-timeout)")
-            answer = connection.recv()
+            answer = self._answers.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            self.close(kill=True)
-            code = self._exit_code
-            raise MediaError("decoder crashed", f"the extractor process died (exit code {code})") from None
+            code = self.close(kill=True)
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            raise MediaError("decoder crashed", f"the extractor process was {how}") from None
         if answer[0] == "error":
             raise MediaError(answer[1], answer[2])
         return ClipFeatures(answer[1], answer[2])
 
-    def close(self, kill: bool = False) -> None:
-        """Stop the child (a new one starts on the next call): ask it to finish, or kill it."""
-        if self._connection is not None:
-            if not kill:
-                try:
-                    self._connection.send(None)
-                except (OSError, ValueError):
-                    pass
-            self._connection.close()
-        if self._child is not None:
-            if kill:
-                self._child.kill()
-            self._child.join(timeout=5)
-            if self._child.is_alive():
-                self._child.kill()
-                self._child.join()
-            self._exit_code = self._child.exitcode
-        self._child, self._connection = None, None
+    def close(self, kill: bool = False) -> int | None:
+        """Stop the child (a new one starts on the next call): ask it to finish, or kill it.
+        Returns its exit code (negative: the signal that ended it)."""
+        if self._child is None:
+            return None
+        if not kill:
+            try:
+                self._requests.send(None)
+            except OSError:
+                pass
+        self._requests.close()
+        self._answers.close()
+        if kill and self._child.poll() is None:
+            self._child.kill()
+        try:
+            code = self._child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            code = self._child.wait()
+        self._child = self._requests = self._answers = None
+        return code
+
+
+if __name__ == "__main__":  # the child process of IsolatedExtractor
+    _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False), sys.argv[3])

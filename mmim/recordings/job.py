@@ -15,6 +15,7 @@ default), or stops the job before any store is written (`on_error="fail"`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, ServiceUnavailableError, first_line
 from mmim.recordings.cache import FeatureCache
 from mmim.recordings.extractor import (ClipFeatures, ExtractorSettings, IsolatedExtractor, describe_extractor)
 from mmim.recordings.layout import LABELS_FILE, Clip, Rejected, read_dataset
@@ -108,7 +109,11 @@ def connect_ray(address: str | None) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        except (ConnectionError, TimeoutError, RuntimeError) as error:
+            raise ServiceUnavailableError(f"Ray cluster {address or os.environ.get('RAY_ADDRESS', '(local)')} "
+                                          f"does not answer ({first_line(error)})") from None
     return int(ray.cluster_resources().get("CPU", 1))
 
 

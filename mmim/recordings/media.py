@@ -133,33 +133,42 @@ def clip_span(container: av.container.InputContainer, start: float | None, end: 
     return span
 
 
+def _seek(container: av.container.InputContainer, stream: av.stream.Stream, seconds: float) -> None:
+    """Position `stream` shortly before `seconds`. A video stream lands on the keyframe
+    before it (possibly far before); decoding from there up to the span is bounded by
+    the file, and what precedes the span is dropped as it is decoded."""
+    if seconds > SEEK_PREROLL and stream.time_base:
+        container.seek(int((seconds - SEEK_PREROLL) / stream.time_base), stream=stream)
+
+
 def read_audio(path: str | Path, span: Span) -> np.ndarray:
     """The span's audio as 16 kHz mono float32; refuses a file without audio or cut short."""
+    wanted = round(span.seconds * SAMPLE_RATE)
     with open_media(path) as container:
         if not container.streams.audio:
             raise MediaError("no audio stream")
         stream = container.streams.audio[0]
+        _seek(container, stream, span.start)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        if span.start > SEEK_PREROLL:
-            container.seek(int((span.start - SEEK_PREROLL) * av.time_base))  # to a point at or before it
-        chunks, first_time, decoded, stopped = [], None, 0, ""
-        most = (span.seconds + 2 * SEEK_PREROLL + 1) * SAMPLE_RATE
+        kept, count, position, stopped = [], 0, None, ""
         try:
             for frame in container.decode(stream):
-                if first_time is None:
-                    first_time = frame.time if frame.time is not None else 0.0
+                if position is None:  # the time of the next resampled sample
+                    position = frame.time if frame.time is not None else 0.0
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-                    decoded += len(chunks[-1])
-                if (frame.time is not None and frame.time > span.end) or decoded > most:
+                    samples = out.to_ndarray().reshape(-1)
+                    before = round((span.start - position) * SAMPLE_RATE)  # samples preceding the span
+                    position += len(samples) / SAMPLE_RATE
+                    if before < len(samples):
+                        kept.append(samples[max(before, 0):])
+                        count += len(kept[-1])
+                if count >= wanted:
                     break  # never decode past the clip: a file's claims about its length are not trusted
         except av.FFmpegError as error:  # damaged data: keep what came before it, judged below
             stopped = f"; the decoder stopped: {_describe(error)}"
-        chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    offset = round((span.start - (first_time or 0.0)) * SAMPLE_RATE)
-    wanted = round(span.seconds * SAMPLE_RATE)
-    clip = samples[max(offset, 0):max(offset, 0) + wanted]
+        if count < wanted:
+            kept += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    clip = np.concatenate(kept)[:wanted] if kept else np.zeros(0, dtype=np.float32)
     if len(clip) < wanted - TRUNCATION_TOLERANCE * SAMPLE_RATE or len(clip) < MIN_SECONDS * SAMPLE_RATE:
         raise MediaError("truncated", f"{len(clip) / SAMPLE_RATE:.2f} s of audio decoded, "
                                         f"{span.seconds:.2f} s declared{stopped}")
@@ -178,17 +187,18 @@ def sample_frames(path: str | Path, span: Span, fps: float, limits: MediaLimits
         if not container.streams.video:
             return
         stream = container.streams.video[0]
-        if span.start > SEEK_PREROLL:
-            container.seek(int((span.start - SEEK_PREROLL) * av.time_base))
+        _seek(container, stream, span.start)
         steps = max(1, round(span.seconds * fps))
-        last_step, most = -1, span.seconds * MAX_SOURCE_FPS
+        last_step, inside, most = -1, 0, span.seconds * MAX_SOURCE_FPS
         try:
             for index, frame in enumerate(container.decode(stream)):
-                if index > most:
-                    raise MediaError("unreadable media", f"more than {MAX_SOURCE_FPS} video frames per second")
                 time = frame.time if frame.time is not None else index / float(stream.average_rate or fps)
                 if time >= span.end:
                     break
+                if time >= span.start:
+                    inside += 1
+                    if inside > most:
+                        raise MediaError("unreadable media", f"more than {MAX_SOURCE_FPS} video frames per second")
                 step = math.floor((time - span.start) * fps)
                 if step <= last_step or step < 0 or step >= steps:
                     continue  # before the span, or a step that already has its frame
