@@ -475,7 +475,7 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     if not verbose:  # the progress hooks print one line per epoch, extract its own summary
-        for module in ("mmim.engine", "mmim.store_writer", "mmim.recordings.job"):
+        for module in ("mmim.engine", "mmim.store_writer", "mmim.recordings.job", "mmim.recordings.sample"):
             logging.getLogger(module).setLevel(logging.WARNING)
         quiet_libraries()
 

@@ -78,21 +78,32 @@ def _run(extract: IsolatedExtractor, index: int, path, start, end) -> _Outcome:
         return _Outcome(index, None, error.reason, error.detail)
 
 
-class _RayExtractor:
-    """A Ray Data actor: models loaded once, each row's clip decoded in its child process."""
+def _extract_row(extract: IsolatedExtractor, row: dict) -> dict:
+    """One Ray Data row: the clip's features, or the reason there are none."""
+    start, end = (None if np.isnan(row[key]) else float(row[key]) for key in ("start", "end"))
+    outcome = _run(extract, int(row["index"]), row["path"], start, end)
+    # Raw bytes with their shapes: arrays of any length travel through Arrow unchanged.
+    audio = outcome.features.audio if outcome.features else np.zeros((0, 0), np.float32)
+    vision = outcome.features.vision if outcome.features else np.zeros((0, 0), np.float32)
+    return {"index": outcome.index, "reason": outcome.reason, "detail": outcome.detail,
+            "audio": audio.tobytes(), "audio_shape": list(audio.shape),
+            "vision": vision.tobytes(), "vision_shape": list(vision.shape)}
 
-    def __init__(self, settings_json: str) -> None:
-        self.extract = IsolatedExtractor(ExtractorSettings.model_validate_json(settings_json))
 
-    def __call__(self, row: dict) -> dict:
-        start, end = (None if np.isnan(row[key]) else float(row[key]) for key in ("start", "end"))
-        outcome = _run(self.extract, int(row["index"]), row["path"], start, end)
-        # Raw bytes with their shapes: arrays of any length travel through Arrow unchanged.
-        audio = outcome.features.audio if outcome.features else np.zeros((0, 0), np.float32)
-        vision = outcome.features.vision if outcome.features else np.zeros((0, 0), np.float32)
-        return {"index": outcome.index, "reason": outcome.reason, "detail": outcome.detail,
-                "audio": audio.tobytes(), "audio_shape": list(audio.shape),
-                "vision": vision.tobytes(), "vision_shape": list(vision.shape)}
+def _actor_class(settings: ExtractorSettings) -> type:
+    """The Ray Data actor class: models loaded once per actor, each clip decoded in its child
+    process. The settings travel inside the class (defined here, so Ray ships it by value)
+    rather than as constructor arguments, which Ray keeps in its object store."""
+    settings_json = settings.model_dump_json()
+
+    class RecordingExtractor:
+        def __init__(self) -> None:
+            self.extract = IsolatedExtractor(ExtractorSettings.model_validate_json(settings_json))
+
+        def __call__(self, row: dict) -> dict:
+            return _extract_row(self.extract, row)
+
+    return RecordingExtractor
 
 
 def _from_row(row: dict) -> _Outcome:
@@ -124,15 +135,16 @@ def _extract_on_ray(clips: list[Clip], settings: ExtractorSettings, workers: int
     cpus = connect_ray(address)
     actors = max(1, min(workers or cpus, len(clips)))
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the CLI draws its own
+    context.enable_progress_bars = False  # the caller draws its own
     context.print_on_execution_start = False
+    if not log.isEnabledFor(logging.INFO):  # quiet here: Ray Data's notes on its own progress too
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     items = [{"index": index, "path": str(clip.path.resolve()),
               "start": np.nan if clip.start is None else clip.start,
               "end": np.nan if clip.end is None else clip.end} for index, clip in enumerate(clips)]
     blocks = max(min(len(items), actors * 2), -(-len(items) // CLIPS_PER_BLOCK))
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map(
-        _RayExtractor, fn_constructor_args=(settings.model_dump_json(),),
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+        _actor_class(settings), compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
     log.info("extracting %d clips with %d Ray workers", len(clips), actors)
     for row in dataset.iter_rows():
         yield _from_row(row)
