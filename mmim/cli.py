@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.set_defaults(run=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="scores for raw utterances given as JSON")
-    predict.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    predict.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, help=CHECKPOINT_HELP)
     predict.add_argument("--input", metavar="FILE",
                          help='JSON list of {"text": str, "audio": [[...]], "vision": [[...]]}; - for stdin')
     predict.add_argument("--recording", metavar="FILE",

@@ -112,13 +112,18 @@ def test_hostile_media_is_refused_with_a_reason(media, tmp_path):
     whole = faststart_copy(media / "face.mp4", tmp_path / "whole.mp4").read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole[:len(whole) // 2])  # opens, says 2 s, holds half of that
-    cases = [(playlist, SETTINGS, "unsupported format"),
-             (cut, SETTINGS, "truncated"),
-             (media / "face.mp4", ExtractorSettings(max_seconds=1.5), "too long"),
-             (media / "face.mp4", ExtractorSettings(max_pixels=320 * 100), "frames too large")]
-    for path, settings, reason in cases:
+    silent = write_face_clip(tmp_path / "silent.mp4", seconds=1.0, audio=False)
+    face = media / "face.mp4"  # 2 s
+    cases = [(playlist, SETTINGS, None, "unsupported format"),
+             (cut, SETTINGS, None, "truncated"),
+             (silent, SETTINGS, None, "no audio stream"),
+             (face, SETTINGS, (1.5, 5.0), "span outside the file"),
+             (face, SETTINGS, (1.0, 1.05), "zero-length clip"),
+             (face, ExtractorSettings(max_seconds=1.5), None, "too long"),
+             (face, ExtractorSettings(max_pixels=320 * 100), None, "frames too large")]
+    for path, settings, span, reason in cases:
         with pytest.raises(MediaError) as refused:
-            ClipExtractor(settings)(path)
+            ClipExtractor(settings)(path, *(span or ()))
         assert refused.value.reason == reason
 
 
