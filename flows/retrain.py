@@ -320,10 +320,18 @@ class RoutineLines(logging.Filter):
         return not record.getMessage().startswith(self.ROUTINE)
 
 
+def default_config(project: Path, dataset: str) -> str:
+    """configs/<dataset>.yaml when the project has one (mosi, mosei, recordings-sample), else the
+    demo's: a dataset's own settings, and its own output_dir and registered model."""
+    own = f"configs/{dataset}.yaml"
+    return own if (project / own).is_file() else "configs/demo.yaml"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=retrain.description)
     parser.add_argument("--dataset", default="synthetic", help="entry of params.yaml `datasets`")
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (relative to --project-dir)")
+    parser.add_argument("--config", help="YAML config, relative to --project-dir (default: configs/<dataset>.yaml "
+                                          "when there is one, else configs/demo.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--project-dir", default=".", help="checkout with dvc.yaml and params.yaml")
     parser.add_argument("--no-push", action="store_true", help="do not push the store to the DVC remote")
@@ -337,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(handler, PrefectConsoleHandler):
             handler.addFilter(RoutineLines())
     project = Path(args.project_dir).resolve()
+    args.config = args.config or default_config(project, args.dataset)
     try:  # the flow checks these too; here they fail in one line, before Prefect starts
         pipeline_config(project, args.config, args.set)
         check_inputs(args.dataset, args.project_dir)  # names data/raw/<dataset> as the user would

@@ -187,6 +187,10 @@ def sample_frames(path: str | Path, span: Span, fps: float, limits: MediaLimits
         if not container.streams.video:
             return
         stream = container.streams.video[0]
+        declared = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
+        if declared > limits.max_pixels:  # refused before a decoder allocates such frames
+            raise MediaError("frames too large", f"{stream.codec_context.width}x{stream.codec_context.height}, "
+                                                 f"more than extraction.recordings.max-pixels ({limits.max_pixels})")
         _seek(container, stream, span.start)
         steps = max(1, round(span.seconds * fps))
         last_step, inside, most = -1, 0, span.seconds * MAX_SOURCE_FPS
