@@ -491,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ServiceUnavailableError, DistributedTrainingError, TrainingDiverged) as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_FAILED
+    except BrokenPipeError:  # `mmim predict ... | head`: the reader is gone, nothing is wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_FAILED
     return 0
 
 
