@@ -6,7 +6,7 @@ two share a cache entry, as a recordings dataset (label.csv + Raw/<video>/1.mp4,
 video per clip, modes cycling train/valid/test). Then it runs
 `mmim.recordings.job.extract_recordings` on it, each run into a fresh store:
 
-  0 workers              in this process (the extractor's spawned child, no Ray), fresh
+  0 workers              in this process (the extractor's child process, no Ray), fresh
                          cache; run before the Ray cluster starts
   1 Ray worker           one Ray Data actor, fresh cache
   2 Ray workers          two Ray Data actors, fresh cache
@@ -43,11 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import ray
 
-# Light imports only at the top: the extractor's child process is spawned, and spawning
-# re-imports this script, so `ray` and `mmim.recordings.job` (transformers, ~4 s) are
-# imported where they are used, or the 0-worker run would pay for them in its child.
 from mmim.recordings.extractor import ExtractorSettings
+from mmim.recordings.job import extract_recordings
 from mmim.recordings.sample import write_face_clip
 
 log = logging.getLogger("extract_recordings")
@@ -130,8 +129,6 @@ class Run:
 
 
 def run(name: str, dataset: Path, store: Path, cache: Path, workers: int) -> Run:
-    from mmim.recordings.job import extract_recordings
-
     log.info("run: %s", name)
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -145,8 +142,6 @@ def run(name: str, dataset: Path, store: Path, cache: Path, workers: int) -> Run
 
 def run_all(dataset: Path, work: Path) -> list[Run]:
     """workers 0 (before Ray starts), then 1, 2 and 2 again on the last cache, on one cluster."""
-    import ray
-
     runs = [run("0 workers (no Ray)", dataset, work / "store0", work / "cache0", workers=0)]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
