@@ -3,6 +3,7 @@
     mmim data synth --out DIR                     write the synthetic sample (MulT release format)
     mmim extract --source S --input P --out DIR --encoder NAME   source files (or recordings) -> feature store
     mmim data recordings-sample --out DIR         write generated recordings (label.csv + Raw/)
+    mmim data check --store DIR [--previous DIR]  leakage, lengths and label drift before training
     mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
     mmim predict --checkpoint DIR|models:/... --input FILE   scores for raw utterances (JSON)
@@ -192,6 +193,21 @@ def cmd_recordings_sample(args: argparse.Namespace) -> None:
                                       seed=args.seed)
     stdout.print(f"recordings sample: {sample.root} ({', '.join(f'{k}={v}' for k, v in sample.counts.items())}; "
                  f"{sample.seconds:.0f} s of media)", highlight=False, soft_wrap=True)
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from mmim.data_checks import check_store
+
+    report = check_store(args.store, args.store, args.previous, args.previous)
+    table = Table(title=f"data checks of {args.store}" + (f" against {args.previous}" if args.previous else ""))
+    for column in ("check", "kind", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in report.checks:
+        result = "ok" if check.passed else ("[red]FAILED[/red]" if check.hard else "[yellow]warning[/yellow]")
+        table.add_row(check.name, "hard" if check.hard else "soft", result, check.line().split(": ", 1)[1])
+    stdout.print(table)
+    if report.failed:
+        raise MMIMInputError(f"{args.store}: data check(s) failed: " + "; ".join(c.line() for c in report.failed))
 
 
 def _summary_table(summary: ExtractionSummary) -> Table:
@@ -459,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--clips-per-video", dest="clips_per_video", type=int, default=3,
                         help="clips of each video (default: %(default)s)")
     sample.set_defaults(run=cmd_recordings_sample)
+    check = data.add_parser("check", help="check a feature store before training (leakage, lengths, drift)")
+    check.add_argument("--store", required=True, help="the feature store to check")
+    check.add_argument("--previous", help="an earlier version of it: sizes and label drift are compared")
+    check.set_defaults(run=cmd_check)
     return parser
 
 

@@ -5,7 +5,9 @@
       Raw/<video_id>/<clip_id>.<ext>   one file per clip
       Raw/<video_id>.<ext>             or one file per video, cut by the rows' start/end
 
-`label` is the sentiment in [-3, 3]; `mode` is train, valid, test or empty. A clip with
+`label` is the sentiment in [-3, 3]; `mode` is train, valid, test or empty. The example
+id in the store is `<video_id>_<clip_id>`, as in the releases, so a clip_id holds no "_"
+(the data checks read the video back from the id). A clip with
 an empty mode takes the split of its video's other clips when they name one, else a
 split drawn from a hash of `video_id`: all clips of a video stay together, and the split
 of a video never changes when the dataset grows. A clip with `start`/`end` (seconds) is
@@ -159,6 +161,8 @@ def _clip(root: Path, row: dict[str, str], video_id: str, clip_id: str, modes: d
     """The clip of one row; a ValueError's text is "reason: detail"."""
     if not (_safe_name(video_id) and _safe_name(clip_id)):
         raise ValueError("bad id: video_id and clip_id must be non-empty file names (no / or \\)")
+    if "_" in clip_id:  # the store's id is <video_id>_<clip_id>; the video is read back from it
+        raise ValueError("bad id: clip_id must not contain '_' (the example id is <video_id>_<clip_id>)")
     try:
         label = _number(row.get("label"), "label")
         start, end = _number(row.get("start"), "start"), _number(row.get("end"), "end")

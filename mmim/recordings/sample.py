@@ -192,7 +192,7 @@ def write_sample_dataset(out: str | os.PathLike, *, videos: int = 16, clips_per_
     (sd 0.5, one decimal, clipped to [-3, 3]). A quarter of the videos keep an empty mode
     (fewer when a split would get under 2 videos); the rest go about 60/20/20 to
     train/valid/test, at least 2 videos each. Two videos are one recording each,
-    Raw/<video_id>.mp4, whose rows name their clips "<video_id>_span<n>" and give start
+    Raw/<video_id>.mp4, whose rows name their clips "span<n>" and give start
     and end in seconds. The default takes 6-8 s on a 2-core machine.
 
     Raises MMIMInputError when `out` holds anything or an argument is out of range.
@@ -276,7 +276,7 @@ def _plan_videos(videos: int, clips_per_video: int, seed: int) -> list[_VideoPla
             label = round(float(np.clip(tendencies[index] + rng.normal(0.0, 0.5), -3.0, 3.0)), 1)
             clip_seed = int(rng.integers(2**31))
             clips.append(_ClipPlan(
-                clip_id=f"{video_id}_span{number}" if index in spans else str(number),
+                clip_id=f"span{number}" if index in spans else str(number),
                 label=label, seconds=float(rng.choice(CLIP_SECONDS)),
                 text=_sentence(label, clip_seed), seed=clip_seed))
         plans.append(_VideoPlan(video_id=video_id, mode=str(modes[index]), spans=index in spans,
