@@ -3,9 +3,11 @@ with token authentication (as Ray 2.60 clusters run), `mmim train --submit` ship
 job's runtime_env, and the job trains to a checkpoint. The submitting side runs as its own
 process, as a user's would: Ray reads its authentication mode once per process."""
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +44,7 @@ def ray_head(tmp_path_factory):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
          "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 120
     while True:  # the job server answers once the dashboard is up
@@ -54,7 +56,13 @@ def ray_head(tmp_path_factory):
             assert time.monotonic() < deadline, f"Ray's job server did not answer in 120 s: {error}"
             time.sleep(1)
     yield address, token, env
-    head.terminate()
+    head.terminate()  # `ray start --block` stops its processes gracefully: ~30 s; 5 s, then they are killed
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)  # the session: GCS, raylet, dashboard, workers
     head.wait(timeout=60)
     log.close()
     # `ray start` told every later ray.init() on this machine to join this cluster; it is gone
