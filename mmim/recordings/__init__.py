@@ -3,6 +3,7 @@
     layout.py     label.csv + Raw/<video_id>/<clip_id>.<ext>: clips, splits, rejected rows
     media.py      PyAV decoding: 16 kHz mono audio, sampled video frames, with caps
     audio.py      openSMILE low-level descriptors at a chosen frame rate
+    frames.py     filling frame steps that received nothing from their nearest neighbour
     face.py       dlib face detection + 68 landmarks -> a face geometry vector per frame
     extractor.py  one clip -> (audio, vision) frames; settings, version; a child-process
                   variant for untrusted files

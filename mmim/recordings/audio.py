@@ -35,6 +35,7 @@ import numpy as np
 import opensmile
 
 from mmim.errors import MMIMInputError
+from mmim.recordings.frames import fill_gaps
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,5 @@ class AudioFeatures:
         sums = np.zeros((n_frames, self.dim))
         np.add.at(sums, bins, values)
         counts = np.bincount(bins, minlength=n_frames)
-        filled = np.flatnonzero(counts)
-        means = sums[filled] / counts[filled, None]
-
-        # For every bin, the nearest filled bin: the first filled bin at or after it, or
-        # the one before that when it is closer (or as close: ties go to the past).
-        every = np.arange(n_frames)
-        after = np.searchsorted(filled, every).clip(max=len(filled) - 1)
-        before = (after - 1).clip(min=0)
-        take_before = np.abs(filled[before] - every) <= np.abs(filled[after] - every)
-        nearest = np.where(take_before, before, after)
-        return means[nearest].astype(np.float32)
+        means = sums / np.maximum(counts, 1)[:, None]
+        return fill_gaps(means, counts > 0).astype(np.float32)

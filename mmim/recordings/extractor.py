@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmim.recordings.audio import AudioFeatures
 from mmim.recordings.face import FACE_DIM, FaceGeometry
+from mmim.recordings.frames import fill_gaps
 from mmim.recordings.media import MediaError, MediaLimits, clip_span, open_media, read_audio, sample_frames
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ExtractorSettings(BaseModel):
 
 def _code_version() -> str:
     digest = hashlib.sha256()
-    for module in ("media.py", "audio.py", "face.py", "extractor.py"):
+    for module in ("media.py", "audio.py", "face.py", "frames.py", "extractor.py"):
         digest.update((Path(__file__).parent / module).read_bytes())
     for library in LIBRARIES:
         digest.update(f"{library}=={version(library)}".encode())
@@ -90,18 +91,6 @@ def describe_extractor(settings: ExtractorSettings) -> dict:
 class ClipFeatures:
     audio: np.ndarray  # (audio frames, audio dim) float32
     vision: np.ndarray  # (vision frames, FACE_DIM) float32
-
-
-def _fill_gaps(values: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Rows not `present` take the nearest present row (the earlier one on a tie)."""
-    where = np.flatnonzero(present)
-    if where.size == 0 or where.size == len(values):
-        return values
-    after = np.clip(np.searchsorted(where, np.arange(len(values))), 0, where.size - 1)
-    before = np.clip(after - 1, 0, where.size - 1)
-    rows = np.arange(len(values))
-    nearest = np.where(np.abs(rows - where[before]) <= np.abs(where[after] - rows), where[before], where[after])
-    return values[nearest]
 
 
 class ClipExtractor:
@@ -129,7 +118,7 @@ class ClipExtractor:
         present = np.zeros(steps, dtype=bool)
         for step, frame in sample_frames(path, span, self.settings.video_fps, limits):
             vision[step], present[step] = self.face(frame), True
-        return ClipFeatures(audio, _fill_gaps(vision, present))
+        return ClipFeatures(audio, fill_gaps(vision, present))
 
 
 # ---------------------------------------------------------------- the same, in a child process
