@@ -3,9 +3,13 @@
     retrain(dataset, config)
       extract_features   dvc repro extract@<dataset>   params.yaml + data/raw/<dataset> -> data/stores/<dataset>
       push_features      dvc push                      the store (restored first if missing) -> the DVC remote
+      check_data         mmim.data_checks              leakage, lengths, drift against the champion's data;
+                                                       a failed check stops the flow here (artifact data-checks-<dataset>)
       train              Ray Train + MLflow            store + config -> MLflow run, checkpoint, logged model
-      evaluate           the logged checkpoint         -> eval_{valid,test}_* on the run
-      register           MLflow Model Registry         -> mmim-<dataset> vN; champion only if better
+      evaluate           the logged checkpoint and     both on valid/test of this data version, a paired
+                         the registry's champion       bootstrap on valid -> eval_*, champion_*, gate.* on the run
+      register           MLflow Model Registry         -> mmim-<dataset> vN; champion only if it beats the
+                                                       champion on the same data (or needs_review)
     -> the decision in the flow run's log, a summary as markdown artifact `retrain-<dataset>`;
        the command line prints the summary and the commands to look at the results
 
@@ -25,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -49,10 +52,11 @@ from mmim.metrics import METRIC_NAMES
 from mmim.recordings.layout import read_dataset
 from mmim.tracking import registered_model_name, tracking_uri
 from mmim.versioning import check_inputs, store_path
-from tasks import (FeatureStoreRef, Registration, TrainedModel, evaluate, extract_features, push_features,
-                   register, train)
+from tasks import (DataChecks, FeatureStoreRef, Registration, TrainedModel, check_data, evaluate, extract_features,
+                   push_features, register, train)
 from tasks.caching import Origin
-from tasks.registration import Champion, current_champion
+from tasks.checks import artifact_key
+from tasks.registration import Champion, champion_to_compare, current_champion
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -72,6 +76,7 @@ class RetrainSummary(BaseModel):
     stages_run: list[str]  # what DVC ran for the extraction step (this run's, or the restored run's)
     extraction: Origin | None  # the flow run that extracted
     files_pushed: int | None  # None: push skipped
+    data_checks: DataChecks
     run_id: str
     run_link: str  # the run in the MLflow UI, or its runs:/ URI when there is no UI for the tracking URI
     model_uri: str
@@ -85,10 +90,7 @@ class RetrainSummary(BaseModel):
     @property
     def decision(self) -> str:
         r = self.registration
-        before = (f"v{r.champion_before} {r.metric}={r.champion_before_value:.4f}"
-                  if r.champion_before else "no champion before")
-        verdict = r.decision or ("promoted to champion" if r.promoted else "challenger, champion unchanged")
-        return f"{r.model_name} v{r.version} ({r.metric}={r.value:.4f}): {verdict} ({before})"
+        return f"{r.model_name} v{r.version}: {r.decision}"
 
     def provenance(self, step: str, what: str, origin: Origin | None = None) -> str:
         """`what` a step did in this run, or which earlier flow run did it when it was restored."""
@@ -166,14 +168,24 @@ def _local(path: str | Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
+def figure_columns(summary: RetrainSummary) -> dict[str, dict[str, float]]:
+    """Column -> metric -> value: the new model's figures, then the champion's on the same data."""
+    compared = summary.registration.compared
+    columns = dict(summary.evaluation)
+    columns.update({f"champion v{compared.champion_version} {split}": figures
+                    for split, figures in (compared.champion or {}).items()})
+    return columns
+
+
 def summary_table(summary: RetrainSummary) -> Table:
     table = Table(title=f"retrain {summary.dataset}: selected epoch {summary.selected_epoch}, "
-                        "logged checkpoint re-evaluated")
+                        f"scored on data {summary.data_version}")
     table.add_column("metric")
-    for split in summary.evaluation:
-        table.add_column(split, justify="right")
+    columns = figure_columns(summary)
+    for column in columns:
+        table.add_column(column, justify="right")
     for name in METRIC_NAMES:
-        table.add_row(name, *(f"{figures[name]:.4f}" for figures in summary.evaluation.values()))
+        table.add_row(name, *(f"{figures[name]:.4f}" for figures in columns.values()))
     return table
 
 
@@ -186,8 +198,14 @@ def _checkpoint_here(summary: RetrainSummary) -> str | None:
 def _champion(champion: Champion | None) -> str:
     if champion is None:
         return "none"
-    figure = "no metric tag" if champion.value is None else f"{champion.metric}={champion.value:.4f}"
+    figure = (f"no {champion.metric} on this data" if champion.value is None
+              else f"{champion.metric}={champion.value:.4f} on this data")
     return f"{champion.model_name} v{champion.version} ({figure})"
+
+
+def _checks(checks: DataChecks) -> str:
+    against = f"against {checks.previous_version}" if checks.previous_version else "no previous data to compare with"
+    return f"{checks.verdict} ({against})" + "".join(f"; {warning}" for warning in checks.warnings)
 
 
 def summary_rows(summary: RetrainSummary, link: Callable[[str, str], str] = lambda text, url: url
@@ -198,19 +216,25 @@ def summary_rows(summary: RetrainSummary, link: Callable[[str, str], str] = lamb
               f"{summary.files_pushed} files sent" if summary.files_pushed else "0 files sent (the remote had them)")
     extracted = summary.provenance("extract_features", ran, summary.extraction)
     trained = summary.provenance("train", f"epoch {summary.selected_epoch} selected")
+    review = summary.registration.needs_review
     return [("data version", f"{summary.data_version} ({extracted})"),
             ("DVC push", pushed),
+            ("data checks", _checks(summary.data_checks)),
             ("MLflow run", f"{link(summary.run_id, summary.run_link)} ({trained})"),
             ("model", summary.model_uri),
             ("checkpoint", _checkpoint_here(summary) or "not on this machine (use the model)"),
+            ("compared", summary.registration.compared.text()),
             ("registry", summary.provenance("register", summary.decision, summary.registration.origin)),
+            *([("NEEDS REVIEW", f"{review}; a person decides: mmim registry promote --name "
+                                f"{summary.registration.model_name} --version {summary.registration.version}")]
+              if review else []),
             ("champion now", _champion(summary.champion)),
             ("from cache", ", ".join(summary.cached_steps) or "nothing")]
 
 
 def summary_markdown(summary: RetrainSummary) -> str:
-    splits = list(summary.evaluation)
-    rows = "\n".join(f"| {name} | " + " | ".join(f"{summary.evaluation[s][name]:.4f}" for s in splits) + " |"
+    columns = figure_columns(summary)
+    rows = "\n".join(f"| {name} | " + " | ".join(f"{figures[name]:.4f}" for figures in columns.values()) + " |"
                      for name in METRIC_NAMES)
     facts = "\n".join(f"| {label} | {text} |"
                       for label, text in summary_rows(summary, lambda text, url: f"[{text}]({url})"))
@@ -221,10 +245,11 @@ def summary_markdown(summary: RetrainSummary) -> str:
 {facts}
 | serve | `mmim serve --model models:/{summary.registration.model_name}@champion` |
 
-Selected epoch {summary.selected_epoch} (lowest validation MAE); figures of the logged checkpoint:
+Selected epoch {summary.selected_epoch} (lowest validation MAE); figures of the logged checkpoint,
+and of the champion it was compared with, on data {summary.data_version}:
 
-| metric | {' | '.join(splits)} |
-|---|{'---|' * len(splits)}
+| metric | {' | '.join(columns)} |
+|---|{'---|' * len(columns)}
 {rows}
 """
 
@@ -253,22 +278,26 @@ def retrain(dataset: str = "synthetic", config: str = "configs/demo.yaml", overr
     step = Steps(refresh)
     features: FeatureStoreRef = step("extract_features", extract_features, dataset, str(project))
     pushed = step("push_features", push_features, features, str(project), remote) if push else None
-    trained: TrainedModel = step("train", train, features, settings, str(project))
-    evaluation = step("evaluate", evaluate, trained, features, str(project))
-    registration: Registration = step("register", register, trained, evaluation, model_name,
-                                      settings.tracking.metric, settings.tracking.margin)
+    checks: DataChecks = step("check_data", check_data, features, str(project), model_name)
+    trained: TrainedModel = step("train", train, features, settings, str(project), checks.tags)
+    compare_with = _run("read_champion", champion_to_compare, model_name)
+    compared = step("evaluate", evaluate, trained, features, str(project), settings, model_name, compare_with)
+    registration: Registration = step("register", register, trained, compared, model_name,
+                                      settings.tracking.margin, settings.tracking.min_confidence)
 
-    champion = _run("read_champion", current_champion, model_name, settings.tracking.metric)
+    champion = _run("read_champion", current_champion, model_name, settings.tracking.metric, features.data_version)
 
     summary = RetrainSummary(dataset=dataset, data_version=features.data_version, stages_run=features.stages_run,
-                             extraction=features.origin, files_pushed=pushed, run_id=trained.run_id,
-                             run_link=run_link(trained), model_uri=trained.model_uri,
-                             checkpoint=trained.checkpoint, selected_epoch=trained.epoch, evaluation=evaluation,
+                             extraction=features.origin, files_pushed=pushed, data_checks=checks,
+                             run_id=trained.run_id, run_link=run_link(trained), model_uri=trained.model_uri,
+                             checkpoint=trained.checkpoint, selected_epoch=trained.epoch,
+                             evaluation=compared.challenger,
                              registration=registration, champion=champion, cached_steps=step.cached)
     registry_row = summary.provenance("register", summary.decision, registration.origin)
     log.info("%s; champion now %s", registry_row, _champion(champion))
-    key = re.sub(r"[^a-z0-9-]+", "-", f"retrain-{dataset.lower()}")
-    create_markdown_artifact(summary_markdown(summary), key=key, description=registry_row)
+    if registration.needs_review:
+        log.warning("%s v%s needs review: %s", model_name, registration.version, registration.needs_review)
+    create_markdown_artifact(summary_markdown(summary), key=artifact_key("retrain", dataset), description=registry_row)
     return summary.model_dump()
 
 

@@ -138,7 +138,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if tracking is not None:
         from mmim.tracking import register_run
 
-        decision = register_run(config, tracked, float(selected[f"valid_{config.tracking.metric}"]))
+        with console.status("scoring the model and the registry's champion on the same data"):
+            decision = register_run(config, tracked, checkpoint)
         stdout.print(f"MLflow run {tracked.run_id}; {decision.name} v{decision.version}: {decision.text}")
 
 
@@ -196,9 +197,10 @@ def cmd_recordings_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from mmim.data_checks import check_store
+    from mmim.data_checks import check_store, store_profile
 
-    report = check_store(args.store, args.store, args.previous, args.previous)
+    previous = store_profile(args.previous, args.previous) if args.previous else None
+    report = check_store(args.store, args.store, previous)
     table = Table(title=f"data checks of {args.store}" + (f" against {args.previous}" if args.previous else ""))
     for column in ("check", "kind", "result", "detail"):
         table.add_column(column, overflow="fold")
@@ -324,13 +326,15 @@ def cmd_registry(args: argparse.Namespace) -> None:
 
 
 def _metric_cell(row: dict) -> str:
-    """`MAE 0.8123` from a version's `valid_MAE` tag (the value as written, if not a number)."""
-    key, value = next(((k, v) for k, v in row.items() if k.startswith("valid_")), ("", ""))
+    """`MAE 0.8123` from the version's figure on its own data version (tag `valid_MAE/<data
+    version>`; the value as written, if not a number)."""
+    own = f"/{row.get('data_version')}"
+    key, value = next(((k, v) for k, v in row.items() if k.startswith("valid_") and k.endswith(own)), ("", ""))
     try:
         value = f"{float(value):.4f}"
     except ValueError:
         pass
-    return f"{key.removeprefix('valid_')} {value}".strip()
+    return f"{key.removeprefix('valid_').removesuffix(own)} {value}".strip()
 
 
 def _registry_table(title: str, rows: list[dict]) -> Table:

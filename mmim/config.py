@@ -127,6 +127,10 @@ class TrackingConfig(_Section):
     registered_model: str | None = None  # default: mmim-<store directory name>
     metric: Literal["MAE", "Corr"] = "MAE"  # validation metric that gates `champion`
     margin: float = Field(default=0.0, ge=0)  # how much better than the champion a challenger must be
+    # Also require the paired bootstrap's interval of the improvement, at this confidence
+    # (0.95: the 95% interval), to lie above zero. None: the margin rule alone.
+    min_confidence: float | None = Field(default=None, gt=0.5, lt=1.0)
+    bootstrap_resamples: int = Field(default=1000, ge=100, le=100_000)  # over the validation utterances
 
 
 class Config(_Section):

@@ -10,7 +10,8 @@ Hard checks (a failure stops training; the message names the check and the ids):
                       of an id is the part before its last "_" (`<video_id>_<clip_id>`).
     lengths           every sequence 1 to MAX_FRAMES frames (what prediction accepts)
 
-Soft checks, against the previous data version when there is one (they warn):
+Soft checks, against the label profile of a previous data version when there is one (the
+champion's: every tracked run logs its store's profile as `data_profile.json`); they warn:
     sizes             examples per split, and the change
     labels drift      label mean per split and the two-sample Kolmogorov-Smirnov
                       statistic between the versions' label distributions
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
 
 from mmim.errors import MMIMInputError
 from mmim.predict import MAX_FRAMES
@@ -35,6 +37,17 @@ log = logging.getLogger(__name__)
 
 SHOWN_IDS = 10  # offending ids named in a message
 KS_WARNING = 0.2  # a label distribution that moved more than this is worth a look
+
+
+class LabelProfile(BaseModel):
+    """The labels of every split of one data version: what drift is measured against."""
+
+    data_version: str
+    labels: dict[str, list[float]]  # split -> labels, in store order
+
+    @classmethod
+    def of(cls, store: FeatureStore, data_version: str) -> LabelProfile:
+        return cls(data_version=data_version, labels={name: store[name].labels.tolist() for name in SPLITS})
 
 
 @dataclass
@@ -117,14 +130,17 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     return float(gaps.max())
 
 
-def _drift(store: FeatureStore, previous: FeatureStore) -> list[CheckResult]:
+def _drift(store: FeatureStore, previous: LabelProfile) -> list[CheckResult]:
     sizes, shifts = [], []
     for name in SPLITS:
-        now, before = store[name].labels, previous[name].labels
+        now, before = store[name].labels, np.asarray(previous.labels.get(name, []), dtype=np.float64)
         sizes.append(f"{name} {len(before)} -> {len(now)}")
+        if len(before) == 0:
+            shifts.append((name, 1.0, f"{name}: none before"))
+            continue
         ks = ks_statistic(now, before)
         shifts.append((name, ks, f"{name} mean {before.mean():+.3f} -> {now.mean():+.3f}, KS {ks:.3f}"))
-    shrunk = [name for name in SPLITS if len(store[name]) < len(previous[name])]
+    shrunk = [name for name in SPLITS if len(store[name]) < len(previous.labels.get(name, []))]
     size_detail = "; ".join(sizes) + (f" (fewer examples in {', '.join(shrunk)})" if shrunk else "")
     moved = [name for name, ks, _ in shifts if ks > KS_WARNING]
     label_detail = "; ".join(text for _, _, text in shifts) + (
@@ -133,31 +149,28 @@ def _drift(store: FeatureStore, previous: FeatureStore) -> list[CheckResult]:
             CheckResult("labels drift", False, not moved, label_detail)]
 
 
-def check_store(root: str | Path, data_version: str, previous_root: str | Path | None = None,
-                previous_version: str | None = None) -> DataReport:
+def check_store(root: str | Path, data_version: str, previous: LabelProfile | None = None) -> DataReport:
     """Every check on the store at `root` (data version `data_version`); drift against the
-    store at `previous_root` when given (a previous version that cannot be opened is skipped)."""
+    label profile of a previous data version when given."""
     try:
         store = FeatureStore(root)
     except MMIMInputError as error:
-        return DataReport(data_version, previous_version, [CheckResult("store", True, False, str(error))])
+        return DataReport(data_version, None, [CheckResult("store", True, False, str(error))])
     checks = [CheckResult("store", True, True, "checksums, labels, features and token ids as the manifest says"),
               _in_two_splits("ids", {name: set(store[name].ids) for name in SPLITS}, "ids"),
               _in_two_splits("videos", {name: {video_of(i) for i in store[name].ids} for name in SPLITS}, "videos"),
               _lengths(store)]
-    previous = _open_previous(previous_root)
     if previous is None:
         sizes = "; ".join(f"{name} {len(store[name])}" for name in SPLITS)
         checks.append(CheckResult("sizes", False, True, f"{sizes} (no previous version to compare with)"))
         return DataReport(data_version, None, checks)
-    return DataReport(data_version, previous_version, checks + _drift(store, previous))
+    return DataReport(data_version, previous.data_version, checks + _drift(store, previous))
 
 
-def _open_previous(root: str | Path | None) -> FeatureStore | None:
-    if root is None:
-        return None
+def store_profile(root: str | Path, data_version: str) -> LabelProfile | None:
+    """The label profile of the store at `root`; None (with a warning) if it cannot be opened."""
     try:
-        return FeatureStore(root, verify_checksums=False)
+        return LabelProfile.of(FeatureStore(root, verify_checksums=False), data_version)
     except MMIMInputError as error:
         log.warning("previous data version not compared: %s", error)
         return None

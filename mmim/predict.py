@@ -14,8 +14,9 @@ import torch
 
 from mmim.checkpoint import load_checkpoint
 from mmim.data import Batch, make_loader, pad_sequences
-from mmim.engine import evaluate
+from mmim.engine import predict_scores
 from mmim.errors import MMIMInputError
+from mmim.metrics import compute_metrics
 from mmim.model import MMIM
 from mmim.store import FeatureStore
 from mmim.text_encoder import DEFAULT_MAX_TOKENS, tokenize
@@ -143,13 +144,20 @@ def predict_utterances(model: MMIM, tokenizer, utterances: list[dict[str, Any]])
     return [{"score": score, **sentiment_classes(score)} for score in scores]
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store_dir: str | Path,
-                        splits: tuple[str, ...] = ("valid", "test"), batch_size: int = 64
-                        ) -> dict[str, dict[str, float]]:
-    """Metrics of a checkpoint on splits of a feature store."""
+def predict_checkpoint(checkpoint: str | Path, store_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"),
+                       batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(predicted scores, true labels) of a checkpoint on splits of a feature store, in store order."""
     model, config, _ = load_checkpoint(checkpoint)
     store = FeatureStore(store_dir, verify_checksums=config.data.verify_checksums)
     bind_store(config, store)  # same tokenizer and dims, or a clear error
     device = next(model.parameters()).device
-    return {name: evaluate(model, make_loader(store[name], batch_size, shuffle=False), device)
+    return {name: predict_scores(model, make_loader(store[name], batch_size, shuffle=False), device)
             for name in splits}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, store_dir: str | Path,
+                        splits: tuple[str, ...] = ("valid", "test"), batch_size: int = 64
+                        ) -> dict[str, dict[str, float]]:
+    """Metrics of a checkpoint on splits of a feature store."""
+    return {name: compute_metrics(*scores)
+            for name, scores in predict_checkpoint(checkpoint, store_dir, splits, batch_size).items()}

@@ -1,12 +1,23 @@
 """The model registry: every finished run becomes a version; `champion` moves only when earned.
 
-    register(run)  -> new version of mmim-<dataset>, alias `challenger`, tag valid_<metric>
-                   -> `champion` moves to the best eligible version if that beats the current
-                      champion by `tracking.margin` (MAE: lower, Corr: higher)
-                   -> the decision and both figures are tags of the new version
+    register(run, head_to_head)
+                   -> new version of mmim-<dataset>, alias `challenger`
+                   -> its validation figure, and the champion's, both measured on the run's
+                      data version X, become tags `valid_<metric>/X` of the two versions
+                   -> `champion` moves to the best version with a figure on X if that beats
+                      the current champion's figure on X by `tracking.margin` (MAE: lower,
+                      Corr: higher) and, with `tracking.min_confidence`, if the bootstrap
+                      interval of its improvement over that champion lies above zero
+                   -> the decision, both figures, the data version and the champion
+                      compared are tags of the new version (`gate.*`, `registry_decision`)
     promote(name, version)   a person moves `champion` (the old one is remembered)
     rollback(name)           `champion` goes back to the version it replaced; the demoted version
                              is tagged rolled_back and never becomes champion by gating again
+
+Figures are compared only when measured on the same data: a figure on another data
+version is never read. A champion without a figure on X (it could not be scored there:
+another tokenizer, other feature dims, another extractor) is kept, and the new version
+is tagged `needs_review` with the reason: a person decides, with `promote`.
 
 A person's choice stands: after `promote` or `rollback`, gating considers only versions
 registered after that choice (tag `gating_since`), so a version registered earlier (which
@@ -15,13 +26,15 @@ gating rule can.
 
 Every move of `champion` is recorded on the registered model: `champion_set_by` (gating,
 or person:<user>), `champion_set_at` (ms since the epoch) for the current one, and one
-`champion_move.<ns>` tag per move ("v3 by gating: MAE 0.3100 beats v2's 0.3500").
+`champion_move.<ns>` tag per move ("v3 by gating: MAE 0.3100 beats v2's 0.3500 on data X").
 
 Concurrency: the registry has no transactions, so gating reconciles instead of deciding
-once. Each registration sets `champion` to the best eligible version it can see and
-re-reads until the alias is stable. Every version is registered (and visible) before its
-own reconciliation, so whichever run writes last writes the best of all versions, and
-two runs finishing together cannot leave a worse champion behind.
+once. Each registration sets `champion` to the best version it can see and re-reads until
+the alias is stable. Every version, and its figures, is registered (and visible) before
+its own reconciliation, so whichever run on X writes last writes the best of all versions
+scored on X, and two runs finishing together cannot leave a worse champion behind. (With
+`min_confidence`, a version may only replace the champion its bootstrap was measured
+against; if another run moved `champion` meanwhile, the next run compares again.)
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mmim.errors import MMIMInputError
+from mmim.gating import HeadToHead
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SET_BY, SET_AT, MOVE_PREFIX = "champion_set_by", "champion_set_at", "champion_move."
@@ -53,8 +67,9 @@ class Decision:
     promoted: bool
     candidate: float
     champion_version: str | None  # the champion before this registration
-    champion_value: float | None
+    champion_after: str | None  # and after it
     text: str  # what happened to the alias, as tagged on the version (registry_decision)
+    needs_review: str | None = None  # why the gate could not decide (tag needs_review)
 
 
 def _write(call, *args) -> None:
@@ -71,8 +86,14 @@ def _write(call, *args) -> None:
             time.sleep(0.1 * (attempt + 1))
 
 
-def metric_tag(metric: str) -> str:
-    return f"valid_{metric}"
+def figure_tag(metric: str, data_version: str) -> str:
+    """The tag of a version's validation figure on one data version: valid_MAE/<data version>."""
+    return f"valid_{metric}/{data_version}"
+
+
+def figure(version: ModelVersion, metric: str, data_version: str) -> float | None:
+    tagged = version.tags.get(figure_tag(metric, data_version))
+    return None if tagged is None else float(tagged)
 
 
 def _better(a: float, b: float, metric: str, margin: float) -> bool:
@@ -92,17 +113,34 @@ def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
         raise
 
 
-def _eligible(client: MlflowClient, name: str, metric: str, since: int) -> list[tuple[ModelVersion, float]]:
-    """Versions gating may pick: with the metric tag, not rolled back, registered after `since` (ms)."""
+def _scored(client: MlflowClient, name: str, metric: str, data_version: str,
+            since: int) -> list[tuple[ModelVersion, float]]:
+    """Versions gating may pick on `data_version`: with a figure on it, not rolled back,
+    registered after `since` (ms)."""
     versions = client.search_model_versions(f"name='{name}'")
-    return [(v, float(v.tags[metric_tag(metric)])) for v in versions
-            if metric_tag(metric) in v.tags and v.tags.get("rolled_back") != "true"
+    return [(v, figure(v, metric, data_version)) for v in versions
+            if figure_tag(metric, data_version) in v.tags and v.tags.get("rolled_back") != "true"
             and int(v.creation_timestamp or 0) > since]
+
+
+def _confident(version: ModelVersion, champion: ModelVersion, data_version: str, min_confidence: float) -> bool:
+    """`version`'s bootstrap was measured against `champion` on `data_version`, at
+    `min_confidence` or more, and its interval lies above zero."""
+    tags = version.tags
+    return (tags.get("gate.champion") == f"v{champion.version}" and tags.get("gate.data_version") == data_version
+            and float(tags.get("gate.confidence", 0)) >= min_confidence
+            and float(tags.get("gate.interval_low", "-inf")) > 0)
 
 
 def _chosen_since(client: MlflowClient, name: str) -> int:
     """When a person last chose the champion (ms), 0 if nobody ever did."""
     return int(client.get_registered_model(name).tags.get(GATING_SINCE, 0))
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    """The version `champion` points at now (None: no champion, or no such model yet)."""
+    champion = _alias(client, name, CHAMPION)
+    return None if champion is None else str(champion.version)
 
 
 def move_champion(client: MlflowClient, name: str, version: str, by: str, why: str) -> None:
@@ -117,27 +155,33 @@ def move_champion(client: MlflowClient, name: str, version: str, by: str, why: s
     _write(client.set_registered_model_tag, name, f"{MOVE_PREFIX}{now}", f"v{version} by {by}: {why}")
 
 
-def reconcile(client: MlflowClient, name: str, metric: str, margin: float) -> ModelVersion | None:
-    """Point `champion` at the best eligible version if it beats the current one by `margin`."""
+def reconcile(client: MlflowClient, name: str, metric: str, data_version: str, margin: float,
+              min_confidence: float | None = None) -> ModelVersion | None:
+    """Point `champion` at the best version scored on `data_version` if it beats the current
+    champion's figure on that data by `margin` (and, with `min_confidence`, confidently)."""
     for _ in range(MAX_RECONCILE_ROUNDS):
         champion = _alias(client, name, CHAMPION)
-        eligible = _eligible(client, name, metric, _chosen_since(client, name))
-        if not eligible:
-            return champion
+        scored = _scored(client, name, metric, data_version, _chosen_since(client, name))
         pick = min if metric == "MAE" else max
-        best, best_value = pick(eligible, key=lambda item: item[1])
         if champion is None:
-            move_champion(client, name, best.version, GATING, f"{metric} {best_value:.4f}, no champion before")
+            if not scored:
+                return None
+            best, best_value = pick(scored, key=lambda item: item[1])
+            move_champion(client, name, best.version, GATING,
+                          f"{metric} {best_value:.4f} on data {data_version}, no champion before")
             continue
-        tagged = champion.tags.get(metric_tag(metric))
-        champion_value = float(tagged) if tagged is not None else None
-        if best.version == champion.version or (
-                champion_value is not None and not _better(best_value, champion_value, metric, margin)):
+        champion_value = figure(champion, metric, data_version)
+        if champion_value is None:  # not measured on this data: nothing to compare with
             return champion
+        candidates = [(v, value) for v, value in scored
+                      if v.version != champion.version and _better(value, champion_value, metric, margin)
+                      and (min_confidence is None or _confident(v, champion, data_version, min_confidence))]
+        if not candidates:
+            return champion
+        best, best_value = pick(candidates, key=lambda item: item[1])
         _write(client.set_model_version_tag, name, best.version, "previous_champion", champion.version)
-        why = (f"{metric} {best_value:.4f} beats v{champion.version}'s {champion_value:.4f}"
-               if champion_value is not None else f"v{champion.version} has no {metric} figure")
-        move_champion(client, name, best.version, GATING, why)
+        move_champion(client, name, best.version, GATING, f"{metric} {best_value:.4f} beats v{champion.version}'s "
+                                                          f"{champion_value:.4f} on data {data_version}")
     return _alias(client, name, CHAMPION)
 
 
@@ -150,39 +194,70 @@ def _registered_from(client: MlflowClient, name: str, model_uri: str) -> str | N
     return next((v.version for v in versions if v.source == model_uri), None)
 
 
-def register(client: MlflowClient, model_uri: str, name: str, metric: str, margin: float,
-             value: float) -> Decision:
-    """Register `model_uri` as a new version of `name` and gate `champion`.
+def register(client: MlflowClient, model_uri: str, name: str, compared: HeadToHead, margin: float = 0.0,
+             min_confidence: float | None = None) -> Decision:
+    """Register `model_uri` as a new version of `name` and gate `champion` on the figures of
+    `compared` (the new model and the champion, scored on the same data).
 
     Idempotent: registering the same model again (a retried pipeline step) gates the
     version it already has instead of adding a second one.
     """
+    metric, data_version = compared.metric, compared.data_version
     before = _alias(client, name, CHAMPION)
-    before_value = float(before.tags[metric_tag(metric)]) if before and metric_tag(metric) in before.tags else None
     version = _registered_from(client, name, model_uri) or mlflow.register_model(model_uri, name).version
-    _write(client.set_model_version_tag, name, version, metric_tag(metric), repr(value))
+    for key, value in {**compared.tags(), figure_tag(metric, data_version): repr(compared.challenger_value)}.items():
+        _write(client.set_model_version_tag, name, version, key, value)
+    if compared.champion_value is not None:  # the champion's figure on this data, for every later run too
+        _write(client.set_model_version_tag, name, compared.champion_version, figure_tag(metric, data_version),
+               repr(compared.champion_value))
     _write(client.set_registered_model_alias, name, CHALLENGER, version)
-    champion = reconcile(client, name, metric, margin)
+    champion = reconcile(client, name, metric, data_version, margin, min_confidence)
     promoted = champion is not None and champion.version == version
-    decision = _decision_text(client, name, metric, margin, value, promoted, champion)
+    review = None if promoted or champion is None else _review(compared, champion)
+    decision = _decision_text(client, name, compared, margin, min_confidence, promoted, champion, review)
+    if review:
+        _write(client.set_model_version_tag, name, version, "needs_review", review)
     _write(client.set_model_version_tag, name, version, "registry_decision", decision)
     _write(client.set_model_version_tag, name, version, "champion_before", f"v{before.version}" if before else "none")
-    _write(client.set_model_version_tag, name, version, f"champion_before_{metric_tag(metric)}",
-           repr(before_value) if before_value is not None else "none")
-    return Decision(name, version, promoted, value, before.version if before else None, before_value, decision)
+    return Decision(name, version, promoted, compared.challenger_value, None if before is None else str(before.version),
+                    None if champion is None else str(champion.version), decision, review)
 
 
-def _decision_text(client: MlflowClient, name: str, metric: str, margin: float, value: float, promoted: bool,
-                   champion: ModelVersion | None) -> str:
+def _review(compared: HeadToHead, champion: ModelVersion) -> str | None:
+    """Why a person has to decide: the champion has no figure on this data."""
+    if figure(champion, compared.metric, compared.data_version) is not None:
+        return None
+    if compared.unscorable and compared.champion_version == str(champion.version):
+        return f"champion v{champion.version} cannot be scored on data {compared.data_version}: {compared.unscorable}"
+    return (f"champion v{champion.version} has no {compared.metric} figure on data {compared.data_version} "
+            f"(it became champion while this run compared with v{compared.champion_version})")
+
+
+def _decision_text(client: MlflowClient, name: str, compared: HeadToHead, margin: float,
+                   min_confidence: float | None, promoted: bool, champion: ModelVersion | None,
+                   review: str | None) -> str:
+    metric, value, data = compared.metric, compared.challenger_value, compared.data_version
     if promoted:
-        return "promoted to champion"
+        if compared.champion_value is None:
+            return f"promoted to champion: {metric} {value:.4f} on data {data}, no champion compared"
+        confidence = f" ({compared.bootstrap.text()})" if compared.bootstrap else ""
+        return (f"promoted to champion: {metric} {value:.4f} beats v{compared.champion_version}'s "
+                f"{compared.champion_value:.4f} on data {data}{confidence}")
     if champion is None:
         return "no champion"
     by = client.get_registered_model(name).tags.get(SET_BY, GATING)
     chosen = f", chosen by {by.removeprefix('person:')}" if by != GATING else ""
-    figure = champion.tags.get(metric_tag(metric))
-    reason = (f"{metric} {value:.4f} does not beat its {float(figure):.4f} by margin {margin}"
-              if figure is not None else f"it has no {metric} figure")
+    theirs = figure(champion, metric, data)
+    if review:
+        reason = f"needs review: {review}"
+    elif not _better(value, theirs, metric, margin):
+        reason = f"{metric} {value:.4f} does not beat its {theirs:.4f} on data {data} by margin {margin}"
+    elif compared.bootstrap is not None and compared.champion_version == str(champion.version):
+        reason = (f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but the {compared.bootstrap.text()} "
+                  f"does not lie above zero (min_confidence {min_confidence})")
+    else:
+        reason = (f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but was not compared with it "
+                  f"by bootstrap (min_confidence {min_confidence})")
     return f"kept champion v{champion.version}{chosen}: {reason}"
 
 

@@ -94,6 +94,12 @@ class FeatureStore:
     def __getitem__(self, name: str) -> StoreSplit:
         return self.splits[name]
 
+    @property
+    def content_version(self) -> str:
+        """A name for this content outside DVC: the manifest (which holds every file's checksum)
+        hashed, e.g. `manifest-3f2a91c0e1b4d5a6`. Flow runs use the DVC data version instead."""
+        return f"manifest-{hashlib.sha256((self.root / 'manifest.json').read_bytes()).hexdigest()[:16]}"
+
     def _read_manifest(self) -> dict:
         path = self.root / "manifest.json"
         if not self.root.is_dir():

@@ -6,12 +6,17 @@
                lr_{bert,main,mmilb}, {valid,test}_{MAE,Corr,Acc-7,Acc-5,Acc-2_*,F1_*};
                then selected_{valid,test}_* for the epoch chosen on validation
     artifacts  config.json, metrics.json, learning_curves.png, test_scatter.png,
-               and the pyfunc model "model" (its artifacts/checkpoint: weights, config, tokenizer)
+               data_profile.json (the labels of each split: the next data version's drift
+               check compares with it), and the pyfunc model "model" (its
+               artifacts/checkpoint: weights, config, tokenizer)
+    gate       the run's model and the registry's champion scored on the run's data
+               (mmim.gating): tags gate.*, metrics eval_<split>_* and champion_<split>_*
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import tempfile
 import time
@@ -28,15 +33,19 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from mmim.checkpoint import load_checkpoint  # noqa: E402
 from mmim.config import Config  # noqa: E402
 from mmim.data import make_loader  # noqa: E402
 from mmim.engine import predict_scores  # noqa: E402
-from mmim.errors import MMIMInputError  # noqa: E402
+from mmim.errors import MMIMInputError, first_line  # noqa: E402
 from mmim.mlflow_server import tracking_uri  # noqa: E402
-from mmim.registry import Decision, register  # noqa: E402
+from mmim.data_checks import LabelProfile  # noqa: E402
+from mmim.gating import HeadToHead, head_to_head  # noqa: E402
+from mmim.registry import Decision, champion_version, register  # noqa: E402
 from mmim.serving import model_signature  # noqa: E402
 from mmim.store import FeatureStore  # noqa: E402
 from mmim.versioning import STORES_DIR, data_version, local_store  # noqa: E402
@@ -44,6 +53,9 @@ from mmim.versioning import STORES_DIR, data_version, local_store  # noqa: E402
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview; with it, on the runs.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+DATA_PROFILE = "data_profile.json"  # the run's LabelProfile
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +63,7 @@ class TrackedRun:
     run_id: str
     model_uri: str  # models:/m-... (MLflow 3's logged model)
     experiment_id: str
+    data_version: str  # of the store it trained on
 
 
 def dataset_name(config: Config) -> str:
@@ -83,7 +96,7 @@ def store_data_version(config: Config) -> str | None:
     try:
         return data_version(relative.parts[0], root)
     except MMIMInputError:
-        return None  # not a DVC output (yet): logged as "unversioned"
+        return None  # not a DVC output (yet): named by its manifest (FeatureStore.content_version)
 
 
 def git_commit() -> str:
@@ -153,14 +166,16 @@ class TrainingRun:
     be called from another thread of the driver (Ray reports arrive on one).
     """
 
-    def __init__(self, config: Config, *, data_version: str | None = None):
+    def __init__(self, config: Config, *, data_version: str | None = None, tags: dict[str, str] | None = None):
         self.config = config
         self.store = FeatureStore(local_store(config.data), verify_checksums=False)
         self.experiment_id = ensure_experiment(config)
         self.client = MlflowClient(tracking_uri())
+        self.data_version = data_version or store_data_version(config) or self.store.content_version
         tags = {
+            **(tags or {}),
             "git_commit": git_commit(),
-            "data_version": data_version or store_data_version(config) or "unversioned",
+            "data_version": self.data_version,
             "source_format": self.store.manifest.get("source", "unknown"),
             "text_encoder": config.model.text_encoder,
             "ray_workers": str(config.ray.num_workers),
@@ -169,6 +184,8 @@ class TrainingRun:
         }
         self.run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
+        self.client.log_dict(self.run_id, LabelProfile.of(self.store, self.data_version).model_dump(),
+                             DATA_PROFILE)
 
     def log_epoch(self, metrics: dict) -> None:
         """An epoch's flat metrics (a Ray report or `flat_metrics(record)`), at step = epoch."""
@@ -203,16 +220,17 @@ class TrainingRun:
             info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_ENTRY),
                                            artifacts={"checkpoint": str(checkpoint)}, signature=signature,
                                            input_example=example, pip_requirements=["mmim-pipeline"])
-        return TrackedRun(self.run_id, info.model_uri, self.experiment_id)
+        return TrackedRun(self.run_id, info.model_uri, self.experiment_id, self.data_version)
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
 
 
 @contextmanager
-def tracked_run(config: Config, *, data_version: str | None = None) -> Iterator[TrainingRun]:
+def tracked_run(config: Config, *, data_version: str | None = None,
+                tags: dict[str, str] | None = None) -> Iterator[TrainingRun]:
     """A `TrainingRun` that ends FINISHED when the block completes, FAILED when it raises."""
-    run = TrainingRun(config, data_version=data_version)
+    run = TrainingRun(config, data_version=data_version, tags=tags)
     try:
         yield run
     except BaseException:
@@ -225,17 +243,62 @@ def _metric_name(key: str) -> str:
     return key.replace("-", "_")  # MLflow metric names: Acc-7 -> Acc_7
 
 
+def logged_profile(run_id: str) -> LabelProfile | None:
+    """The label profile a run logged (None, with a warning, when it has none or it is unreadable:
+    runs from before profiles, models registered by hand)."""
+    with tempfile.TemporaryDirectory(prefix="mmim-profile-") as workdir:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=DATA_PROFILE, dst_path=workdir,
+                                                       tracking_uri=tracking_uri())
+            return LabelProfile.model_validate_json(Path(path).read_bytes())
+        except (MlflowException, OSError, ValidationError) as error:
+            log.warning("run %s: no readable %s (%s); drift not compared", run_id, DATA_PROFILE, first_line(error))
+            return None
+
+
+def champion_profile(model_name: str) -> LabelProfile | None:
+    """The label profile of the data the registry's champion was trained on (None: no champion,
+    or its run logged none)."""
+    client = MlflowClient(tracking_uri())
+    version = champion_version(client, model_name)
+    if version is None:
+        return None
+    run_id = client.get_model_version(model_name, version).run_id
+    return logged_profile(run_id) if run_id else None
+
+
 def track_and_register(config: Config, epochs: list[dict], selected: dict, checkpoint: Path,
                        data_version: str | None = None) -> tuple[TrackedRun, Decision]:
-    """Log a finished training and register its model, gating `champion` on the validation metric."""
+    """Log a finished training and register its model, gating `champion` head to head."""
     with tracked_run(config, data_version=data_version) as run:
         for epoch in epochs:
             run.log_epoch(epoch)
         tracked = run.finish(epochs, selected, checkpoint)
-    return tracked, register_run(config, tracked, float(selected[f"valid_{config.tracking.metric}"]))
+    return tracked, register_run(config, tracked, checkpoint)
 
 
-def register_run(config: Config, run: TrackedRun, value: float) -> Decision:
-    """Register a tracked run's model as a new version and gate `champion` on `value`."""
-    return register(MlflowClient(tracking_uri()), run.model_uri, registered_model_name(config),
-                    config.tracking.metric, config.tracking.margin, value)
+def compare_with_champion(config: Config, run_id: str, checkpoint: Path, store: str | Path, data_version: str,
+                          name: str, champion: str | None) -> HeadToHead:
+    """Score `checkpoint` and version `champion` of `name` (None: no champion) on `store` (data
+    version `data_version`) and record both on the run: tags gate.*, metrics eval_* and champion_*."""
+    client = MlflowClient(tracking_uri())
+    compared = head_to_head(checkpoint, store, data_version, config.tracking.metric,
+                            f"models:/{name}/{champion}" if champion else None, champion,
+                            resamples=config.tracking.bootstrap_resamples,
+                            confidence=config.tracking.min_confidence)
+    now = int(time.time() * 1000)
+    figures = [(f"eval_{split}", values) for split, values in compared.challenger.items()]
+    figures += [(f"champion_{split}", values) for split, values in (compared.champion or {}).items()]
+    client.log_batch(run_id, metrics=[Metric(f"{prefix}_{_metric_name(metric)}", float(value), now, 0)
+                                      for prefix, values in figures for metric, value in values.items()],
+                     tags=[RunTag(key, value) for key, value in compared.tags().items()])
+    return compared
+
+
+def register_run(config: Config, run: TrackedRun, checkpoint: Path) -> Decision:
+    """Register a tracked run's model as a new version; `champion` moves only if the model
+    beats it on the run's own data."""
+    client, name = MlflowClient(tracking_uri()), registered_model_name(config)
+    compared = compare_with_champion(config, run.run_id, checkpoint, local_store(config.data), run.data_version,
+                                     name, champion_version(client, name))
+    return register(client, run.model_uri, name, compared, config.tracking.margin, config.tracking.min_confidence)

@@ -1,4 +1,4 @@
-"""Registration as a pipeline step: a new version of mmim-<dataset>, champion gated on validation."""
+"""Registration as a pipeline step: a new version of mmim-<dataset>, `champion` gated head to head."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from mmim import registry
+from mmim.gating import HeadToHead
 from mmim.mlflow_server import tracking_uri
 from tasks.caching import Origin, origin, registration_key
 from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
@@ -17,45 +18,50 @@ class Registration(BaseModel):
     model_name: str
     version: str
     promoted: bool  # this version became `champion`
-    metric: str  # valid_MAE or valid_Corr
-    value: float  # this version's figure
-    champion_before: str | None  # the champion's version before this registration
-    champion_before_value: float | None
+    compared: HeadToHead  # both models' figures on the run's data version
+    champion_after: str | None  # the champion once this registration reconciled
+    needs_review: str | None = None  # the gate could not decide: a person should (mmim registry promote)
     origin: Origin | None = None  # the flow run that decided (None: results cached before origins)
     decision: str = ""  # what happened to `champion` and why ("kept champion v2, chosen by ana: ...")
 
 
 class Champion(BaseModel):
-    """What the registry calls `champion` now, with its validation figure."""
+    """What the registry calls `champion` now, with its validation figure on one data version."""
 
     model_name: str
     version: str
-    metric: str  # the tag, e.g. valid_MAE
-    value: float | None  # None: the version has no such tag (promoted by hand)
+    metric: str  # e.g. valid_MAE
+    data_version: str
+    value: float | None  # None: not measured on that data version
 
 
 @task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
       cache_key_fn=registration_key, result_serializer="json", task_run_name="register[{model_name}]")
-def register(trained: TrainedModel, evaluation: dict[str, dict[str, float]], model_name: str,
-             metric: str, margin: float) -> Registration:
-    """Register the run's model; `champion` moves only if it beats the champion by `margin`."""
-    value = evaluation["valid"][metric]
-    decision = registry.register(MlflowClient(tracking_uri()), trained.model_uri, model_name, metric, margin, value)
-    get_run_logger().info("%s v%s: %s", model_name, decision.version, decision.text)
+def register(trained: TrainedModel, compared: HeadToHead, model_name: str, margin: float,
+             min_confidence: float | None) -> Registration:
+    """Register the run's model; `champion` moves only if it beats the champion on the same data."""
+    decision = registry.register(MlflowClient(tracking_uri()), trained.model_uri, model_name, compared, margin,
+                                 min_confidence)
+    log = get_run_logger()
+    log.info("%s v%s: %s", model_name, decision.version, decision.text)
+    if decision.needs_review:
+        log.warning("%s v%s needs review: %s", model_name, decision.version, decision.needs_review)
     return Registration(model_name=model_name, version=str(decision.version), promoted=decision.promoted,
-                        metric=registry.metric_tag(metric), value=value,
-                        champion_before=None if decision.champion_version is None else str(decision.champion_version),
-                        champion_before_value=decision.champion_value,
-                        origin=origin(), decision=decision.text)
+                        compared=compared, champion_after=decision.champion_after,
+                        needs_review=decision.needs_review, origin=origin(), decision=decision.text)
 
 
-def current_champion(model_name: str, metric: str) -> Champion | None:
+def current_champion(model_name: str, metric: str, data_version: str) -> Champion | None:
     """The registry's `champion` of `model_name` as it is now (None when there is none)."""
     client = MlflowClient(tracking_uri())
-    version = client.get_registered_model(model_name).aliases.get(registry.CHAMPION)
+    version = registry.champion_version(client, model_name)
     if version is None:
         return None
-    tag = registry.metric_tag(metric)
-    value = client.get_model_version(model_name, version).tags.get(tag)
-    return Champion(model_name=model_name, version=str(version), metric=tag,
-                    value=None if value is None else float(value))
+    value = registry.figure(client.get_model_version(model_name, version), metric, data_version)
+    return Champion(model_name=model_name, version=version, metric=f"valid_{metric}", data_version=data_version,
+                    value=value)
+
+
+def champion_to_compare(model_name: str) -> str | None:
+    """The champion's version right before evaluation: the one the challenger is scored against."""
+    return registry.champion_version(MlflowClient(tracking_uri()), model_name)

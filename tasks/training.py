@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from mmim.config import Config
 from mmim.distributed import train_distributed
 from mmim.engine import epoch_line
-from mmim.predict import evaluate_checkpoint
+from mmim.gating import HeadToHead
 from mmim.serving import local_checkpoint
-from mmim.tracking import tracked_run, tracking_uri
+from mmim.tracking import compare_with_champion, tracked_run
 from mmim.train import BEST_CHECKPOINT
 from mmim.versioning import ensure_store
 from tasks.caching import evaluation_key, training_key
@@ -38,15 +35,17 @@ class TrainedModel(BaseModel):
 
 @task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
       cache_key_fn=training_key, result_serializer="json", task_run_name="train[{features.dataset}]")
-def train(features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
-    """Ray Train on the store (RAY_ADDRESS names the cluster), tracked live in one MLflow run."""
+def train(features: FeatureStoreRef, config: Config, project_dir: str,
+          run_tags: dict[str, str] | None = None) -> TrainedModel:
+    """Ray Train on the store (RAY_ADDRESS names the cluster), tracked live in one MLflow run
+    (tagged with `run_tags`: the data checks' results)."""
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
     config = config.model_copy(update={"data": config.data.model_copy(
         update={"store": str(store.resolve()), "dvc_dataset": features.dataset})})
     log.info("training on %s (%s) with %d Ray workers%s", features.dataset, features.data_version,
              config.ray.num_workers, " on GPUs" if config.ray.use_gpu else "")
-    with tracked_run(config, data_version=features.data_version) as run:
+    with tracked_run(config, data_version=features.data_version, tags=run_tags) as run:
         log.info("MLflow run %s", run.run_id)
 
         def on_report(metrics: dict) -> None:
@@ -67,21 +66,21 @@ def train(features: FeatureStoreRef, config: Config, project_dir: str) -> Traine
 
 @task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
       cache_key_fn=evaluation_key, result_serializer="json", task_run_name="evaluate[{features.dataset}]")
-def evaluate(trained: TrainedModel, features: FeatureStoreRef, project_dir: str) -> dict[str, dict[str, float]]:
-    """Score the checkpoint as logged to MLflow (not the local copy) on valid and test.
+def evaluate(trained: TrainedModel, features: FeatureStoreRef, project_dir: str, config: Config,
+             model_name: str, champion: str | None) -> HeadToHead:
+    """Score the checkpoint as logged to MLflow (not the local copy) and version `champion` of
+    `model_name` (None: no champion) on valid and test of the run's data version.
 
-    The figures go back to the run as eval_<split>_<metric>; registration gates on them.
+    The figures go back to the run (eval_*, champion_*, gate.*); registration gates on them.
     """
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
     with local_checkpoint(trained.model_uri) as checkpoint:
-        results = evaluate_checkpoint(checkpoint, store)
-    now = int(time.time() * 1000)
-    MlflowClient(tracking_uri()).log_batch(trained.run_id, metrics=[
-        Metric(f"eval_{split}_{name.replace('-', '_')}", float(value), now, 0)
-        for split, figures in results.items() for name, value in figures.items()])
-    gap = abs(results["valid"]["MAE"] - trained.metrics["valid_MAE"])
+        compared = compare_with_champion(config, trained.run_id, checkpoint, store, features.data_version,
+                                         model_name, champion)
+    gap = abs(compared.challenger["valid"]["MAE"] - trained.metrics["valid_MAE"])
     if gap > EVALUATION_TOLERANCE:
         log.warning("the logged checkpoint scores valid MAE %.4f, training reported %.4f",
-                    results["valid"]["MAE"], trained.metrics["valid_MAE"])
-    return results
+                    compared.challenger["valid"]["MAE"], trained.metrics["valid_MAE"])
+    log.info("%s", compared.text())
+    return compared

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from mmim.data_checks import check_store, ks_statistic
+from mmim.data_checks import check_store, ks_statistic, store_profile
 from mmim.store import sha256_of
 from mmim.store_writer import write_store
 from mmim.synthetic import synthesize
@@ -20,7 +20,7 @@ def store(root, encoder, splits):
 
 
 def test_a_clean_store_passes_and_names_its_versions(tiny_store):
-    report = check_store(tiny_store, "v2.dir", tiny_store, "v1.dir")
+    report = check_store(tiny_store, "v2.dir", store_profile(tiny_store, "v1.dir"))
     assert not report.failed and not report.warnings
     assert [check.name for check in report.checks] == ["store", "ids", "videos", "lengths", "sizes", "labels drift"]
     assert report.markdown().startswith("# Data checks of v2.dir against v1.dir")
@@ -43,7 +43,7 @@ def test_label_drift_warns_and_a_damaged_store_fails(tiny_encoder, tiny_store, t
     splits = synthesize(0, TINY_SIZES)
     splits["valid"].labels = np.clip(splits["valid"].labels + 1.5, -3, 3)  # a much harder validation split
     root = store(tmp_path / "shifted", tiny_encoder, splits)
-    report = check_store(root, "v2.dir", tiny_store, "v1.dir")
+    report = check_store(root, "v2.dir", store_profile(tiny_store, "v1.dir"))
     assert not report.failed and [check.name for check in report.warnings] == ["labels drift"]
     assert "KS over 0.2 in valid" in report.warnings[0].detail
     # an edited file: the store check fails, naming it, and nothing else is checked

@@ -1,0 +1,54 @@
+"""Data checks as a pipeline step: the run's store, before anything trains on it."""
+
+from __future__ import annotations
+
+import re
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
+
+from mmim.data_checks import check_store
+from mmim.errors import MMIMInputError
+from mmim.tracking import champion_profile
+from mmim.versioning import ensure_store
+from tasks.features import FeatureStoreRef
+from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+
+
+class DataChecks(BaseModel):
+    data_version: str
+    previous_version: str | None  # the champion's data version, compared with (None: nothing to compare)
+    verdict: str  # passed or warnings (a failed check fails the step)
+    warnings: list[str]  # one line per soft check that warned
+    tags: dict[str, str]  # for the training run
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) from `parts`."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())
+
+
+@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
+      task_run_name="check_data[{features.dataset}]")
+def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> DataChecks:
+    """The store's checks (mmim.data_checks), drift against the data the champion was trained on.
+
+    The report is the markdown artifact `data-checks-<dataset>`; a failed hard check fails
+    the step, naming the check and the ids, before anything trains.
+    """
+    log = get_run_logger()
+    store = ensure_store(features.dataset, project_dir, features.data_version)
+    report = check_store(store, features.data_version, champion_profile(model_name))
+    tags = report.tags()
+    create_markdown_artifact(report.markdown(), key=artifact_key("data-checks", features.dataset),
+                             description=f"data checks of {features.data_version}: {tags['data_checks']}")
+    for check in report.warnings:
+        log.warning("data check %s", check.line())
+    if report.failed:
+        raise MMIMInputError(f"data version {features.data_version} failed the data checks: "
+                             + "; ".join(check.line() for check in report.failed))
+    log.info("data checks of %s %s%s", features.data_version, tags["data_checks"],
+             f" (compared with {report.previous_version})" if report.previous_version else "")
+    return DataChecks(data_version=features.data_version, previous_version=report.previous_version,
+                      verdict=tags["data_checks"], warnings=[check.line() for check in report.warnings], tags=tags)

@@ -1,0 +1,188 @@
+"""Gating head to head, against a real `mlflow server` (sqlite) on 127.0.0.1, as the flow's
+evaluate and register steps do it (mmim.tracking.compare_with_champion, mmim.registry.register).
+
+The models are real checkpoints whose score is a constant (the last layer's weights zeroed,
+its bias set), so every figure below is known in advance: a constant c scores
+MAE = mean |label - c| on any split. The data versions differ only in their validation labels.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from transformers import BertTokenizer
+
+from mmim.checkpoint import save_checkpoint
+from mmim.gating import paired_bootstrap
+from mmim.model import build_model
+from mmim.registry import champion_version, figure, promote, register
+from mmim.store import FeatureStore
+from mmim.store_writer import write_store
+from mmim.synthetic import synthesize
+from mmim.text_encoder import load_tokenizer
+from mmim.tracking import PYFUNC_ENTRY, compare_with_champion
+from mmim.train import bind_store
+from tests.conftest import TINY_SIZES, free_port, start
+
+BASE = np.linspace(-0.5, 0.5, TINY_SIZES["valid"])  # validation labels of data v1: MAE of 0 is 0.2581
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A tracking server for the module; every test registers its own model name."""
+    root = tmp_path_factory.mktemp("gating")
+    port = free_port()
+    process = start([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                     "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                     "--workers", "1"], f"http://127.0.0.1:{port}/health")
+    uri = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("gating")
+        yield MlflowClient(uri)
+        mlflow.set_tracking_uri(None)
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def data(root: Path, encoder: str, valid_labels) -> Path:
+    """A store whose validation labels are `valid_labels` (train and test as synthesized)."""
+    splits = synthesize(0, TINY_SIZES)
+    splits["valid"].labels = np.asarray(valid_labels, dtype=np.float32)
+    return write_store(root, splits, load_tokenizer(encoder), text_encoder=encoder, max_tokens=16,
+                       source="synthetic").root
+
+
+class Constant:
+    """A logged model (an MLflow run with the pyfunc model) whose every score is `value`."""
+
+    def __init__(self, config, store: Path, value: float, where: Path):
+        config = bind_store(config.model_copy(update={"data": config.data.model_copy(update={"store": str(store)})}),
+                            FeatureStore(store))
+        model = build_model(config.model).eval()
+        with torch.no_grad():
+            model.fusion_prj.linear_3.weight.zero_()
+            model.fusion_prj.linear_3.bias.fill_(value)
+        self.config, self.checkpoint = config, save_checkpoint(where, model, config,
+                                                               load_tokenizer(config.model.text_encoder))
+        with mlflow.start_run() as run:
+            self.run_id = run.info.run_id
+            self.uri = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_ENTRY),
+                                               artifacts={"checkpoint": str(self.checkpoint)},
+                                               pip_requirements=["mmim-pipeline"]).model_uri
+
+
+def gate(client, name, model: Constant, store: Path, data_version: str, min_confidence=None):
+    """The flow's evaluate then register steps for `model`, on `store` (data version `data_version`)."""
+    tracking = model.config.tracking.model_copy(update={"min_confidence": min_confidence})
+    config = model.config.model_copy(update={"tracking": tracking})
+    compared = compare_with_champion(config, model.run_id, model.checkpoint, store, data_version, name,
+                                     champion_version(client, name))
+    return compared, register(client, model.uri, name, compared, 0.0, min_confidence)
+
+
+def mae(labels, constant):
+    return float(np.mean(np.abs(np.asarray(labels, dtype=np.float32) - np.float32(constant))))
+
+
+def test_the_gate_compares_both_models_on_the_new_data(server, tiny_config, tmp_path):
+    client, name, encoder = server, "mmim-head-to-head", tiny_config.model.text_encoder
+    v1 = data(tmp_path / "v1", encoder, BASE)
+    v2 = data(tmp_path / "v2", encoder, BASE + 2.0)  # a much harder validation split
+    v3 = data(tmp_path / "v3", encoder, BASE + 1.5)
+    a, b, c = (Constant(tiny_config, v1, value, tmp_path / f"model-{value}") for value in (0.0, 1.5, 1.2))
+
+    _, first = gate(client, name, a, v1, "v1.dir")
+    assert first.promoted and first.text == f"promoted to champion: MAE {mae(BASE, 0):.4f} on data v1.dir, no champion compared"
+
+    # B on v2 scores worse than A's figure recorded on v1, but beats A on v2: promoted
+    compared, second = gate(client, name, b, v2, "v2.dir")
+    assert compared.challenger_value > figure(client.get_model_version(name, first.version), "MAE", "v1.dir")
+    assert compared.champion_value == pytest.approx(mae(BASE + 2, 0), abs=1e-6)
+    assert second.promoted and champion_version(client, name) == second.version
+    assert second.text.startswith(f"promoted to champion: MAE {mae(BASE + 2, 1.5):.4f} beats v{first.version}'s "
+                                  f"{mae(BASE + 2, 0):.4f} on data v2.dir (improvement +1.")
+    # both figures, the data and the champion compared: on the run and on the new version
+    tags = client.get_model_version(name, second.version).tags
+    assert tags["gate.champion"] == f"v{first.version}" and tags["gate.data_version"] == "v2.dir"
+    assert float(tags["gate.champion_valid_MAE"]) == compared.champion_value
+    assert float(tags["valid_MAE/v2.dir"]) == compared.challenger_value and "valid_MAE/v1.dir" not in tags
+    run = client.get_run(b.run_id).data
+    assert run.tags["gate.champion"] == f"v{first.version}" and run.tags["gate.data_version"] == "v2.dir"
+    assert run.metrics["champion_valid_MAE"] == pytest.approx(compared.champion_value)
+    assert run.metrics["eval_valid_MAE"] == pytest.approx(compared.challenger_value)
+    assert figure(client.get_model_version(name, first.version), "MAE", "v2.dir") == compared.champion_value
+
+    # the reverse: C on v3 scores better than B's figure recorded on v2, but loses to B on v3
+    compared, third = gate(client, name, c, v3, "v3.dir")
+    assert compared.challenger_value < figure(client.get_model_version(name, second.version), "MAE", "v2.dir")
+    assert not third.promoted and champion_version(client, name) == second.version
+    assert third.text == (f"kept champion v{second.version}: MAE {mae(BASE + 1.5, 1.2):.4f} does not beat its "
+                          f"{mae(BASE + 1.5, 1.5):.4f} on data v3.dir by margin 0.0")
+    assert third.needs_review is None
+
+
+def test_a_champion_that_cannot_be_scored_is_kept_and_the_new_version_needs_review(server, tiny_config, tmp_path):
+    client, name = server, "mmim-other-tokenizer"
+    other = tmp_path / "other-bert"  # another vocabulary, another tokenizer
+    shutil.copytree(tiny_config.model.text_encoder, other)
+    words = (other / "vocab.txt").read_text().split()
+    (other / "vocab.txt").write_text("\n".join(words[:5] + words[5:][::-1]) + "\n")
+    BertTokenizer(str(other / "vocab.txt")).save_pretrained(other)
+    old = Constant(tiny_config.model_copy(update={"model": tiny_config.model.model_copy(
+        update={"text_encoder": str(other)})}), data(tmp_path / "old", str(other), BASE), 0.0, tmp_path / "old-model")
+    _, first = gate(client, name, old, Path(old.config.data.store), "old.dir")
+    assert first.promoted
+
+    store = data(tmp_path / "new", tiny_config.model.text_encoder, BASE)
+    new = Constant(tiny_config, store, 0.2, tmp_path / "new-model")
+    compared, second = gate(client, name, new, store, "new.dir")
+    assert compared.champion is None and "does not match the tokenizer" in compared.unscorable
+    assert not second.promoted and champion_version(client, name) == first.version
+    assert second.needs_review.startswith(f"champion v{first.version} cannot be scored on data new.dir: "
+                                          f"model.text_encoder {str(other)!r} does not match")
+    assert second.text == f"kept champion v{first.version}: needs review: {second.needs_review}"
+    tags = client.get_model_version(name, second.version).tags
+    assert tags["needs_review"] == second.needs_review and tags["gate.champion"] == f"v{first.version}"
+    promote(client, name, second.version)  # a person decides
+    assert champion_version(client, name) == second.version
+
+
+def test_min_confidence_promotes_a_clear_improvement_not_a_noisy_one(server, tiny_config, tmp_path):
+    client, name, encoder = server, "mmim-confidence", tiny_config.model.text_encoder
+    signs = np.where(np.arange(TINY_SIZES["valid"]) < 17, 1.0, -1.0)  # 17 positive, 15 negative
+    noisy = data(tmp_path / "noisy", encoder, signs)
+    clear = data(tmp_path / "clear", encoder, 1.0 + BASE / 2)
+    champion = Constant(tiny_config, noisy, 0.0, tmp_path / "champion")
+    assert gate(client, name, champion, noisy, "noisy.dir", 0.95)[1].promoted
+
+    # 0.05 towards the positive labels: better on 17 utterances, worse on 15
+    compared, tiny = gate(client, name, Constant(tiny_config, noisy, 0.05, tmp_path / "tiny"), noisy, "noisy.dir", 0.95)
+    bootstrap = compared.bootstrap
+    assert compared.challenger_value < compared.champion_value  # the margin rule alone would promote it
+    assert bootstrap.improvement == pytest.approx(0.05 * 2 / 32, abs=1e-6) and bootstrap.low < 0 < bootstrap.high
+    assert not tiny.promoted and champion_version(client, name) == "1"
+    assert "does not lie above zero (min_confidence 0.95)" in tiny.text
+    assert client.get_model_version(name, tiny.version).tags["gate.confidence"] == "0.95"
+
+    compared, better = gate(client, name, Constant(tiny_config, clear, 1.0, tmp_path / "clear-model"), clear,
+                            "clear.dir", 0.95)
+    assert compared.bootstrap.low > 0.5 and better.promoted
+    assert "95% interval +0." in better.text
+
+
+def test_the_paired_bootstrap_is_seeded_and_resamples_both_models_together():
+    truths = np.random.default_rng(1).normal(size=200)
+    champion, challenger = truths + 0.5, truths + 0.4  # the challenger is better on every utterance
+    first = paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)
+    assert first == paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)  # seeded
+    # paired: the same resamples for both, so a uniform gain of 0.1 has no spread at all
+    assert first.improvement == pytest.approx(0.1) and first.low == pytest.approx(0.1) == first.high
+    correlated = paired_bootstrap(truths, truths * 0.5, truths + np.random.default_rng(2).normal(size=200), "Corr")
+    assert correlated.improvement < 0 and correlated.high < 0  # noise costs correlation, clearly
