@@ -146,10 +146,20 @@ def predict_utterances(model: MMIM, tokenizer, utterances: list[dict[str, Any]])
 
 def predict_checkpoint(checkpoint: str | Path, store_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"),
                        batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(predicted scores, true labels) of a checkpoint on splits of a feature store, in store order."""
+    """(predicted scores, true labels) of a checkpoint on splits of a feature store, in store order.
+
+    The store may cap texts at another token count than the model was trained with (the
+    same text, cut elsewhere: a new data version, and a fair comparison on it); its
+    tokenizer, feature dims and extractor must be the model's.
+    """
     model, config, _ = load_checkpoint(checkpoint)
     store = FeatureStore(store_dir, verify_checksums=config.data.verify_checksums)
-    bind_store(config, store)  # same tokenizer and dims, or a clear error
+    positions = model.text_enc.bertmodel.config.max_position_embeddings
+    if store.max_tokens > positions:
+        raise MMIMInputError(f"data.store {str(store.root)!r} caps texts at {store.max_tokens} tokens, "
+                             f"more than the model's text encoder takes ({positions})")
+    uncapped = config.model_copy(update={"model": config.model.model_copy(update={"max_tokens": None})})
+    bind_store(uncapped, store)  # same tokenizer, dims and extractor, or a clear error
     device = next(model.parameters()).device
     return {name: predict_scores(model, make_loader(store[name], batch_size, shuffle=False), device)
             for name in splits}

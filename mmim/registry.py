@@ -214,7 +214,10 @@ def register(client: MlflowClient, model_uri: str, name: str, compared: HeadToHe
     champion = reconcile(client, name, metric, data_version, margin, min_confidence)
     promoted = champion is not None and champion.version == version
     review = None if promoted or champion is None else _review(compared, champion)
-    decision = _decision_text(client, name, compared, margin, min_confidence, promoted, champion, review)
+    if promoted and before is not None and str(before.version) == str(version):
+        decision = "stays champion (this model was registered, and promoted, before)"
+    else:
+        decision = _decision_text(client, name, compared, margin, min_confidence, promoted, champion, review)
     if review:
         _write(client.set_model_version_tag, name, version, "needs_review", review)
     _write(client.set_model_version_tag, name, version, "registry_decision", decision)
@@ -239,7 +242,7 @@ def _decision_text(client: MlflowClient, name: str, compared: HeadToHead, margin
     metric, value, data = compared.metric, compared.challenger_value, compared.data_version
     if promoted:
         if compared.champion_value is None:
-            return f"promoted to champion: {metric} {value:.4f} on data {data}, no champion compared"
+            return f"promoted to champion: {metric} {value:.4f} on data {data}, no champion before"
         confidence = f" ({compared.bootstrap.text()})" if compared.bootstrap else ""
         return (f"promoted to champion: {metric} {value:.4f} beats v{compared.champion_version}'s "
                 f"{compared.champion_value:.4f} on data {data}{confidence}")

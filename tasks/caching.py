@@ -2,9 +2,9 @@
 
     extract_features   inputs of the DVC pipeline up to extract@<dataset> + code version
     train              data version + config digest + code version + MLflow server/experiment
-    evaluate           MLflow run + data version + champion compared + bootstrap settings
-    register           MLflow run's model + registered model name + champion compared
-                       + gating settings + MLflow server
+    evaluate           MLflow run + data version + registered model name + bootstrap settings
+                       (a run restored from the cache keeps the comparison it was gated on)
+    register           MLflow run's model + registered model name + gating settings + MLflow server
 
 A key that matches a completed run of the same task restores that run's result (state
 "Cached") instead of running it; results that carry an `Origin` say which flow run made
@@ -99,11 +99,10 @@ def training_key(context, arguments: dict[str, Any]) -> str:
 def evaluation_key(context, arguments: dict[str, Any]) -> str:
     tracking = arguments["config"].tracking
     return digest("evaluate", arguments["trained"].run_id, arguments["features"].data_version,
-                  arguments["model_name"], str(arguments["champion"]), tracking.metric,
-                  str(tracking.min_confidence), str(tracking.bootstrap_resamples), tracking_server())
+                  arguments["model_name"], tracking.metric, str(tracking.min_confidence),
+                  str(tracking.bootstrap_resamples), tracking_server())
 
 
 def registration_key(context, arguments: dict[str, Any]) -> str:
-    return digest("register", arguments["trained"].model_uri, arguments["model_name"],
-                  arguments["compared"].model_dump_json(), str(arguments["margin"]),
+    return digest("register", arguments["trained"].model_uri, arguments["model_name"], str(arguments["margin"]),
                   str(arguments["min_confidence"]), tracking_server())

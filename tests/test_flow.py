@@ -24,11 +24,13 @@ from mmim.distributed import DistributedTrainingError
 from tasks import FeatureStoreRef, push_features
 from tasks.retries import is_transient
 from mmim.errors import MMIMInputError, ServiceUnavailableError
+from mmim.formats.mult import write_mult
+from mmim.synthetic import synthesize
 from mmim.versioning import data_version
 from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
 
 MODEL = "mmim-flowtest"
-STEPS = ["extract_features", "push_features", "train", "evaluate", "register"]
+STEPS = ["extract_features", "push_features", "check_data", "train", "evaluate", "register"]
 
 
 @dataclass
@@ -57,9 +59,9 @@ def write_config(project: Path, encoder: str, artifacts: Path) -> None:
     }))
 
 
-def run_flow(pipeline_project: Path, **parameters):
+def run_flow(pipeline_project: Path, dataset: str = "synthetic", **parameters):
     """The flow's final state and {step: state name} of its task runs."""
-    state = retrain(dataset="synthetic", config="configs/flowtest.yaml", project_dir=str(pipeline_project),
+    state = retrain(dataset=dataset, config="configs/flowtest.yaml", project_dir=str(pipeline_project),
                     return_state=True, **parameters)
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
@@ -106,9 +108,14 @@ def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
     run = pipeline.mlflow.get_run(summary["run_id"])
     assert run.data.tags["data_version"] == summary["data_version"]
     assert run.data.tags["ray_workers"] == "2"
-    # the logged checkpoint was re-evaluated, and gating used that figure
+    # the logged checkpoint was re-evaluated, and gating used that figure, on this data version
     assert run.data.metrics["eval_valid_MAE"] == pytest.approx(summary["evaluation"]["valid"]["MAE"])
-    assert float(champion.tags["valid_MAE"]) == pytest.approx(summary["evaluation"]["valid"]["MAE"])
+    assert float(champion.tags[f"valid_MAE/{summary['data_version']}"]) == pytest.approx(
+        summary["evaluation"]["valid"]["MAE"])
+    assert champion.tags["gate.champion"] == run.data.tags["gate.champion"] == "none"
+    # the data checks ran before training: their tags are on the run, its label profile logged
+    assert run.data.tags["data_checks"] == "passed" and run.data.tags["data_checks.videos"] == "ok"
+    assert "data_profile.json" in {a.path for a in pipeline.mlflow.list_artifacts(summary["run_id"])}
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-synthetic"])),
                                             limit=1)
@@ -126,15 +133,16 @@ def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
     state, steps = run_flow(pipeline.project)
     assert state.is_completed(), state.message
     # no extraction, no training, no registration: restored from the first run
-    assert steps == {"extract_features": "Cached", "push_features": "Completed", "train": "Cached",
-                     "evaluate": "Cached", "register": "Cached"}
+    assert steps == {"extract_features": "Cached", "push_features": "Completed", "check_data": "Completed",
+                     "train": "Cached", "evaluate": "Cached", "register": "Cached"}
     summary = state.result()
+    assert summary["data_checks"]["previous_version"] == pipeline.first["data_version"]  # the champion's data
     assert summary["cached_steps"] == ["extract_features", "train", "evaluate", "register"]
     assert summary["run_id"] == pipeline.first["run_id"] and summary["files_pushed"] == 0
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
     assert versions(pipeline) == versions_before
     # it says what it restored, and from which run, not "promoted" as if it had decided now
-    assert rows(summary)["registry"].startswith(f"restored from cache: {MODEL} v1 ")
+    assert rows(summary)["registry"].startswith(f"restored from cache: {MODEL} v1: ")
     assert rows(summary)["registry"].endswith(f"by flow run {pipeline.first_flow_run} at "
                                               f"{pipeline.first['registration']['origin']['at']}")
 
@@ -148,9 +156,10 @@ def test_cached_rerun_prints_what_it_restored_and_the_champion_now(pipeline, cap
     lines = out.splitlines()
     assert out.count("┏") == 1  # the table, once
     assert "Finished in state" not in err and "Beginning flow run" not in err  # routine lines stay in the UI
-    assert f"registry      restored from cache: {MODEL} v1 " in out
+    assert f"registry      restored from cache: {MODEL} v1: " in out
     assert f"by flow run {pipeline.first_flow_run} at " in out and "this run:" not in out
-    assert f"champion now  {MODEL} v{champion.version} (valid_MAE={float(champion.tags['valid_MAE']):.4f})" in lines
+    figure = float(champion.tags[f"valid_MAE/{pipeline.first['data_version']}"])
+    assert f"champion now  {MODEL} v{champion.version} (valid_MAE={figure:.4f} on this data)" in lines
     assert any(line.startswith("MLflow UI:") and line.endswith(pipeline.first["run_link"]) for line in lines)
     checkpoint = pipeline.first["checkpoint"]
     assert f"checkpoint    {checkpoint}" in lines
@@ -167,8 +176,8 @@ def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny
     write_config(clone, tiny_encoder, pipeline.project.parent / "mlartifacts")
     state, steps = run_flow(clone)
     assert state.is_completed(), state.message
-    assert steps == {"extract_features": "Cached", "push_features": "Completed", "train": "Cached",
-                     "evaluate": "Cached", "register": "Cached"}
+    assert steps == {"extract_features": "Cached", "push_features": "Completed", "check_data": "Completed",
+                     "train": "Cached", "evaluate": "Cached", "register": "Cached"}
     summary = state.result()
     assert summary["data_version"] == pipeline.first["data_version"] and summary["files_pushed"] > 0
     assert any(p.is_file() for p in remote.rglob("*"))
@@ -189,7 +198,8 @@ def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeyp
     state, steps = run_flow(pipeline.project, overrides=["train.epochs=1"])
     assert state.is_failed()
     assert "step train failed: Ray training failed" in state.message
-    assert steps == {"extract_features": "Cached", "push_features": "Completed", "train": "Failed"}
+    assert steps == {"extract_features": "Cached", "push_features": "Completed", "check_data": "Completed",
+                     "train": "Failed"}
     assert versions(pipeline) == versions_before
     # the run that was watching the training is left FAILED, with the epoch reported before the crash
     runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
@@ -209,7 +219,43 @@ def test_changed_params_re_extract_and_retrain(pipeline):
     assert summary["stages_run"] == ["extract@synthetic"]  # the raw sample did not change
     assert summary["data_version"] != pipeline.first["data_version"]
     assert summary["registration"]["version"] == "2"
-    assert pipeline.mlflow.get_run(summary["run_id"]).data.tags["data_version"] == summary["data_version"]
+    tags = pipeline.mlflow.get_run(summary["run_id"]).data.tags
+    assert tags["data_version"] == summary["data_version"]
+    # the champion (v1, trained on the first data version) was scored on the new one, head to head
+    compared = summary["registration"]["compared"]
+    assert compared["champion_version"] == "1" and compared["data_version"] == summary["data_version"]
+    assert tags["gate.champion"] == "v1" and float(tags["gate.champion_valid_MAE"]) == compared["champion"]["valid"]["MAE"]
+    assert compared["bootstrap"]["resamples"] == 1000
+    v1 = pipeline.mlflow.get_model_version(MODEL, "1")
+    assert float(v1.tags[f"valid_MAE/{summary['data_version']}"]) == compared["champion"]["valid"]["MAE"]
+    assert rows(summary)["compared"].startswith(f"challenger MAE {compared['challenger']['valid']['MAE']:.4f}, "
+                                                f"champion v1 {compared['champion']['valid']['MAE']:.4f}, "
+                                                f"both on data {summary['data_version']}; improvement ")
+
+
+def test_a_video_in_train_and_test_fails_at_the_data_checks(pipeline):
+    """A data version that leaks a video from train into test: the flow stops before training,
+    naming the check and the video; nothing is trained or registered."""
+    splits = synthesize(1, {"train": 20, "valid": 6, "test": 6})
+    leaked = splits["train"].ids[0].rsplit("_", 1)[0]
+    splits["test"].ids[0] = f"{leaked}_77"  # a new clip of a training video, in test
+    write_mult(pipeline.project / "data" / "raw" / "leaky", "leaky", splits)
+    params_file = pipeline.project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["datasets"]["leaky"] = {**params["datasets"]["synthetic"], "input": "data/raw/leaky"}
+    params_file.write_text(yaml.safe_dump(params))
+    versions_before, runs_before = versions(pipeline), len(mlflow.search_runs(search_all_experiments=True))
+    state, steps = run_flow(pipeline.project, dataset="leaky")
+    assert state.is_failed()
+    assert steps == {"extract_features": "Completed", "push_features": "Completed", "check_data": "Failed"}
+    assert "step check_data failed: data version " in state.message
+    assert f"failed the data checks: videos: 1 videos in more than one split ({leaked} (train+test))" in state.message
+    assert versions(pipeline) == versions_before
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    with get_client(sync_client=True) as client:
+        (report,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-checks-leaky"])),
+                                          limit=1)
+    assert "| videos | hard | FAILED |" in report.data
 
 
 def test_unanswered_remote_is_retried_then_fails(pipeline, monkeypatch):

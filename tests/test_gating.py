@@ -6,8 +6,11 @@ its bias set), so every figure below is known in advance: a constant c scores
 MAE = mean |label - c| on any split. The data versions differ only in their validation labels.
 """
 
+import io
+import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -15,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from rich.console import Console
 from transformers import BertTokenizer
 
 from mmim.checkpoint import save_checkpoint
+from mmim.cli import _registry_table, main
 from mmim.gating import paired_bootstrap
 from mmim.model import build_model
-from mmim.registry import champion_version, figure, promote, register
+from mmim.registry import champion_version, describe, figure, promote, register
 from mmim.store import FeatureStore
 from mmim.store_writer import write_store
 from mmim.synthetic import synthesize
@@ -28,6 +33,7 @@ from mmim.text_encoder import load_tokenizer
 from mmim.tracking import PYFUNC_ENTRY, compare_with_champion
 from mmim.train import bind_store
 from tests.conftest import TINY_SIZES, free_port, start
+from tests.test_registry import compared
 
 BASE = np.linspace(-0.5, 0.5, TINY_SIZES["valid"])  # validation labels of data v1: MAE of 0 is 0.2581
 
@@ -99,7 +105,7 @@ def test_the_gate_compares_both_models_on_the_new_data(server, tiny_config, tmp_
     a, b, c = (Constant(tiny_config, v1, value, tmp_path / f"model-{value}") for value in (0.0, 1.5, 1.2))
 
     _, first = gate(client, name, a, v1, "v1.dir")
-    assert first.promoted and first.text == f"promoted to champion: MAE {mae(BASE, 0):.4f} on data v1.dir, no champion compared"
+    assert first.promoted and first.text == f"promoted to champion: MAE {mae(BASE, 0):.4f} on data v1.dir, no champion before"
 
     # B on v2 scores worse than A's figure recorded on v1, but beats A on v2: promoted
     compared, second = gate(client, name, b, v2, "v2.dir")
@@ -175,6 +181,46 @@ def test_min_confidence_promotes_a_clear_improvement_not_a_noisy_one(server, tin
                             "clear.dir", 0.95)
     assert compared.bootstrap.low > 0.5 and better.promoted
     assert "95% interval +0." in better.text
+
+
+def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, tmp_path, capsys):
+    client, name = server, "mmim-concurrent"
+    base = Constant(tiny_config, Path(tiny_config.data.store), 0.0, tmp_path / "base")
+    gate(client, name, base, Path(tiny_config.data.store), "abc.dir")
+    # two runs finishing together, several times over, each having scored the champion it
+    # found on the same data: values far better than the first run's. Each stands for
+    # another run's model (a model without files: gating only reads tags).
+    for round_values in ([0.30, 0.20], [0.10, 0.15], [0.12, 0.05]):
+        outcomes, errors = [], []
+        models = [f"models:/{mlflow.create_external_model(name='candidate').model_id}" for _ in round_values]
+
+        def finish(model_uri, value):
+            try:
+                client = MlflowClient(mlflow.get_tracking_uri())
+                outcomes.append(register(client, model_uri, name, compared(client, value, "abc.dir", name)))
+            except Exception as error:  # handed to the test thread
+                errors.append(error)
+        threads = [threading.Thread(target=finish, args=pair) for pair in zip(models, round_values)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors and len(outcomes) == 2
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert figure(champion, "MAE", "abc.dir") == 0.05  # the best of everything registered
+    assert len(describe(client, name)) == 7
+    # the same model registered again (a retried step) keeps its version
+    assert register(client, models[-1], name, compared(client, 0.05, "abc.dir", name)).version == champion.version
+    assert len(describe(client, name)) == 7
+    assert main(["registry", "list", "--name", name]) == 0
+    assert f"{name}" in capsys.readouterr().out
+    # readable at 80 columns: versions and aliases whole, nothing cut
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(_registry_table(name, describe(client, name)))
+    table = console.export_text()
+    assert "…" not in table and max(len(line) for line in table.splitlines()) <= 80
+    for row in describe(client, name):
+        assert re.search(rf"│ +{row['version']} │ {re.escape(row['aliases'])} +│", table), row
 
 
 def test_the_paired_bootstrap_is_seeded_and_resamples_both_models_together():

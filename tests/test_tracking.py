@@ -1,10 +1,10 @@
 """MLflow against a real `mlflow server` on 127.0.0.1: (a) sqlite + local artifacts,
-(b) PostgreSQL + artifacts on S3 (moto). Tracking, pyfunc, registry gating, rollback, REST."""
+(b) PostgreSQL + artifacts on S3 (moto). Tracking, pyfunc, registry gating, rollback, REST.
+(Gating head to head and concurrent registrations: tests/test_gating.py.)"""
 
 import json
 import re
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,12 +16,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mmim.engine import flat_metrics
-from mmim.registry import describe, figure, promote, register, rollback
+from mmim.registry import describe, promote, rollback
 from mmim.store import FeatureStore
 from mmim.tracking import input_example, registered_model_name, track_and_register
 from mmim.train import train
 from tests.conftest import free_port, postgres_database, start
-from tests.test_registry import compared
 
 @pytest.fixture(params=["sqlite", "postgres+s3"])
 def tracking(request, tmp_path, monkeypatch):
@@ -140,6 +139,14 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         code, _, err = run_mmim(*command, f"models:/{name}@nosuch")
         assert code == 2 and "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith(f"error: models:/{name}@nosuch: ")
+
+
+def invocations(port: int, body: dict) -> list[float]:
+    """The scores a model server on 127.0.0.1:`port` answers to a POST /invocations."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    return [row["score"] for row in answer["predictions"]]
 
 
 def invocations(port: int, body: dict) -> list[float]:
