@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from mmim.errors import MMIMInputError
 from mmim.predict import MAX_FRAMES
@@ -44,6 +44,14 @@ class LabelProfile(BaseModel):
 
     data_version: str
     labels: dict[str, list[float]]  # split -> labels, in store order
+
+    @field_validator("labels")
+    @classmethod
+    def _finite(cls, labels: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, values in labels.items():
+            if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
+                raise ValueError(f"split {name}: labels must be finite")
+        return labels
 
     @classmethod
     def of(cls, store: FeatureStore, data_version: str) -> LabelProfile:

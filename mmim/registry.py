@@ -57,6 +57,7 @@ SET_BY, SET_AT, MOVE_PREFIX = "champion_set_by", "champion_set_at", "champion_mo
 GATING_SINCE = "gating_since"  # ms: gating picks only versions registered after a person's last choice
 GATING = "gating"
 MAX_RECONCILE_ROUNDS = 10
+REASON_CHARS = 1000  # of an error message quoted in a tag
 WRITE_ATTEMPTS = 4
 
 
@@ -231,7 +232,8 @@ def _review(compared: HeadToHead, champion: ModelVersion) -> str | None:
     if figure(champion, compared.metric, compared.data_version) is not None:
         return None
     if compared.unscorable and compared.champion_version == str(champion.version):
-        return f"champion v{champion.version} cannot be scored on data {compared.data_version}: {compared.unscorable}"
+        return (f"champion v{champion.version} cannot be scored on data {compared.data_version}: "
+                f"{compared.unscorable[:REASON_CHARS]}")
     return (f"champion v{champion.version} has no {compared.metric} figure on data {compared.data_version} "
             f"(it became champion while this run compared with v{compared.champion_version})")
 

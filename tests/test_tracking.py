@@ -1,6 +1,7 @@
-"""MLflow against a real `mlflow server` on 127.0.0.1: (a) sqlite + local artifacts,
-(b) PostgreSQL + artifacts on S3 (moto). Tracking, pyfunc, registry gating, rollback, REST.
-(Gating head to head and concurrent registrations: tests/test_gating.py.)"""
+"""MLflow against a real `mlflow server` on 127.0.0.1, on PostgreSQL with artifacts on S3
+(moto), as a team runs it: tracking, pyfunc, registry gating, rollback, REST. (The server on
+sqlite with local artifacts, gating head to head and concurrent registrations:
+tests/test_gating.py.)"""
 
 import json
 import re
@@ -22,16 +23,12 @@ from mmim.tracking import input_example, registered_model_name, track_and_regist
 from mmim.train import train
 from tests.conftest import free_port, postgres_database, start
 
-@pytest.fixture(params=["sqlite", "postgres+s3"])
-def tracking(request, tmp_path, monkeypatch):
+
+@pytest.fixture
+def tracking(monkeypatch, aws_env, bucket):
     """(tracking URI, artifact location) of a real MLflow server process."""
-    if request.param == "sqlite":
-        backend, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")
-    else:
-        endpoint = request.getfixturevalue("aws_env")
-        bucket = request.getfixturevalue("bucket")
-        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
-        backend, artifacts = postgres_database("mlflow"), f"s3://{bucket}/mlflow"
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", aws_env)
+    backend, artifacts = postgres_database("mlflow"), f"s3://{bucket}/mlflow"
     port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
     server = start([mlflow_cli, "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
