@@ -107,9 +107,12 @@ def kill_a_worker_during_epoch_2(run: Path, trainer: threading.Thread) -> int:
         assert trainer.is_alive() and time.monotonic() < deadline, "epoch 1 never finished"
         time.sleep(0.05)
     assert not checkpoint_registered(run, "epoch_002"), "epoch 2 finished before the kill; make epochs longer"
-    # Ray names worker processes by their actor class ("ray::RayTrainWorker...").
+    # Ray names worker processes by their actor class ("ray::RayTrainWorker..."). Only this
+    # test's cluster (its raylet is a child of this process): another job's workers on the
+    # same machine are not ours to kill.
     workers = [p.pid for p in psutil.process_iter(["cmdline"])
-               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+               and os.getpid() in {parent.pid for parent in p.parents()}]
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0], signal.SIGKILL)
     return workers[0]
