@@ -344,7 +344,7 @@ def _registry_table(title: str, rows: list[dict]) -> Table:
     table.add_column("version", justify="right", no_wrap=True)
     table.add_column("aliases", no_wrap=True)
     table.add_column("valid", no_wrap=True)
-    table.add_column("decision")
+    table.add_column("decision", overflow="fold")
     table.add_column("run", overflow="fold")
     for row in rows:
         table.add_row(str(row["version"]), row["aliases"], _metric_cell(row),
