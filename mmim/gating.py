@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from mmim.errors import MMIMInputError, first_line
-from mmim.metrics import compute_metrics
+from mmim.metrics import compute_metrics, pearson
 from mmim.predict import predict_checkpoint
 from mmim.serving import local_checkpoint
 
@@ -105,15 +105,6 @@ class HeadToHead(BaseModel):
         return f"{line}; {self.bootstrap.text()}" if self.bootstrap else line
 
 
-def _rowwise_pearson(predictions: np.ndarray, truths: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row pair; 0 where a row is constant (as metrics.pearson)."""
-    p = predictions - predictions.mean(axis=1, keepdims=True)
-    t = truths - truths.mean(axis=1, keepdims=True)
-    denominator = np.sqrt((p * p).sum(axis=1) * (t * t).sum(axis=1))
-    numerator = (p * t).sum(axis=1)
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-
-
 def paired_bootstrap(truths: np.ndarray, champion: np.ndarray, challenger: np.ndarray, metric: str,
                      resamples: int = 1000, confidence: float = REPORTED_CONFIDENCE,
                      seed: int = BOOTSTRAP_SEED) -> Bootstrap:
@@ -124,10 +115,8 @@ def paired_bootstrap(truths: np.ndarray, champion: np.ndarray, challenger: np.nd
         gains = np.abs(champion - truths) - np.abs(challenger - truths)  # per utterance
         improvement, resampled = float(gains.mean()), gains[picks].mean(axis=1)
     else:  # Corr is not a mean over utterances: computed on each resample
-        improvement = float(_rowwise_pearson(challenger[None], truths[None])[0]
-                            - _rowwise_pearson(champion[None], truths[None])[0])
-        resampled = (_rowwise_pearson(challenger[picks], truths[picks])
-                     - _rowwise_pearson(champion[picks], truths[picks]))
+        improvement = pearson(challenger, truths) - pearson(champion, truths)
+        resampled = pearson(challenger[picks], truths[picks]) - pearson(champion[picks], truths[picks])
     tail = (1 - confidence) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
     return Bootstrap(metric=metric, improvement=improvement, low=float(low), high=float(high),

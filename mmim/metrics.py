@@ -24,12 +24,15 @@ def _as_vector(values, name: str) -> np.ndarray:
     return array
 
 
-def pearson(predictions: np.ndarray, truths: np.ndarray) -> float:
-    """Pearson correlation; 0.0 where either side is constant (it is undefined there)."""
-    p = predictions - predictions.mean()
-    t = truths - truths.mean()
-    denominator = np.sqrt((p * p).sum() * (t * t).sum())
-    return float((p * t).sum() / denominator) if denominator > 0 else 0.0
+def pearson(predictions: np.ndarray, truths: np.ndarray) -> float | np.ndarray:
+    """Pearson correlation along the last axis; 0.0 where either side is constant (it is
+    undefined there). Vectors give a float; stacked rows (bootstrap resamples) one per row."""
+    p = predictions - predictions.mean(axis=-1, keepdims=True)
+    t = truths - truths.mean(axis=-1, keepdims=True)
+    denominator = np.sqrt((p * p).sum(axis=-1) * (t * t).sum(axis=-1))
+    numerator = (p * t).sum(axis=-1)
+    correlation = np.divide(numerator, denominator, out=np.zeros(np.shape(numerator)), where=denominator > 0)
+    return float(correlation) if correlation.ndim == 0 else correlation
 
 
 def weighted_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
