@@ -33,18 +33,18 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from mmim.checkpoint import load_checkpoint  # noqa: E402
 from mmim.config import Config  # noqa: E402
 from mmim.data import make_loader  # noqa: E402
+from mmim.data_checks import LabelProfile  # noqa: E402
 from mmim.engine import predict_scores  # noqa: E402
 from mmim.errors import MMIMInputError, first_line  # noqa: E402
-from mmim.mlflow_server import tracking_uri  # noqa: E402
-from mmim.data_checks import LabelProfile  # noqa: E402
 from mmim.gating import HeadToHead, head_to_head  # noqa: E402
+from mmim.mlflow_server import tracking_uri  # noqa: E402
 from mmim.registry import Decision, champion_version, register  # noqa: E402
 from mmim.serving import model_signature  # noqa: E402
 from mmim.store import FeatureStore  # noqa: E402
