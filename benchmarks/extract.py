@@ -38,7 +38,7 @@ def front_padded(rng: np.random.Generator, count: int, frames: int, dim: int) ->
     array = rng.standard_normal((count, frames, dim), dtype=np.float32)
     lengths = rng.integers(max(frames // 10, 1), frames + 1, size=count)
     for row, length in enumerate(lengths):
-        array[row, :frames - length] = 0.0
+        array[row, : frames - length] = 0.0
     return array
 
 
@@ -51,8 +51,12 @@ def write_input(directory: Path, frames: int) -> int:
         audio = front_padded(rng, len(split.ids), frames, DIMS["audio"])
         vision = front_padded(rng, len(split.ids), frames, DIMS["vision"])
         array_bytes += audio.nbytes + vision.nbytes
-        data[name] = {"audio": audio, "vision": vision, "labels": split.labels.reshape(-1, 1, 1),
-                      "id": np.array([[i.encode()] for i in split.ids])}
+        data[name] = {
+            "audio": audio,
+            "vision": vision,
+            "labels": split.labels.reshape(-1, 1, 1),
+            "id": np.array([[i.encode()] for i in split.ids]),
+        }
         rows += [(*example_id.rsplit("_", 1), text) for example_id, text in zip(split.ids, split.texts)]
     with open(directory / "mosei_senti_data_noalign.pkl", "wb") as handle:
         pickle.dump(data, handle, protocol=4)
@@ -84,22 +88,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         (work / "raw").mkdir()
-        written = subprocess.run([sys.executable, __file__, "--write-input", str(work / "raw"),
-                                  "--frames", str(args.frames)], check=True, capture_output=True, text=True)
+        written = subprocess.run(
+            [sys.executable, __file__, "--write-input", str(work / "raw"), "--frames", str(args.frames)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         array_bytes = int(written.stdout.split()[-1])
-        command = [sys.executable, "-c", MEASURED_EXTRACT, "extract", "--source", "mult", "--input",
-                   str(work / "raw"), "--out", str(work / "store"), "--encoder", ENCODER]
+        command = [
+            sys.executable,
+            "-c",
+            MEASURED_EXTRACT,
+            "extract",
+            "--source",
+            "mult",
+            "--input",
+            str(work / "raw"),
+            "--out",
+            str(work / "store"),
+            "--encoder",
+            ENCODER,
+        ]
         start = time.perf_counter()
         extraction = subprocess.run(command, check=True, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         peak = int(extraction.stdout.split()[-1]) * 1024
         examples = sum(MOSEI_SIZES.values())
-    print(f"input: {examples} examples, audio (N, {args.frames}, 74) + vision (N, {args.frames}, 35) "
-          f"float32 = {array_bytes / 2**30:.2f} GiB of arrays")
-    print(f"extraction (child process, tokenizer load included): {seconds:.1f} s, "
-          f"{examples / seconds:.0f} examples/s")
-    print(f"peak resident memory of the extraction: {peak / 2**30:.2f} GiB "
-          f"= {peak / array_bytes:.2f} x the input arrays")
+    print(
+        f"input: {examples} examples, audio (N, {args.frames}, 74) + vision (N, {args.frames}, 35) "
+        f"float32 = {array_bytes / 2**30:.2f} GiB of arrays"
+    )
+    print(f"extraction (child process, tokenizer load included): {seconds:.1f} s, {examples / seconds:.0f} examples/s")
+    print(
+        f"peak resident memory of the extraction: {peak / 2**30:.2f} GiB = {peak / array_bytes:.2f} x the input arrays"
+    )
 
 
 if __name__ == "__main__":

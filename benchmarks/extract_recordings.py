@@ -63,6 +63,7 @@ SAMPLE_EVERY = 0.2  # seconds between memory samples
 
 # ---------------------------------------------------------------- the input
 
+
 def write_dataset(root: Path, clips: int, seconds: float) -> None:
     """label.csv and one face clip per video under Raw/, each clip from its own seed."""
     rows = []
@@ -70,8 +71,15 @@ def write_dataset(root: Path, clips: int, seconds: float) -> None:
         video = f"v{index:03d}"
         label = LABELS[index % len(LABELS)]
         write_face_clip(root / "Raw" / video / "1.mp4", seconds=seconds, label=label, seed=FIRST_SEED + index)
-        rows.append({"video_id": video, "clip_id": "1", "text": "a really good movie",
-                     "label": f"{label:.1f}", "mode": MODES[index % len(MODES)]})
+        rows.append(
+            {
+                "video_id": video,
+                "clip_id": "1",
+                "text": "a really good movie",
+                "label": f"{label:.1f}",
+                "mode": MODES[index % len(MODES)],
+            }
+        )
     with open(root / "label.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS, restval="")
         writer.writeheader()
@@ -79,6 +87,7 @@ def write_dataset(root: Path, clips: int, seconds: float) -> None:
 
 
 # ---------------------------------------------------------------- peak memory
+
 
 def resident_bytes() -> int:
     """RSS of this process plus all its descendants (processes that end meanwhile are skipped)."""
@@ -118,6 +127,7 @@ class PeakMemory:
 
 # ---------------------------------------------------------------- the runs
 
+
 @dataclass
 class Run:
     name: str
@@ -132,8 +142,9 @@ def run(name: str, dataset: Path, store: Path, cache: Path, workers: int) -> Run
     log.info("run: %s", name)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        summary = extract_recordings(dataset, store, ENCODER, SETTINGS, cache_dir=cache,
-                                     max_tokens=MAX_TOKENS, workers=workers)
+        summary = extract_recordings(
+            dataset, store, ENCODER, SETTINGS, cache_dir=cache, max_tokens=MAX_TOKENS, workers=workers
+        )
         wall = time.perf_counter() - start
     for rejected in summary.skipped:
         log.warning("%s skipped %s: %s %s", name, rejected.where, rejected.reason, rejected.detail)
@@ -156,28 +167,39 @@ def run_all(dataset: Path, work: Path) -> list[Run]:
 
 # ---------------------------------------------------------------- the figures
 
+
 def report(runs: list[Run], clips: int, seconds: float, load: float) -> None:
     media = clips * seconds
-    print(f"machine: {os.cpu_count()} CPUs, 1-minute load average before the runs {load:.2f} "
-          "(other work on the machine slows every run)")
+    print(
+        f"machine: {os.cpu_count()} CPUs, 1-minute load average before the runs {load:.2f} "
+        "(other work on the machine slows every run)"
+    )
     print(f"input: {clips} face clips x {seconds:g} s = {media:g} s of media (320x240, 25 fps, H.264 + AAC)")
     print(f"extractor: ExtractorSettings() defaults; text encoder {ENCODER}, max_tokens {MAX_TOKENS}")
-    print("wall s = the whole extract_recordings call: tokenizer load, extractor start-up (every Ray run "
-          "starts its own actors, each spawning a child that loads openSMILE + dlib) and the store write")
-    print(f"{'run':<24}{'extracted':>10}{'cached':>8}{'skipped':>8}{'wall s':>9}{'clips/s':>9}"
-          f"{'media s/s':>11}{'peak MB':>9}")
+    print(
+        "wall s = the whole extract_recordings call: tokenizer load, extractor start-up (every Ray run "
+        "starts its own actors, each spawning a child that loads openSMILE + dlib) and the store write"
+    )
+    print(
+        f"{'run':<24}{'extracted':>10}{'cached':>8}{'skipped':>8}{'wall s':>9}{'clips/s':>9}"
+        f"{'media s/s':>11}{'peak MB':>9}"
+    )
     for r in runs:
-        rate = f"{r.extracted / r.wall:9.2f}{r.extracted * seconds / r.wall:11.2f}" if r.extracted else \
-            f"{'-':>9}{'-':>11}"
-        print(f"{r.name:<24}{r.extracted:>10}{r.cached:>8}{r.skipped:>8}{r.wall:>9.1f}{rate}"
-              f"{r.peak / 2**20:>9.0f}")
+        rate = (
+            f"{r.extracted / r.wall:9.2f}{r.extracted * seconds / r.wall:11.2f}"
+            if r.extracted
+            else f"{'-':>9}{'-':>11}"
+        )
+        print(f"{r.name:<24}{r.extracted:>10}{r.cached:>8}{r.skipped:>8}{r.wall:>9.1f}{rate}{r.peak / 2**20:>9.0f}")
     one, two = runs[1], runs[2]
     if one.extracted and two.extracted:
         speedup = (two.extracted / two.wall) / (one.extracted / one.wall)
         print(f"2 Ray workers vs 1: {speedup:.2f} x the clips/s (both measured in this run)")
-    print(f"peak MB: largest sum of RSS over this process and all its descendants, sampled every "
-          f"{SAMPLE_EVERY:g} s; the Ray runs include the whole local Ray cluster (GCS, raylet, workers, "
-          "extractor children), and shared pages count once per process")
+    print(
+        f"peak MB: largest sum of RSS over this process and all its descendants, sampled every "
+        f"{SAMPLE_EVERY:g} s; the Ray runs include the whole local Ray cluster (GCS, raylet, workers, "
+        "extractor children), and shared pages count once per process"
+    )
 
 
 def main() -> None:

@@ -36,12 +36,20 @@ ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def ray_run(base: Config, work: Path, name: str, workers: int, threads: int) -> tuple[list[float], float]:
-    config = base.model_copy(update={
-        "train": base.train.model_copy(update={"num_threads": threads}),
-        "ray": base.ray.model_copy(update={"num_workers": workers, "run_name": name,
-                                           "storage_path": str(work / "ray"),
-                                           "resources_per_worker": {"CPU": float(threads)}}),
-        "output_dir": str(work / name)})
+    config = base.model_copy(
+        update={
+            "train": base.train.model_copy(update={"num_threads": threads}),
+            "ray": base.ray.model_copy(
+                update={
+                    "num_workers": workers,
+                    "run_name": name,
+                    "storage_path": str(work / "ray"),
+                    "resources_per_worker": {"CPU": float(threads)},
+                }
+            ),
+            "output_dir": str(work / name),
+        }
+    )
     start = time.perf_counter()
     result = train_distributed(config)
     wall = time.perf_counter() - start
@@ -55,13 +63,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         store = write_synthetic_store(work / "store", ENCODER, seed=0, sizes=MOSI_SIZES).root
-        base = Config.model_validate({
-            "model": {"text_encoder": ENCODER}, "data": {"store": str(store)},
-            "train": {"epochs": args.epochs, "patience": args.epochs, "device": "cpu"}})
+        base = Config.model_validate(
+            {
+                "model": {"text_encoder": ENCODER},
+                "data": {"store": str(store)},
+                "train": {"epochs": args.epochs, "patience": args.epochs, "device": "cpu"},
+            }
+        )
 
         def single_run(name: str) -> list[float]:
-            result, _ = train(base.model_copy(update={
-                "train": base.train.model_copy(update={"num_threads": 2}), "output_dir": str(work / name)}))
+            result, _ = train(
+                base.model_copy(
+                    update={"train": base.train.model_copy(update={"num_threads": 2}), "output_dir": str(work / name)}
+                )
+            )
             return [record.seconds for record in result.history]
 
         alone_epochs = single_run("single-alone")
@@ -77,16 +92,17 @@ def main() -> None:
 
     alone, beside = steady(alone_epochs), steady(beside_epochs)
     one, two = steady(one_epochs), steady(two_epochs)
-    print(f"store: {sum(MOSI_SIZES.values())} examples (MOSI sizes), encoder {ENCODER}, "
-          f"{args.epochs} epochs, CPU")
+    print(f"store: {sum(MOSI_SIZES.values())} examples (MOSI sizes), encoder {ENCODER}, {args.epochs} epochs, CPU")
     print(f"epoch time, single process, no Ray running:      {alone:.1f} s")
     print(f"epoch time, single process, idle Ray cluster up: {beside:.1f} s")
     print(f"epoch time, 1 Ray worker (2 threads):            {one:.1f} s")
     print(f"  ratio 1 worker / single process beside Ray:    {one / beside:.3f} (target <= 1.10: Ray Train's own cost)")
     print(f"  ratio 1 worker / single process without Ray:   {one / alone:.3f} (includes the Ray daemons' CPU)")
     print(f"epoch time, 2 Ray workers (1 thread each):      {two:.1f} s   ratio to 1 worker {two / one:.3f}")
-    print(f"wall per epoch incl. report + checkpoint: 1 worker {one_wall / args.epochs:.1f} s, "
-          f"2 workers {two_wall / args.epochs:.1f} s (cluster already running)")
+    print(
+        f"wall per epoch incl. report + checkpoint: 1 worker {one_wall / args.epochs:.1f} s, "
+        f"2 workers {two_wall / args.epochs:.1f} s (cluster already running)"
+    )
 
 
 if __name__ == "__main__":

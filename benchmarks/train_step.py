@@ -66,11 +66,13 @@ def main() -> None:
         work = Path(workdir)
         encoder = bert_base_encoder(work / "encoder", args.hidden_layers)
         store_dir = write_synthetic_store(work / "store", encoder, seed=0, sizes=MOSI_SIZES).root
-        config = Config.model_validate({
-            "model": {"text_encoder": encoder, "text_pretrained": False},
-            "data": {"store": str(store_dir)},
-            "train": {"device": "cpu"},
-        })
+        config = Config.model_validate(
+            {
+                "model": {"text_encoder": encoder, "text_pretrained": False},
+                "data": {"store": str(store_dir)},
+                "train": {"device": "cpu"},
+            }
+        )
         store = FeatureStore(store_dir)
         config = bind_store(config, store)
         loader = make_loader(store["train"], config.train.batch_size, shuffle=True, seed=config.train.seed)
@@ -93,8 +95,10 @@ def main() -> None:
                 pass
         data_only = time.perf_counter() - start
 
-    print(f"device: cpu, torch threads: {torch.get_num_threads()}, text encoder: "
-          f"BERT-base shape ({args.hidden_layers} layers, random weights)")
+    print(
+        f"device: cpu, torch threads: {torch.get_num_threads()}, text encoder: "
+        f"BERT-base shape ({args.hidden_layers} layers, random weights)"
+    )
     print(f"batches per stage: {len(prebuilt)} x {config.train.batch_size}, stage 0 mode: {config.train.stage0_mode}")
     print(f"full epoch (stage 0 + 1, DataLoader): {full:.1f} s, {samples / full:.1f} samples/s")
     print(f"model only (pre-built batches):       {model_only:.1f} s")

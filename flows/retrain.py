@@ -3,8 +3,8 @@
     retrain(dataset, config)
       extract_features   dvc repro extract@<dataset>   params.yaml + data/raw/<dataset> -> data/stores/<dataset>
       push_features      dvc push                      the store (restored first if missing) -> the DVC remote
-      check_data         mmim.data_checks              leakage, lengths, drift against the champion's data;
-                                                       a failed check stops the flow here (artifact data-checks-<dataset>)
+      check_data         mmim.data_checks              leakage, lengths, drift against the champion's data; a
+                                                       failed check stops the flow (artifact data-checks-<dataset>)
       train              Ray Train + MLflow            store + config -> MLflow run, checkpoint, logged model
       evaluate           the logged checkpoint and     both on valid/test of this data version, a paired
                          the registry's champion       bootstrap on valid -> eval_*, champion_*, gate.* on the run
@@ -52,8 +52,18 @@ from mmim.metrics import METRIC_NAMES
 from mmim.recordings.layout import read_dataset
 from mmim.tracking import registered_model_name, tracking_uri
 from mmim.versioning import check_inputs, store_path
-from tasks import (DataChecks, FeatureStoreRef, Registration, TrainedModel, check_data, evaluate, extract_features,
-                   push_features, register, train)
+from tasks import (
+    DataChecks,
+    FeatureStoreRef,
+    Registration,
+    TrainedModel,
+    check_data,
+    evaluate,
+    extract_features,
+    push_features,
+    register,
+    train,
+)
 from tasks.caching import Origin
 from tasks.checks import artifact_key
 from tasks.registration import Champion, champion_to_compare, current_champion
@@ -139,10 +149,13 @@ def pipeline_config(project: Path, config: str, overrides: list[str]) -> Config:
     tracking = settings.tracking.model_copy(update={"enabled": True})
     if settings.tracking.artifact_location:
         tracking.artifact_location = _under(project, settings.tracking.artifact_location)
-    return settings.model_copy(update={
-        "output_dir": _under(project, settings.output_dir),
-        "ray": settings.ray.model_copy(update={"storage_path": _under(project, settings.ray.storage_path)}),
-        "tracking": tracking})
+    return settings.model_copy(
+        update={
+            "output_dir": _under(project, settings.output_dir),
+            "ray": settings.ray.model_copy(update={"storage_path": _under(project, settings.ray.storage_path)}),
+            "tracking": tracking,
+        }
+    )
 
 
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local tracking store
@@ -172,14 +185,20 @@ def figure_columns(summary: RetrainSummary) -> dict[str, dict[str, float]]:
     """Column -> metric -> value: the new model's figures, then the champion's on the same data."""
     compared = summary.registration.compared
     columns = dict(summary.evaluation)
-    columns.update({f"champion v{compared.champion_version} {split}": figures
-                    for split, figures in (compared.champion or {}).items()})
+    columns.update(
+        {
+            f"champion v{compared.champion_version} {split}": figures
+            for split, figures in (compared.champion or {}).items()
+        }
+    )
     return columns
 
 
 def summary_table(summary: RetrainSummary) -> Table:
-    table = Table(title=f"retrain {summary.dataset}: selected epoch {summary.selected_epoch}, "
-                        f"scored on data {summary.data_version}")
+    table = Table(
+        title=f"retrain {summary.dataset}: selected epoch {summary.selected_epoch}, "
+        f"scored on data {summary.data_version}"
+    )
     table.add_column("metric")
     columns = figure_columns(summary)
     for column in columns:
@@ -198,8 +217,11 @@ def _checkpoint_here(summary: RetrainSummary) -> str | None:
 def _champion(champion: Champion | None) -> str:
     if champion is None:
         return "none"
-    figure = (f"no {champion.metric} on this data" if champion.value is None
-              else f"{champion.metric}={champion.value:.4f} on this data")
+    figure = (
+        f"no {champion.metric} on this data"
+        if champion.value is None
+        else f"{champion.metric}={champion.value:.4f} on this data"
+    )
     return f"{champion.model_name} v{champion.version} ({figure})"
 
 
@@ -208,36 +230,55 @@ def _checks(checks: DataChecks) -> str:
     return f"{checks.verdict} ({against})" + "".join(f"; {warning}" for warning in checks.warnings)
 
 
-def summary_rows(summary: RetrainSummary, link: Callable[[str, str], str] = lambda text, url: url
-                 ) -> list[tuple[str, str]]:
+def summary_rows(
+    summary: RetrainSummary, link: Callable[[str, str], str] = lambda text, url: url
+) -> list[tuple[str, str]]:
     """(label, text) of what this run did and what it restored; `link(text, url)` renders a link."""
     ran = f"ran {', '.join(summary.stages_run)}" if summary.stages_run else "store up to date"
-    pushed = ("skipped" if summary.files_pushed is None else
-              f"{summary.files_pushed} files sent" if summary.files_pushed else "0 files sent (the remote had them)")
+    pushed = (
+        "skipped"
+        if summary.files_pushed is None
+        else f"{summary.files_pushed} files sent"
+        if summary.files_pushed
+        else "0 files sent (the remote had them)"
+    )
     extracted = summary.provenance("extract_features", ran, summary.extraction)
     trained = summary.provenance("train", f"epoch {summary.selected_epoch} selected")
     review = summary.registration.needs_review
-    return [("data version", f"{summary.data_version} ({extracted})"),
-            ("DVC push", pushed),
-            ("data checks", _checks(summary.data_checks)),
-            ("MLflow run", f"{link(summary.run_id, summary.run_link)} ({trained})"),
-            ("model", summary.model_uri),
-            ("checkpoint", _checkpoint_here(summary) or "not on this machine (use the model)"),
-            ("compared", summary.registration.compared.text()),
-            ("registry", summary.provenance("register", summary.decision, summary.registration.origin)),
-            *([("NEEDS REVIEW", f"{review}; a person decides: mmim registry promote --name "
-                                f"{summary.registration.model_name} --version {summary.registration.version}")]
-              if review else []),
-            ("champion now", _champion(summary.champion)),
-            ("from cache", ", ".join(summary.cached_steps) or "nothing")]
+    return [
+        ("data version", f"{summary.data_version} ({extracted})"),
+        ("DVC push", pushed),
+        ("data checks", _checks(summary.data_checks)),
+        ("MLflow run", f"{link(summary.run_id, summary.run_link)} ({trained})"),
+        ("model", summary.model_uri),
+        ("checkpoint", _checkpoint_here(summary) or "not on this machine (use the model)"),
+        ("compared", summary.registration.compared.text()),
+        ("registry", summary.provenance("register", summary.decision, summary.registration.origin)),
+        *(
+            [
+                (
+                    "NEEDS REVIEW",
+                    f"{review}; a person decides: mmim registry promote --name "
+                    f"{summary.registration.model_name} --version {summary.registration.version}",
+                )
+            ]
+            if review
+            else []
+        ),
+        ("champion now", _champion(summary.champion)),
+        ("from cache", ", ".join(summary.cached_steps) or "nothing"),
+    ]
 
 
 def summary_markdown(summary: RetrainSummary) -> str:
     columns = figure_columns(summary)
-    rows = "\n".join(f"| {name} | " + " | ".join(f"{figures[name]:.4f}" for figures in columns.values()) + " |"
-                     for name in METRIC_NAMES)
-    facts = "\n".join(f"| {label} | {text} |"
-                      for label, text in summary_rows(summary, lambda text, url: f"[{text}]({url})"))
+    rows = "\n".join(
+        f"| {name} | " + " | ".join(f"{figures[name]:.4f}" for figures in columns.values()) + " |"
+        for name in METRIC_NAMES
+    )
+    facts = "\n".join(
+        f"| {label} | {text} |" for label, text in summary_rows(summary, lambda text, url: f"[{text}]({url})")
+    )
     return f"""# Retraining on {summary.dataset}
 
 | | |
@@ -248,16 +289,22 @@ def summary_markdown(summary: RetrainSummary) -> str:
 Selected epoch {summary.selected_epoch} (lowest validation MAE); figures of the logged checkpoint,
 and of the champion it was compared with, on data {summary.data_version}:
 
-| metric | {' | '.join(columns)} |
-|---|{'---|' * len(columns)}
+| metric | {" | ".join(columns)} |
+|---|{"---|" * len(columns)}
 {rows}
 """
 
 
 @flow(name="retrain", description="DVC extraction -> Ray training -> MLflow -> gated registration")
-def retrain(dataset: str = "synthetic", config: str = "configs/demo.yaml", overrides: list[str] | None = None,
-            project_dir: str = ".", push: bool = True, remote: str | None = None,
-            refresh: bool = False) -> dict[str, Any]:
+def retrain(
+    dataset: str = "synthetic",
+    config: str = "configs/demo.yaml",
+    overrides: list[str] | None = None,
+    project_dir: str = ".",
+    push: bool = True,
+    remote: str | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
     """Retrain MMIM on `dataset` (an entry of params.yaml `datasets`) with `config`.
 
     Args:
@@ -272,8 +319,9 @@ def retrain(dataset: str = "synthetic", config: str = "configs/demo.yaml", overr
     log = get_run_logger()
     project = Path(project_dir).resolve()
     settings: Config = _run("load_config", pipeline_config, project, config, overrides or [])
-    model_name = registered_model_name(settings.model_copy(
-        update={"data": settings.data.model_copy(update={"dvc_dataset": dataset})}))
+    model_name = registered_model_name(
+        settings.model_copy(update={"data": settings.data.model_copy(update={"dvc_dataset": dataset})})
+    )
 
     step = Steps(refresh)
     features: FeatureStoreRef = step("extract_features", extract_features, dataset, str(project))
@@ -282,17 +330,29 @@ def retrain(dataset: str = "synthetic", config: str = "configs/demo.yaml", overr
     trained: TrainedModel = step("train", train, features, settings, str(project), checks.tags)
     compare_with = _run("read_champion", champion_to_compare, model_name)
     compared = step("evaluate", evaluate, trained, features, str(project), settings, model_name, compare_with)
-    registration: Registration = step("register", register, trained, compared, model_name,
-                                      settings.tracking.margin, settings.tracking.min_confidence)
+    registration: Registration = step(
+        "register", register, trained, compared, model_name, settings.tracking.margin, settings.tracking.min_confidence
+    )
 
     champion = _run("read_champion", current_champion, model_name, settings.tracking.metric, features.data_version)
 
-    summary = RetrainSummary(dataset=dataset, data_version=features.data_version, stages_run=features.stages_run,
-                             extraction=features.origin, files_pushed=pushed, data_checks=checks,
-                             run_id=trained.run_id, run_link=run_link(trained), model_uri=trained.model_uri,
-                             checkpoint=trained.checkpoint, selected_epoch=trained.epoch,
-                             evaluation=compared.challenger,
-                             registration=registration, champion=champion, cached_steps=step.cached)
+    summary = RetrainSummary(
+        dataset=dataset,
+        data_version=features.data_version,
+        stages_run=features.stages_run,
+        extraction=features.origin,
+        files_pushed=pushed,
+        data_checks=checks,
+        run_id=trained.run_id,
+        run_link=run_link(trained),
+        model_uri=trained.model_uri,
+        checkpoint=trained.checkpoint,
+        selected_epoch=trained.epoch,
+        evaluation=compared.challenger,
+        registration=registration,
+        champion=champion,
+        cached_steps=step.cached,
+    )
     registry_row = summary.provenance("register", summary.decision, registration.origin)
     log.info("%s; champion now %s", registry_row, _champion(champion))
     if registration.needs_review:
@@ -303,22 +363,30 @@ def retrain(dataset: str = "synthetic", config: str = "configs/demo.yaml", overr
 
 # ---------------------------------------------------------------- command line
 
+
 def _hints(summary: RetrainSummary, project: Path) -> list[str]:
     scripts = _local(Path(sys.executable).parent)  # where mlflow, prefect and mmim are
     uri = tracking_uri()
-    mlflow_ui = (summary.run_link if uri.startswith("http")
-                 else f"{scripts}/mlflow ui --backend-store-uri {uri}   then {summary.run_link}")
+    mlflow_ui = (
+        summary.run_link
+        if uri.startswith("http")
+        else f"{scripts}/mlflow ui --backend-store-uri {uri}   then {summary.run_link}"
+    )
     name = summary.registration.model_name
     checkpoints = [c for c in (_checkpoint_here(summary), f"models:/{name}@champion") if c]
     given = _prediction_input(project, summary.dataset)
     predict = [f"{scripts}/mmim predict --checkpoint {c} {given}" for c in checkpoints]
-    return [f"MLflow UI:   {mlflow_ui}",
-            f"Prefect UI:  {scripts}/prefect server start   (http://127.0.0.1:4200; shows this run)",
-            *(f"{'predict:' if i == 0 else '':<13}{line}" for i, line in enumerate(predict)),
-            (f"evaluate:    {scripts}/mmim evaluate --checkpoint {checkpoints[0]} "
-             f"--store {_local(project / store_path(summary.dataset))}"),
-            f"registry:    {scripts}/mmim registry list --name {name}",
-            f"serve:       {scripts}/mmim serve --model models:/{name}@champion"]
+    return [
+        f"MLflow UI:   {mlflow_ui}",
+        f"Prefect UI:  {scripts}/prefect server start   (http://127.0.0.1:4200; shows this run)",
+        *(f"{'predict:' if i == 0 else '':<13}{line}" for i, line in enumerate(predict)),
+        (
+            f"evaluate:    {scripts}/mmim evaluate --checkpoint {checkpoints[0]} "
+            f"--store {_local(project / store_path(summary.dataset))}"
+        ),
+        f"registry:    {scripts}/mmim registry list --name {name}",
+        f"serve:       {scripts}/mmim serve --model models:/{name}@champion",
+    ]
 
 
 def _prediction_input(project: Path, dataset: str) -> str:
@@ -342,8 +410,13 @@ class RoutineLines(logging.Filter):
     finished or were restored, the flow starting, its temporary API server. They still go to
     the Prefect API (the UI shows them); failures and every step's own lines are printed."""
 
-    ROUTINE = ("Finished in state Completed", "Finished in state Cached", "Beginning flow run",
-               "Starting temporary server", "Stopping temporary server")
+    ROUTINE = (
+        "Finished in state Completed",
+        "Finished in state Cached",
+        "Beginning flow run",
+        "Starting temporary server",
+        "Stopping temporary server",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.ROUTINE)
@@ -359,8 +432,11 @@ def default_config(project: Path, dataset: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=retrain.description)
     parser.add_argument("--dataset", default="synthetic", help="entry of params.yaml `datasets`")
-    parser.add_argument("--config", help="YAML config, relative to --project-dir (default: configs/<dataset>.yaml "
-                                          "when there is one, else configs/demo.yaml)")
+    parser.add_argument(
+        "--config",
+        help="YAML config, relative to --project-dir (default: configs/<dataset>.yaml "
+        "when there is one, else configs/demo.yaml)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--project-dir", default=".", help="checkout with dvc.yaml and params.yaml")
     parser.add_argument("--no-push", action="store_true", help="do not push the store to the DVC remote")
@@ -382,9 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(str(error))
         return EXIT_BAD_INPUT
     try:
-        result = retrain(dataset=args.dataset, config=args.config, overrides=args.set,
-                         project_dir=str(project), push=not args.no_push, remote=args.remote,
-                         refresh=args.refresh)
+        result = retrain(
+            dataset=args.dataset,
+            config=args.config,
+            overrides=args.set,
+            project_dir=str(project),
+            push=not args.no_push,
+            remote=args.remote,
+            refresh=args.refresh,
+        )
     except StepFailed as error:
         _print_error(str(error))
         return EXIT_BAD_INPUT if error.bad_input else EXIT_FAILED

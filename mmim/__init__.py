@@ -16,11 +16,20 @@ from importlib import import_module
 # Imported on first use (PEP 562), so that `import mmim.<module>` of a light module (the
 # recordings extractor's child processes, the CLI's --help) does not load torch.
 _EXPORTS = {
-    "load_checkpoint": "mmim.checkpoint", "read_official_weights": "mmim.checkpoint",
-    "save_checkpoint": "mmim.checkpoint", "Config": "mmim.config", "DataConfig": "mmim.config",
-    "ModelConfig": "mmim.config", "TrainConfig": "mmim.config", "load_config": "mmim.config",
-    "MMIMInputError": "mmim.errors", "compute_metrics": "mmim.metrics", "MMIM": "mmim.model",
-    "MMIMOutput": "mmim.model", "build_model": "mmim.model", "load_official_state_dict": "mmim.model",
+    "load_checkpoint": "mmim.checkpoint",
+    "read_official_weights": "mmim.checkpoint",
+    "save_checkpoint": "mmim.checkpoint",
+    "Config": "mmim.config",
+    "DataConfig": "mmim.config",
+    "ModelConfig": "mmim.config",
+    "TrainConfig": "mmim.config",
+    "load_config": "mmim.config",
+    "MMIMInputError": "mmim.errors",
+    "compute_metrics": "mmim.metrics",
+    "MMIM": "mmim.model",
+    "MMIMOutput": "mmim.model",
+    "build_model": "mmim.model",
+    "load_official_state_dict": "mmim.model",
     "FeatureStore": "mmim.store",
 }
 __all__ = sorted(_EXPORTS)

@@ -38,8 +38,9 @@ TEXT_ENCODER = "text_encoder"
 METRICS = "metrics.json"
 
 
-def save_checkpoint(directory: str | Path, model: MMIM, config: Config,
-                    tokenizer: PreTrainedTokenizerBase, metrics: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path, model: MMIM, config: Config, tokenizer: PreTrainedTokenizerBase, metrics: dict | None = None
+) -> Path:
     directory = Path(directory)
     with atomic_directory(directory) as staging:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
@@ -70,8 +71,7 @@ def read_official_weights(path: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(directory: str | Path, device: str = "cpu"
-                    ) -> tuple[MMIM, Config, PreTrainedTokenizerBase]:
+def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[MMIM, Config, PreTrainedTokenizerBase]:
     """(model in eval mode, its config, its tokenizer) from a checkpoint directory."""
     directory = Path(directory)
     for name in (WEIGHTS, CONFIG, TEXT_ENCODER):
@@ -102,8 +102,9 @@ def _check_shapes(path: Path, model: MMIM) -> None:
         raise MMIMInputError(f"{path}: corrupt or truncated ({error})") from None
     for name, tensor in model.state_dict().items():
         if name in declared and declared[name] != tuple(tensor.shape):
-            raise MMIMInputError(f"{path}: {name} has shape {declared[name]}, but the checkpoint's config "
-                                 f"builds {tuple(tensor.shape)}")
+            raise MMIMInputError(
+                f"{path}: {name} has shape {declared[name]}, but the checkpoint's config builds {tuple(tensor.shape)}"
+            )
 
 
 def load_weights(directory: str | Path, model: MMIM) -> None:
@@ -143,9 +144,16 @@ def save_training_state(directory: str | Path, engine: Engine, selection: ModelS
                 tensors[f"{name}/{param_id}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         optimizers[name] = {"param_groups": state["param_groups"], "state_keys": keys}
     save_file(tensors, str(directory / TRAINING_TENSORS))
-    (directory / TRAINING_STATE).write_text(json.dumps({
-        "epoch": epoch, "optimizers": optimizers, "scheduler": engine.scheduler.state_dict(),
-        "selection": selection.state_dict()}))
+    (directory / TRAINING_STATE).write_text(
+        json.dumps(
+            {
+                "epoch": epoch,
+                "optimizers": optimizers,
+                "scheduler": engine.scheduler.state_dict(),
+                "selection": selection.state_dict(),
+            }
+        )
+    )
 
 
 def remove_training_state(directory: str | Path) -> None:
@@ -164,8 +172,10 @@ def load_training_state(directory: str | Path, engine: Engine, selection: ModelS
         raise MMIMInputError(f"{directory / TRAINING_TENSORS}: corrupt or truncated ({error})") from None
     for name, optimizer in engine.optimizers().items():
         saved = meta["optimizers"][name]
-        state = {int(param_id): {key: tensors[f"{name}/{param_id}/{key}"] for key in keys}
-                 for param_id, keys in saved["state_keys"].items()}
+        state = {
+            int(param_id): {key: tensors[f"{name}/{param_id}/{key}"] for key in keys}
+            for param_id, keys in saved["state_keys"].items()
+        }
         optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     engine.scheduler.load_state_dict(meta["scheduler"])
     selection.load_state_dict(meta["selection"])

@@ -39,9 +39,9 @@ from mmim.checkpoint import load_checkpoint
 from mmim.config import Config, load_config
 from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.engine import EpochRecord, TrainingDiverged, TrainingHooks, epoch_line, flat_metrics
-from mmim.jobs import submit_training_job
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 from mmim.extract import SOURCES, extract
+from mmim.jobs import submit_training_job
 from mmim.metrics import METRIC_NAMES
 from mmim.predict import MAX_INPUT_BYTES, evaluate_checkpoint, predict_utterances, read_utterances
 from mmim.store_writer import ExtractionSummary
@@ -50,8 +50,10 @@ from mmim.train import prepare_output_dir, train
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-CHECKPOINT_HELP = ("checkpoint directory, or a registered model: models:/<name>@<alias>, "
-                   "models:/<name>/<version>, runs:/<run id>/model")
+CHECKPOINT_HELP = (
+    "checkpoint directory, or a registered model: models:/<name>@<alias>, "
+    "models:/<name>/<version>, runs:/<run id>/model"
+)
 console = Console(stderr=True)
 stdout = Console()
 
@@ -92,14 +94,26 @@ def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) ->
     """(every epoch's flat metrics, the selected epoch's, its checkpoint, a title) of one training."""
     if config.ray.num_workers > 0:
         result = train_distributed(config, on_epoch, overwrite)
-        title = f"selected epoch {int(result.best['epoch'])} (lowest validation MAE), {config.ray.num_workers} Ray workers"
+        title = (
+            f"selected epoch {int(result.best['epoch'])} (lowest validation MAE), {config.ray.num_workers} Ray workers"
+        )
         return result.epochs, result.best, result.checkpoint, title
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         fitted, checkpoint = train(config, ProgressHooks(progress, on_epoch), overwrite)
     epochs = [flat_metrics(record) for record in fitted.history]
-    return epochs, epochs[fitted.best_epoch - 1], checkpoint, f"selected epoch {fitted.best_epoch} (lowest validation MAE)"
+    return (
+        epochs,
+        epochs[fitted.best_epoch - 1],
+        checkpoint,
+        f"selected epoch {fitted.best_epoch} (lowest validation MAE)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -123,14 +137,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         opened = tracked_run(config)
 
     with opened as tracking:
+
         def on_epoch(metrics: dict) -> None:
             stdout.print(epoch_line(metrics, config.train.epochs), highlight=False)
             if tracking is not None:
                 tracking.log_epoch(metrics)
 
         epochs, selected, checkpoint, title = _train(config, on_epoch, args.overwrite)
-        stdout.print(_metrics_table(title, {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES}
-                                            for split in ("valid", "test")}))
+        stdout.print(
+            _metrics_table(
+                title,
+                {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES} for split in ("valid", "test")},
+            )
+        )
         stdout.print(f"checkpoint: {checkpoint}")
         if tracking is not None:
             with console.status("logging the model to MLflow"):
@@ -187,13 +206,20 @@ def cmd_recordings_sample(args: argparse.Namespace) -> None:
     from mmim.recordings.sample import write_sample_dataset
 
     if args.videos < 6 or args.clips_per_video < 1:
-        raise MMIMInputError(f"--videos {args.videos} --clips-per-video {args.clips_per_video}: need at least "
-                             "6 videos (2 per split) and 1 clip each")
+        raise MMIMInputError(
+            f"--videos {args.videos} --clips-per-video {args.clips_per_video}: need at least "
+            "6 videos (2 per split) and 1 clip each"
+        )
     with console.status("writing recordings"):
-        sample = write_sample_dataset(args.out, videos=args.videos, clips_per_video=args.clips_per_video,
-                                      seed=args.seed)
-    stdout.print(f"recordings sample: {sample.root} ({', '.join(f'{k}={v}' for k, v in sample.counts.items())}; "
-                 f"{sample.seconds:.0f} s of media)", highlight=False, soft_wrap=True)
+        sample = write_sample_dataset(
+            args.out, videos=args.videos, clips_per_video=args.clips_per_video, seed=args.seed
+        )
+    stdout.print(
+        f"recordings sample: {sample.root} ({', '.join(f'{k}={v}' for k, v in sample.counts.items())}; "
+        f"{sample.seconds:.0f} s of media)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -232,9 +258,12 @@ def _print_store_summary(summary: ExtractionSummary, listed: frozenset[str] = fr
         stdout.print(_summary_table(summary))
     else:
         counts = ", ".join(f"{name} {count}" for name, count in summary.counts.items())
-        stdout.print(f"feature store {summary.root}: {counts} examples, dims audio {summary.dims['audio']}, "
-                     f"vision {summary.dims['vision']}; nothing dropped, zeroed or padded", highlight=False,
-                     soft_wrap=True)
+        stdout.print(
+            f"feature store {summary.root}: {counts} examples, dims audio {summary.dims['audio']}, "
+            f"vision {summary.dims['vision']}; nothing dropped, zeroed or padded",
+            highlight=False,
+            soft_wrap=True,
+        )
     dropped = [entry for entry in summary.dropped if entry[1] not in listed]
     for split, example_id, reason in dropped[:20]:
         stdout.print(f"dropped {split}/{example_id}: {reason}", highlight=False)
@@ -250,17 +279,32 @@ def cmd_extract(args: argparse.Namespace) -> None:
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("extract", total=None)
         summary = extract(
-            args.source, args.input, args.out, args.encoder, max_tokens=args.max_tokens,
-            nonfinite=args.nonfinite, labels=args.labels, folds=args.folds, seed=args.seed,
-            overwrite=args.overwrite, on_start=lambda total: progress.update(task, total=total),
-            advance=lambda: progress.advance(task))
+            args.source,
+            args.input,
+            args.out,
+            args.encoder,
+            max_tokens=args.max_tokens,
+            nonfinite=args.nonfinite,
+            labels=args.labels,
+            folds=args.folds,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            on_start=lambda total: progress.update(task, total=total),
+            advance=lambda: progress.advance(task),
+        )
     _print_store_summary(summary)
 
 
 # `mmim extract --source recordings` options -> ExtractorSettings fields (params.yaml extraction.recordings)
-RECORDING_OPTIONS = {"audio_features": "--audio-features", "audio_rate": "--audio-rate", "video_fps": "--video-fps",
-                     "video_width": "--video-width", "max_seconds": "--max-seconds", "max_pixels": "--max-pixels",
-                     "clip_timeout": "--clip-timeout"}
+RECORDING_OPTIONS = {
+    "audio_features": "--audio-features",
+    "audio_rate": "--audio-rate",
+    "video_fps": "--video-fps",
+    "video_width": "--video-width",
+    "max_seconds": "--max-seconds",
+    "max_pixels": "--max-pixels",
+    "clip_timeout": "--clip-timeout",
+}
 
 
 def _extractor_settings(args: argparse.Namespace):
@@ -289,17 +333,32 @@ def _extract_recordings(args: argparse.Namespace) -> None:
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("reading clips", total=None)
         recordings = extract_recordings(
-            args.input, args.out, args.encoder, settings, cache_dir=args.cache, max_tokens=args.max_tokens,
-            nonfinite=args.nonfinite, on_error=args.on_error, overwrite=args.overwrite, workers=args.workers,
+            args.input,
+            args.out,
+            args.encoder,
+            settings,
+            cache_dir=args.cache,
+            max_tokens=args.max_tokens,
+            nonfinite=args.nonfinite,
+            on_error=args.on_error,
+            overwrite=args.overwrite,
+            workers=args.workers,
             ray_address=args.ray_address,
             progress=RecordingsProgress(
                 start=lambda total: progress.update(task, description="extracting clips", total=total),
-                advance=lambda: progress.advance(task)))
+                advance=lambda: progress.advance(task),
+            ),
+        )
     reasons = Counter(rejected.reason for rejected in recordings.skipped)
     skipped = f"{len(recordings.skipped)} skipped" + (
-        f" ({', '.join(f'{reason}: {count}' for reason, count in reasons.most_common())})" if reasons else "")
-    stdout.print(f"{recordings.clips} clips in label.csv: {recordings.extracted} extracted, "
-                 f"{recordings.cached} from the cache {args.cache}, {skipped}", highlight=False, soft_wrap=True)
+        f" ({', '.join(f'{reason}: {count}' for reason, count in reasons.most_common())})" if reasons else ""
+    )
+    stdout.print(
+        f"{recordings.clips} clips in label.csv: {recordings.extracted} extracted, "
+        f"{recordings.cached} from the cache {args.cache}, {skipped}",
+        highlight=False,
+        soft_wrap=True,
+    )
     for rejected in recordings.skipped[:20]:
         detail = f" ({rejected.detail})" if rejected.detail else ""
         stdout.print(f"skipped {rejected.where}: {rejected.reason}{detail}", highlight=False, soft_wrap=True)
@@ -347,8 +406,13 @@ def _registry_table(title: str, rows: list[dict]) -> Table:
     table.add_column("decision", overflow="fold")
     table.add_column("run", overflow="fold")
     for row in rows:
-        table.add_row(str(row["version"]), row["aliases"], _metric_cell(row),
-                      row.get("registry_decision", ""), row["run_id"] or "")
+        table.add_row(
+            str(row["version"]),
+            row["aliases"],
+            _metric_cell(row),
+            row.get("registry_decision", ""),
+            row["run_id"] or "",
+        )
     return table
 
 
@@ -371,16 +435,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cmd = commands.add_parser("train", help="train in one process on a feature store")
     train_cmd.add_argument("--config", help="YAML config (see configs/); defaults when omitted")
-    train_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a setting, e.g. --set train.epochs=3 (repeatable)")
-    train_cmd.add_argument("--workers", type=int, metavar="N",
-                           help="Ray Train workers (DDP); 0: one process without Ray (default: ray.num_workers)")
+    train_cmd.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.epochs=3 (repeatable)",
+    )
+    train_cmd.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Ray Train workers (DDP); 0: one process without Ray (default: ray.num_workers)",
+    )
     train_cmd.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
-    train_cmd.add_argument("--overwrite", action="store_true",
-                           help="replace the checkpoint an earlier run left in output_dir (refused otherwise)")
-    train_cmd.add_argument("--submit", metavar="ADDRESS",
-                           help="submit this training as a Ray Job to the cluster at ADDRESS "
-                                "(e.g. http://head:8265), shipping the project with runtime_env")
+    train_cmd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the checkpoint an earlier run left in output_dir (refused otherwise)",
+    )
+    train_cmd.add_argument(
+        "--submit",
+        metavar="ADDRESS",
+        help="submit this training as a Ray Job to the cluster at ADDRESS "
+        "(e.g. http://head:8265), shipping the project with runtime_env",
+    )
     train_cmd.set_defaults(run=cmd_train)
 
     evaluate_cmd = commands.add_parser("evaluate", help="metrics of a checkpoint on a feature store")
@@ -392,61 +471,118 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="scores for raw utterances given as JSON")
     predict.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, help=CHECKPOINT_HELP)
-    predict.add_argument("--input", metavar="FILE",
-                         help='JSON list of {"text": str, "audio": [[...]], "vision": [[...]]}; - for stdin')
-    predict.add_argument("--recording", metavar="FILE",
-                         help="a recording (mp4, mkv, webm, avi, wav, flac) for a model trained on recordings; "
-                              "its features come from the extractor the model was trained with")
+    predict.add_argument(
+        "--input", metavar="FILE", help='JSON list of {"text": str, "audio": [[...]], "vision": [[...]]}; - for stdin'
+    )
+    predict.add_argument(
+        "--recording",
+        metavar="FILE",
+        help="a recording (mp4, mkv, webm, avi, wav, flac) for a model trained on recordings; "
+        "its features come from the extractor the model was trained with",
+    )
     predict.add_argument("--text", help="with --recording: the transcript of what is said")
     predict.set_defaults(run=cmd_predict)
 
     extract_cmd = commands.add_parser("extract", help="source files -> feature store (the DVC stage)")
     extract_cmd.add_argument("--source", required=True, choices=(*SOURCES, "recordings"))
-    extract_cmd.add_argument("--input", help="pickle, directory or .csd directory (not for synthetic); "
-                                             "recordings: data/raw/<dataset> with label.csv and Raw/")
+    extract_cmd.add_argument(
+        "--input",
+        help="pickle, directory or .csd directory (not for synthetic); "
+        "recordings: data/raw/<dataset> with label.csv and Raw/",
+    )
     extract_cmd.add_argument("--out", required=True, help="store directory to create")
     extract_cmd.add_argument("--encoder", required=True, help="tokenizer: Hugging Face name or local directory")
     extract_cmd.add_argument("--max-tokens", type=int, default=50)
-    extract_cmd.add_argument("--nonfinite", choices=["zero", "fail"], default="zero",
-                             help="NaN/inf in features: replace by 0 and count (default), or fail")
+    extract_cmd.add_argument(
+        "--nonfinite",
+        choices=["zero", "fail"],
+        default="zero",
+        help="NaN/inf in features: replace by 0 and count (default), or fail",
+    )
     extract_cmd.add_argument("--labels", help="mult: the label CSV (default: the *label*.csv beside the pickle)")
     extract_cmd.add_argument("--folds", help="csd: folds JSON, or cmu_mosi (default: INPUT/folds.json)")
     extract_cmd.add_argument("--seed", type=int, default=0, help="synthetic: the seed")
-    extract_cmd.add_argument("--overwrite", action="store_true",
-                             help="replace an existing feature store or an empty directory "
-                                  "(anything else at --out is refused)")
+    extract_cmd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing feature store or an empty directory (anything else at --out is refused)",
+    )
     recordings = extract_cmd.add_argument_group(
-        "recordings", "--source recordings only (params.yaml extraction.recordings; defaults in parentheses)")
-    recordings.add_argument("--audio-features", dest="audio_features", choices=["eGeMAPSv02", "ComParE_2016"],
-                            help="openSMILE low-level descriptor set (eGeMAPSv02: 25 per frame; ComParE_2016: 65)")
-    recordings.add_argument("--audio-rate", dest="audio_rate", type=float, metavar="HZ",
-                            help="audio frames per second, at most 100 (50)")
-    recordings.add_argument("--video-fps", dest="video_fps", type=float, metavar="FPS",
-                            help="video frames analysed per second (15)")
-    recordings.add_argument("--video-width", dest="video_width", type=int, metavar="PIXELS",
-                            help="frames are scaled down to this width before face detection (480)")
-    recordings.add_argument("--max-seconds", dest="max_seconds", type=float, metavar="S",
-                            help="longer clips are skipped, never decoded (60)")
-    recordings.add_argument("--max-pixels", dest="max_pixels", type=int, metavar="N",
-                            help="videos with larger frames (width x height) are skipped (3840x2160)")
-    recordings.add_argument("--clip-timeout", dest="clip_timeout", type=float, metavar="S",
-                            help="a clip taking longer is abandoned and skipped (120)")
-    recordings.add_argument("--cache", default="data/cache/recordings",
-                            help="per-clip feature cache, reused across runs (default: %(default)s)")
-    recordings.add_argument("--on-error", dest="on_error", choices=["skip", "fail"], default="skip",
-                            help="a clip that cannot be used: skip it and count it (default), or stop "
-                                 "with exit code 2 and write no store")
-    recordings.add_argument("--workers", type=int, metavar="N",
-                            help="Ray Data extractor actors (default: the cluster's CPUs); 0: in this process")
-    recordings.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS",
-                            help="Ray cluster to extract on (default: RAY_ADDRESS, else a local one)")
+        "recordings", "--source recordings only (params.yaml extraction.recordings; defaults in parentheses)"
+    )
+    recordings.add_argument(
+        "--audio-features",
+        dest="audio_features",
+        choices=["eGeMAPSv02", "ComParE_2016"],
+        help="openSMILE low-level descriptor set (eGeMAPSv02: 25 per frame; ComParE_2016: 65)",
+    )
+    recordings.add_argument(
+        "--audio-rate", dest="audio_rate", type=float, metavar="HZ", help="audio frames per second, at most 100 (50)"
+    )
+    recordings.add_argument(
+        "--video-fps", dest="video_fps", type=float, metavar="FPS", help="video frames analysed per second (15)"
+    )
+    recordings.add_argument(
+        "--video-width",
+        dest="video_width",
+        type=int,
+        metavar="PIXELS",
+        help="frames are scaled down to this width before face detection (480)",
+    )
+    recordings.add_argument(
+        "--max-seconds",
+        dest="max_seconds",
+        type=float,
+        metavar="S",
+        help="longer clips are skipped, never decoded (60)",
+    )
+    recordings.add_argument(
+        "--max-pixels",
+        dest="max_pixels",
+        type=int,
+        metavar="N",
+        help="videos with larger frames (width x height) are skipped (3840x2160)",
+    )
+    recordings.add_argument(
+        "--clip-timeout",
+        dest="clip_timeout",
+        type=float,
+        metavar="S",
+        help="a clip taking longer is abandoned and skipped (120)",
+    )
+    recordings.add_argument(
+        "--cache",
+        default="data/cache/recordings",
+        help="per-clip feature cache, reused across runs (default: %(default)s)",
+    )
+    recordings.add_argument(
+        "--on-error",
+        dest="on_error",
+        choices=["skip", "fail"],
+        default="skip",
+        help="a clip that cannot be used: skip it and count it (default), or stop with exit code 2 and write no store",
+    )
+    recordings.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Ray Data extractor actors (default: the cluster's CPUs); 0: in this process",
+    )
+    recordings.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        metavar="ADDRESS",
+        help="Ray cluster to extract on (default: RAY_ADDRESS, else a local one)",
+    )
     extract_cmd.set_defaults(run=cmd_extract)
 
     registry = commands.add_parser("registry", help="the MLflow model registry (MLFLOW_TRACKING_URI)")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True)
-    for name, text in (("list", "versions, aliases and gating decisions"),
-                       ("promote", "point champion at a version"),
-                       ("rollback", "champion back to the version it replaced")):
+    for name, text in (
+        ("list", "versions, aliases and gating decisions"),
+        ("promote", "point champion at a version"),
+        ("rollback", "champion back to the version it replaced"),
+    ):
         sub = registry_commands.add_parser(name, help=text)
         sub.add_argument("--name", required=True, help="registered model, e.g. mmim-mosi")
         if name == "promote":
@@ -454,13 +590,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=cmd_registry)
 
     serve = commands.add_parser("serve", help="REST predictions from a registered model (MLflow's scoring server)")
-    serve.add_argument("--model", default="models:/mmim-synthetic@champion",
-                       help="models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model "
-                            "(default: %(default)s)")
+    serve.add_argument(
+        "--model",
+        default="models:/mmim-synthetic@champion",
+        help="models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model (default: %(default)s)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
-    serve.add_argument("--max-request-mb", type=float, default=MAX_INPUT_BYTES / 2**20,
-                       help="larger request bodies are refused with HTTP 413 (default: %(default)s)")
+    serve.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=MAX_INPUT_BYTES / 2**20,
+        help="larger request bodies are refused with HTTP 413 (default: %(default)s)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -471,13 +613,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--valid", type=int, default=229)
     synth.add_argument("--test", type=int, default=686)
     synth.set_defaults(run=cmd_synth)
-    sample = data.add_parser("recordings-sample",
-                             help="write generated recordings (label.csv + Raw/) for --source recordings")
+    sample = data.add_parser(
+        "recordings-sample", help="write generated recordings (label.csv + Raw/) for --source recordings"
+    )
     sample.add_argument("--out", required=True, help="directory to create")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--videos", type=int, default=16, help="videos (default: %(default)s)")
-    sample.add_argument("--clips-per-video", dest="clips_per_video", type=int, default=3,
-                        help="clips of each video (default: %(default)s)")
+    sample.add_argument(
+        "--clips-per-video",
+        dest="clips_per_video",
+        type=int,
+        default=3,
+        help="clips of each video (default: %(default)s)",
+    )
     sample.set_defaults(run=cmd_recordings_sample)
     check = data.add_parser("check", help="check a feature store before training (leakage, lengths, drift)")
     check.add_argument("--store", required=True, help="the feature store to check")
@@ -496,8 +644,11 @@ def quiet_libraries() -> None:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
     if not verbose:  # the progress hooks print one line per epoch, extract its own summary
         for module in ("mmim.engine", "mmim.store_writer", "mmim.recordings.job", "mmim.recordings.sample"):
             logging.getLogger(module).setLevel(logging.WARNING)

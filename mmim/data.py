@@ -39,8 +39,7 @@ class Batch:
 
     def model_inputs(self) -> dict[str, Tensor]:
         """Keyword arguments for `MMIM.forward` / `MMIM.encode` (labels excluded)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("labels", "ids")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("labels", "ids")}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,7 +68,7 @@ def pad_sequences(sequences: list[np.ndarray]) -> tuple[Tensor, Tensor]:
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     padded = np.zeros((len(sequences), int(lengths.max()), sequences[0].shape[1]), dtype=np.float32)
     for row, sequence in enumerate(sequences):
-        padded[row, :len(sequence)] = sequence
+        padded[row, : len(sequence)] = sequence
     return torch.from_numpy(padded), torch.from_numpy(lengths)
 
 
@@ -86,8 +85,10 @@ def make_collate(split: StoreSplit):
             input_ids=torch.from_numpy(split.input_ids[indices, :tokens].astype(np.int64)),
             attention_mask=torch.from_numpy(mask[:, :tokens].astype(np.int64)),
             token_type_ids=torch.from_numpy(split.token_type_ids[indices, :tokens].astype(np.int64)),
-            audio=audio, audio_lengths=audio_lengths,
-            vision=vision, vision_lengths=vision_lengths,
+            audio=audio,
+            audio_lengths=audio_lengths,
+            vision=vision,
+            vision_lengths=vision_lengths,
             labels=torch.from_numpy(split.labels[indices].astype(np.float32)),
             ids=[split.ids[i] for i in indices],
         )
@@ -95,12 +96,23 @@ def make_collate(split: StoreSplit):
     return collate
 
 
-def make_loader(split: StoreSplit, batch_size: int, *, shuffle: bool, seed: int = 0,
-                sampler: Sampler | None = None, num_workers: int = 0) -> DataLoader:
+def make_loader(
+    split: StoreSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    sampler: Sampler | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
     """DataLoader over a split; shuffling is seeded so runs repeat exactly."""
     generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
     return DataLoader(
-        SplitDataset(split), batch_size=batch_size, shuffle=shuffle and sampler is None,
-        sampler=sampler, generator=generator, collate_fn=make_collate(split),
+        SplitDataset(split),
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        generator=generator,
+        collate_fn=make_collate(split),
         num_workers=num_workers,
     )

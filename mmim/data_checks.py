@@ -90,17 +90,25 @@ class DataReport:
         rows = ["| check | kind | result | detail |", "|---|---|---|---|"]
         for check in self.checks:
             result = "ok" if check.passed else ("FAILED" if check.hard else "warning")
-            rows.append(f"| {check.name} | {'hard' if check.hard else 'soft'} | {result} | "
-                        f"{check.line().split(': ', 1)[1].replace('|', '/')} |")
+            rows.append(
+                f"| {check.name} | {'hard' if check.hard else 'soft'} | {result} | "
+                f"{check.line().split(': ', 1)[1].replace('|', '/')} |"
+            )
         return f"# Data checks of {self.data_version}{against}\n\n" + "\n".join(rows) + "\n"
 
     def tags(self) -> dict[str, str]:
         """For the MLflow run: the verdict, the versions, and each check's result."""
-        tags = {"data_checks": "failed" if self.failed else ("warnings" if self.warnings else "passed"),
-                "data_checks.version": self.data_version,
-                "data_checks.previous_version": self.previous_version or ""}
-        tags.update({f"data_checks.{check.name.replace(' ', '_')}": "ok" if check.passed else check.detail[:250]
-                     for check in self.checks})
+        tags = {
+            "data_checks": "failed" if self.failed else ("warnings" if self.warnings else "passed"),
+            "data_checks.version": self.data_version,
+            "data_checks.previous_version": self.previous_version or "",
+        }
+        tags.update(
+            {
+                f"data_checks.{check.name.replace(' ', '_')}": "ok" if check.passed else check.detail[:250]
+                for check in self.checks
+            }
+        )
         return tags
 
 
@@ -111,7 +119,7 @@ def video_of(example_id: str) -> str:
 def _in_two_splits(name: str, keys_by_split: dict[str, set[str]], what: str) -> CheckResult:
     shared: dict[str, list[str]] = {}
     for index, first in enumerate(SPLITS):
-        for second in SPLITS[index + 1:]:
+        for second in SPLITS[index + 1 :]:
             for key in sorted(keys_by_split[first] & keys_by_split[second]):
                 shared.setdefault(key, []).append(f"{first}+{second}")
     offending = [f"{key} ({', '.join(pairs)})" for key, pairs in shared.items()]
@@ -124,8 +132,10 @@ def _lengths(store: FeatureStore) -> CheckResult:
     for name in SPLITS:
         for modality in SEQUENCE_FIELDS:
             lengths = np.diff(getattr(store[name], f"{modality}_offsets"))
-            bad += [f"{name}/{store[name].ids[i]} ({modality} {lengths[i]})"
-                    for i in np.flatnonzero((lengths < 1) | (lengths > MAX_FRAMES))]
+            bad += [
+                f"{name}/{store[name].ids[i]} ({modality} {lengths[i]})"
+                for i in np.flatnonzero((lengths < 1) | (lengths > MAX_FRAMES))
+            ]
     detail = f"{len(bad)} sequences outside 1-{MAX_FRAMES} frames" if bad else f"all within 1-{MAX_FRAMES} frames"
     return CheckResult("lengths", True, not bad, detail, bad)
 
@@ -152,9 +162,12 @@ def _drift(store: FeatureStore, previous: LabelProfile) -> list[CheckResult]:
     size_detail = "; ".join(sizes) + (f" (fewer examples in {', '.join(shrunk)})" if shrunk else "")
     moved = [name for name, ks, _ in shifts if ks > KS_WARNING]
     label_detail = "; ".join(text for _, _, text in shifts) + (
-        f" (KS over {KS_WARNING} in {', '.join(moved)})" if moved else "")
-    return [CheckResult("sizes", False, not shrunk, size_detail),
-            CheckResult("labels drift", False, not moved, label_detail)]
+        f" (KS over {KS_WARNING} in {', '.join(moved)})" if moved else ""
+    )
+    return [
+        CheckResult("sizes", False, not shrunk, size_detail),
+        CheckResult("labels drift", False, not moved, label_detail),
+    ]
 
 
 def check_store(root: str | Path, data_version: str, previous: LabelProfile | None = None) -> DataReport:
@@ -164,10 +177,12 @@ def check_store(root: str | Path, data_version: str, previous: LabelProfile | No
         store = FeatureStore(root)
     except MMIMInputError as error:
         return DataReport(data_version, None, [CheckResult("store", True, False, str(error))])
-    checks = [CheckResult("store", True, True, "checksums, labels, features and token ids as the manifest says"),
-              _in_two_splits("ids", {name: set(store[name].ids) for name in SPLITS}, "ids"),
-              _in_two_splits("videos", {name: {video_of(i) for i in store[name].ids} for name in SPLITS}, "videos"),
-              _lengths(store)]
+    checks = [
+        CheckResult("store", True, True, "checksums, labels, features and token ids as the manifest says"),
+        _in_two_splits("ids", {name: set(store[name].ids) for name in SPLITS}, "ids"),
+        _in_two_splits("videos", {name: {video_of(i) for i in store[name].ids} for name in SPLITS}, "videos"),
+        _lengths(store),
+    ]
     if previous is None:
         sizes = "; ".join(f"{name} {len(store[name])}" for name in SPLITS)
         checks.append(CheckResult("sizes", False, True, f"{sizes} (no previous version to compare with)"))

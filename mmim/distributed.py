@@ -53,8 +53,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from mmim.checkpoint import (load_training_state, load_weights, remove_training_state, save_checkpoint,
-                             save_training_state)
+from mmim.checkpoint import (
+    load_training_state,
+    load_weights,
+    remove_training_state,
+    save_checkpoint,
+    save_training_state,
+)
 from mmim.config import Config, config_from_dict
 from mmim.data import SplitDataset, make_loader
 from mmim.engine import Engine, ModelSelection, flat_metrics
@@ -116,8 +121,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # the BERT pooler is never used. One worker has nothing to synchronise: no wrapper.
     ddp = None
     if world > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=True)
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
     engine = Engine(model, config.train, device, ddp=ddp)
     selection = ModelSelection(config.train.patience)
     tokenizer = load_tokenizer(config.model.text_encoder)
@@ -131,8 +137,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("rank %d resumed after epoch %d", rank, resumed_from)
 
     per_worker_batch = config.train.batch_size // world
-    sampler = DistributedSampler(SplitDataset(store["train"]), num_replicas=world, rank=rank,
-                                 shuffle=True, seed=config.train.seed)
+    sampler = DistributedSampler(
+        SplitDataset(store["train"]), num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed
+    )
     train_loader = make_loader(store["train"], per_worker_batch, shuffle=False, sampler=sampler)
     valid_loader = make_loader(store["valid"], per_worker_batch, shuffle=False)
     test_loader = make_loader(store["test"], per_worker_batch, shuffle=False)
@@ -152,8 +159,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             reported = None
             if rank == 0:
                 directory = Path(staging) / "checkpoint"
-                save_checkpoint(directory, model, config, tokenizer,
-                                {"epoch": epoch, "valid": record.valid, "test": record.test})
+                save_checkpoint(
+                    directory, model, config, tokenizer, {"epoch": epoch, "valid": record.valid, "test": record.test}
+                )
                 save_training_state(directory, engine, selection, epoch)
                 reported = Checkpoint.from_directory(str(directory))
             ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch_{epoch:03d}")
@@ -230,9 +238,11 @@ def _storage(ray_config) -> tuple[str, object | None]:
 
     parsed = urlparse(ray_config.storage_path)
     endpoint = ray_config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    options = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
-               "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-               "region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    options = {
+        "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        "region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    }
     if endpoint:
         endpoint_url = urlparse(endpoint)
         options.update(endpoint_override=endpoint_url.netloc, scheme=endpoint_url.scheme or "https")
@@ -245,11 +255,15 @@ def check_ray_settings(config: Config) -> None:
     if config.ray.num_workers < 1:
         raise MMIMInputError("ray.num_workers: must be at least 1 for Ray training")
     if not config.train.contrast:
-        raise MMIMInputError("train.contrast: false is not supported with Ray workers (DDP needs every "
-                             "forward output in the loss); train it in one process (--workers 0)")
+        raise MMIMInputError(
+            "train.contrast: false is not supported with Ray workers (DDP needs every "
+            "forward output in the loss); train it in one process (--workers 0)"
+        )
     if config.train.batch_size % config.ray.num_workers:
-        raise MMIMInputError(f"train.batch_size {config.train.batch_size} must be divisible by "
-                             f"ray.num_workers {config.ray.num_workers} (it is the global batch)")
+        raise MMIMInputError(
+            f"train.batch_size {config.train.batch_size} must be divisible by "
+            f"ray.num_workers {config.ray.num_workers} (it is the global batch)"
+        )
 
 
 def check_config(config: Config) -> None:
@@ -267,15 +281,24 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump()},
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=ray_config.num_workers, use_gpu=ray_config.use_gpu,
-                                     resources_per_worker=ray_config.resources_per_worker or None),
+        scaling_config=ScalingConfig(
+            num_workers=ray_config.num_workers,
+            use_gpu=ray_config.use_gpu,
+            resources_per_worker=ray_config.resources_per_worker or None,
+        ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=ray_config.keep_checkpoints,
-                                               checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=ray_config.max_failures), callbacks=callbacks,
-            worker_runtime_env={"env_vars": {name: os.environ[name] for name in ray_config.forward_env
-                                             if name in os.environ}}),
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=ray_config.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=ray_config.max_failures),
+            callbacks=callbacks,
+            worker_runtime_env={
+                "env_vars": {name: os.environ[name] for name in ray_config.forward_env if name in os.environ}
+            },
+        ),
     )
 
 
@@ -288,8 +311,9 @@ def _reason(error: ray.train.TrainingFailedError) -> str:
     return first_line(error)
 
 
-def train_distributed(config: Config, on_report: Callable[[dict], None] | None = None,
-                      overwrite: bool = False) -> DistributedResult:
+def train_distributed(
+    config: Config, on_report: Callable[[dict], None] | None = None, overwrite: bool = False
+) -> DistributedResult:
     """Run Ray training; `on_report(metrics)` sees every epoch's report as it arrives (in a driver
     thread). The best epoch's weights are copied to OUTPUT_DIR/best, replacing an earlier run's
     only with `overwrite`."""
@@ -307,11 +331,13 @@ def train_distributed(config: Config, on_report: Callable[[dict], None] | None =
             result = trainer.fit()
         except ray.train.TrainingFailedError as error:
             raise DistributedTrainingError(
-                f"Ray training failed (ray.max_failures={config.ray.max_failures}): {_reason(error)}") from None
+                f"Ray training failed (ray.max_failures={config.ray.max_failures}): {_reason(error)}"
+            ) from None
     best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda item: item[1][SCORE])
     destination = Path(config.output_dir) / BEST_CHECKPOINT
     with atomic_directory(destination) as staging:
         best_checkpoint.to_directory(str(staging))
         remove_training_state(staging)  # serving and evaluation need the weights only
-    return DistributedResult(best=best_metrics, last=result.metrics, epochs=follower.epochs(),
-                             checkpoint=destination, run_path=result.path)
+    return DistributedResult(
+        best=best_metrics, last=result.metrics, epochs=follower.epochs(), checkpoint=destination, run_path=result.path
+    )

@@ -87,17 +87,24 @@ class EpochRecord:
 def flat_metrics(record: EpochRecord) -> dict[str, float]:
     """One level: epoch, stage1_loss, lr_main, valid_MAE, test_Acc-7, ... (for trackers)."""
     metrics: dict[str, float] = {"epoch": record.epoch, "seconds": record.seconds}
-    for prefix, values in (("stage0", record.stage0), ("stage1", record.stage1), ("lr", record.lr),
-                           ("valid", record.valid), ("test", record.test)):
+    for prefix, values in (
+        ("stage0", record.stage0),
+        ("stage1", record.stage1),
+        ("lr", record.lr),
+        ("valid", record.valid),
+        ("test", record.test),
+    ):
         metrics.update({f"{prefix}_{name.removeprefix('lr_')}": value for name, value in values.items()})
     return metrics
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:
     """One line of progress from an epoch's flat metrics, e.g. for a terminal or a flow log."""
-    return (f"epoch {int(metrics['epoch'])}/{epochs} | loss {metrics['stage1_loss']:.4f} | "
-            f"valid MAE {metrics['valid_MAE']:.4f} Corr {metrics['valid_Corr']:.3f} | "
-            f"{metrics['seconds']:.1f}s{' (best)' if metrics.get('improved') else ''}")
+    return (
+        f"epoch {int(metrics['epoch'])}/{epochs} | loss {metrics['stage1_loss']:.4f} | "
+        f"valid MAE {metrics['valid_MAE']:.4f} Corr {metrics['valid_Corr']:.3f} | "
+        f"{metrics['seconds']:.1f}s{' (best)' if metrics.get('improved') else ''}"
+    )
 
 
 @dataclass
@@ -135,8 +142,10 @@ class TrainingDiverged(RuntimeError):
 
 def _finite(loss: float, epoch: int, stage: int, batch: int) -> float:
     if not math.isfinite(loss):
-        raise TrainingDiverged(f"training diverged at epoch {epoch}, stage {stage}, batch {batch + 1}: loss is "
-                               f"{loss} (lower the learning rates train.lr_main/lr_bert/lr_mmilb, or train.clip)")
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch}, stage {stage}, batch {batch + 1}: loss is "
+            f"{loss} (lower the learning rates train.lr_main/lr_bert/lr_mmilb, or train.clip)"
+        )
     return loss
 
 
@@ -207,8 +216,9 @@ class Engine:
     are synchronised), evaluation and parameter access use the plain model.
     """
 
-    def __init__(self, model: MMIM, config: TrainConfig, device: torch.device | None = None,
-                 ddp: nn.Module | None = None):
+    def __init__(
+        self, model: MMIM, config: TrainConfig, device: torch.device | None = None, ddp: nn.Module | None = None
+    ):
         self.config = config
         self.device = device or resolve_device(config.device)
         self.core = model.to(self.device)
@@ -219,11 +229,14 @@ class Engine:
         groups = split_parameters(model)
         optimizer_class = getattr(torch.optim, config.optimizer)
         self.optimizer_mmilb = optimizer_class(
-            groups["mmilb"], lr=config.lr_mmilb, weight_decay=config.weight_decay_mmilb)
-        self.optimizer_main = optimizer_class([
-            {"params": groups["bert"], "lr": config.lr_bert, "weight_decay": config.weight_decay_bert},
-            {"params": groups["main"], "lr": config.lr_main, "weight_decay": config.weight_decay_main},
-        ])
+            groups["mmilb"], lr=config.lr_mmilb, weight_decay=config.weight_decay_mmilb
+        )
+        self.optimizer_main = optimizer_class(
+            [
+                {"params": groups["bert"], "lr": config.lr_bert, "weight_decay": config.weight_decay_bert},
+                {"params": groups["main"], "lr": config.lr_main, "weight_decay": config.weight_decay_main},
+            ]
+        )
         # Only the main optimizer's lr is decayed, as in the reference code.
         self.scheduler = ReduceLROnPlateau(self.optimizer_main, mode="min", patience=config.when, factor=0.5)
         self.l1 = nn.L1Loss()
@@ -244,8 +257,7 @@ class Engine:
         nn.utils.clip_grad_norm_(self.core.parameters(), self.config.clip)
         optimizer.step()
 
-    def train_stage0(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None
-                     ) -> dict[str, float]:
+    def train_stage0(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None) -> dict[str, float]:
         """Maximise lld with the MMILB optimizer; returns {"neg_lld": mean}."""
         hooks = hooks or TrainingHooks()
         self.model.train()
@@ -267,8 +279,7 @@ class Engine:
             hooks.on_batch_end(epoch, 0, value)
         return means.means()
 
-    def train_stage1(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None
-                     ) -> dict[str, float]:
+    def train_stage1(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None) -> dict[str, float]:
         """Minimise the task loss with the MI terms; returns means of loss, task, nce, lld, H."""
         hooks = hooks or TrainingHooks()
         config = self.config
@@ -282,21 +293,29 @@ class Engine:
             # The reference code also computes H on the second batch without using it;
             # computing it only when it enters the loss gives the same updates (and keeps
             # every forward output in the loss, which DDP requires).
-            output = self.model(**batch.model_inputs(), labels=batch.labels,
-                                memory=memory if index > MEMORY_BATCHES else None)
+            output = self.model(
+                **batch.model_inputs(), labels=batch.labels, memory=memory if index > MEMORY_BATCHES else None
+            )
             task = self.l1(output.score, batch.labels)
             loss = task + config.alpha * output.nce - config.beta * output.lld if config.contrast else task
             loss = loss - config.beta * output.entropy  # 0 until a memory is passed
             self._step(loss, self.optimizer_main)
             memory = output.memory
             value = _finite(loss.item(), epoch, 1, index)
-            means.add(len(batch), loss=value, task=task.item(), nce=output.nce.item(),
-                      lld=output.lld.item(), H=output.entropy.item())
+            means.add(
+                len(batch),
+                loss=value,
+                task=task.item(),
+                nce=output.nce.item(),
+                lld=output.lld.item(),
+                H=output.entropy.item(),
+            )
             hooks.on_batch_end(epoch, 1, value)
         return means.means()
 
-    def run_epoch(self, epoch: int, train: DataLoader, valid: DataLoader, test: DataLoader,
-                  hooks: TrainingHooks | None = None) -> EpochRecord:
+    def run_epoch(
+        self, epoch: int, train: DataLoader, valid: DataLoader, test: DataLoader, hooks: TrainingHooks | None = None
+    ) -> EpochRecord:
         start = time.perf_counter()
         stage0 = self.train_stage0(train, epoch, hooks) if self.config.contrast else {}
         stage1 = self.train_stage1(train, epoch, hooks)
@@ -304,12 +323,12 @@ class Engine:
         valid_metrics = evaluate(self.core, valid, self.device)
         test_metrics = evaluate(self.core, test, self.device)
         self.scheduler.step(valid_metrics["loss"])
-        return EpochRecord(epoch, stage0, stage1, lr, valid_metrics, test_metrics,
-                           time.perf_counter() - start)
+        return EpochRecord(epoch, stage0, stage1, lr, valid_metrics, test_metrics, time.perf_counter() - start)
 
 
-def fit(engine: Engine, train: DataLoader, valid: DataLoader, test: DataLoader,
-        hooks: TrainingHooks | None = None) -> FitResult:
+def fit(
+    engine: Engine, train: DataLoader, valid: DataLoader, test: DataLoader, hooks: TrainingHooks | None = None
+) -> FitResult:
     """Train for `epochs` with early stopping; select the epoch on validation loss only."""
     hooks = hooks or TrainingHooks()
     config = engine.config
@@ -319,13 +338,17 @@ def fit(engine: Engine, train: DataLoader, valid: DataLoader, test: DataLoader,
         record = engine.run_epoch(epoch, train, valid, test, hooks)
         history.append(record)
         improved = selection.update(record)
-        log.info("epoch %d: stage1 loss %.4f | valid MAE %.4f | test MAE %.4f%s", epoch,
-                 record.stage1["loss"], record.valid["MAE"], record.test["MAE"],
-                 " (best)" if improved else "")
+        log.info(
+            "epoch %d: stage1 loss %.4f | valid MAE %.4f | test MAE %.4f%s",
+            epoch,
+            record.stage1["loss"],
+            record.valid["MAE"],
+            record.test["MAE"],
+            " (best)" if improved else "",
+        )
         hooks.on_epoch_end(record, improved)
         if selection.should_stop:
             log.info("early stop: no validation improvement for %d epochs", config.patience)
             break
     best = selection.best
-    return FitResult(best.epoch, best.valid, best.test, history,
-                     stopped_early=len(history) < config.epochs)
+    return FitResult(best.epoch, best.valid, best.test, history, stopped_early=len(history) < config.epochs)

@@ -25,8 +25,9 @@ Source = Literal["mult", "mmsa", "csd", "synthetic"]
 SOURCES = ("mult", "mmsa", "csd", "synthetic")
 
 
-def read_source(source: Source, input_path: str | Path | None, *, labels: str | None = None,
-                folds: str | None = None, seed: int = 0) -> dict[str, SourceSplit]:
+def read_source(
+    source: Source, input_path: str | Path | None, *, labels: str | None = None, folds: str | None = None, seed: int = 0
+) -> dict[str, SourceSplit]:
     """One SourceSplit per split from the given format (synthetic: generated, no input)."""
     if source == "synthetic":
         return synthesize(seed)
@@ -43,11 +44,21 @@ def read_source(source: Source, input_path: str | Path | None, *, labels: str | 
     raise MMIMInputError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
 
 
-def extract(source: Source, input_path: str | Path | None, out: str | Path, encoder: str, *,
-            max_tokens: int = DEFAULT_MAX_TOKENS, nonfinite: NonFinitePolicy = "zero",
-            labels: str | None = None, folds: str | None = None, seed: int = 0, overwrite: bool = False,
-            on_start: Callable[[int], None] = lambda total: None,
-            advance: Callable[[], None] = lambda: None) -> ExtractionSummary:
+def extract(
+    source: Source,
+    input_path: str | Path | None,
+    out: str | Path,
+    encoder: str,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    nonfinite: NonFinitePolicy = "zero",
+    labels: str | None = None,
+    folds: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    on_start: Callable[[int], None] = lambda total: None,
+    advance: Callable[[], None] = lambda: None,
+) -> ExtractionSummary:
     """Read, validate, tokenize and write; `on_start(total steps)` then `advance()` per step."""
     if max_tokens < 2:
         raise MMIMInputError(f"--max-tokens {max_tokens}: must be at least 2 (CLS and SEP)")
@@ -55,5 +66,14 @@ def extract(source: Source, input_path: str | Path | None, out: str | Path, enco
     splits = read_source(source, input_path, labels=labels, folds=folds, seed=seed)
     tokenizer = load_tokenizer(encoder)
     on_start(sum(len(split.ids) for split in splits.values()) * len(SEQUENCE_FIELDS))
-    return write_store(out, splits, tokenizer, text_encoder=encoder, max_tokens=max_tokens,
-                       source=source, nonfinite=nonfinite, overwrite=overwrite, advance=advance)
+    return write_store(
+        out,
+        splits,
+        tokenizer,
+        text_encoder=encoder,
+        max_tokens=max_tokens,
+        source=source,
+        nonfinite=nonfinite,
+        overwrite=overwrite,
+        advance=advance,
+    )

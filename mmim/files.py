@@ -75,9 +75,14 @@ def _leftovers(target: Path) -> list[Path]:
     A suffix with a dot belongs to another target (`.NAME.x.<random>` is staging of NAME.x).
     """
     prefix = f".{target.name}."
-    return sorted(path for path in target.parent.iterdir()
-                  if path.name.startswith(prefix) and "." not in path.name[len(prefix):]
-                  and path.is_dir() and not path.is_symlink())
+    return sorted(
+        path
+        for path in target.parent.iterdir()
+        if path.name.startswith(prefix)
+        and "." not in path.name[len(prefix) :]
+        and path.is_dir()
+        and not path.is_symlink()
+    )
 
 
 def _recover_leftovers(target: Path) -> None:
@@ -86,8 +91,9 @@ def _recover_leftovers(target: Path) -> None:
     for path in _leftovers(target):
         if path.name.startswith(f".{target.name}.old-") and not target.exists():
             os.replace(path, target)
-            log.warning("%s: restored the previous version from %s (its replacement was interrupted)",
-                        target, path.name)
+            log.warning(
+                "%s: restored the previous version from %s (its replacement was interrupted)", target, path.name
+            )
         else:
             shutil.rmtree(path)
             log.warning("%s: removed %s, left by an interrupted run", target.parent, path.name)

@@ -52,8 +52,9 @@ class Bootstrap(BaseModel):
         return self.low > 0
 
     def text(self) -> str:
-        return (f"improvement {self.improvement:+.4f}, {self.confidence:.0%} interval "
-                f"{self.low:+.4f} to {self.high:+.4f}")
+        return (
+            f"improvement {self.improvement:+.4f}, {self.confidence:.0%} interval {self.low:+.4f} to {self.high:+.4f}"
+        )
 
 
 class HeadToHead(BaseModel):
@@ -78,19 +79,26 @@ class HeadToHead(BaseModel):
     def tags(self) -> dict[str, str]:
         """What was compared, as tags of the run and of the new model version (`gate.*`)."""
         metric = f"valid_{self.metric}"
-        tags = {"data_version": self.data_version, "gate.data_version": self.data_version,
-                f"gate.challenger_{metric}": repr(self.challenger_value),
-                "gate.champion": f"v{self.champion_version}" if self.champion_version else "none"}
+        tags = {
+            "data_version": self.data_version,
+            "gate.data_version": self.data_version,
+            f"gate.challenger_{metric}": repr(self.challenger_value),
+            "gate.champion": f"v{self.champion_version}" if self.champion_version else "none",
+        }
         if self.champion_value is not None:
             tags[f"gate.champion_{metric}"] = repr(self.champion_value)
         if self.unscorable:
             tags["gate.champion_unscorable"] = self.unscorable[:5000]
         if self.bootstrap is not None:
-            tags.update({"gate.improvement": repr(self.bootstrap.improvement),
-                         "gate.interval_low": repr(self.bootstrap.low),
-                         "gate.interval_high": repr(self.bootstrap.high),
-                         "gate.confidence": repr(self.bootstrap.confidence),
-                         "gate.resamples": str(self.bootstrap.resamples)})
+            tags.update(
+                {
+                    "gate.improvement": repr(self.bootstrap.improvement),
+                    "gate.interval_low": repr(self.bootstrap.low),
+                    "gate.interval_high": repr(self.bootstrap.high),
+                    "gate.confidence": repr(self.bootstrap.confidence),
+                    "gate.resamples": str(self.bootstrap.resamples),
+                }
+            )
         return tags
 
     def text(self) -> str:
@@ -99,15 +107,22 @@ class HeadToHead(BaseModel):
         if self.champion_version is None:
             return f"{ours} on data {self.data_version}; no champion to compare with"
         if self.champion_value is None:
-            return f"{ours} on data {self.data_version}; champion v{self.champion_version} not scored: {self.unscorable}"
-        line = (f"{ours}, champion v{self.champion_version} {self.champion_value:.4f}, "
-                f"both on data {self.data_version}")
+            return (
+                f"{ours} on data {self.data_version}; champion v{self.champion_version} not scored: {self.unscorable}"
+            )
+        line = f"{ours}, champion v{self.champion_version} {self.champion_value:.4f}, both on data {self.data_version}"
         return f"{line}; {self.bootstrap.text()}" if self.bootstrap else line
 
 
-def paired_bootstrap(truths: np.ndarray, champion: np.ndarray, challenger: np.ndarray, metric: str,
-                     resamples: int = 1000, confidence: float = REPORTED_CONFIDENCE,
-                     seed: int = BOOTSTRAP_SEED) -> Bootstrap:
+def paired_bootstrap(
+    truths: np.ndarray,
+    champion: np.ndarray,
+    challenger: np.ndarray,
+    metric: str,
+    resamples: int = 1000,
+    confidence: float = REPORTED_CONFIDENCE,
+    seed: int = BOOTSTRAP_SEED,
+) -> Bootstrap:
     """The challenger's improvement in `metric` over the champion, and its bootstrap interval."""
     truths, champion, challenger = (np.asarray(a, dtype=np.float64) for a in (truths, champion, challenger))
     picks = np.random.default_rng(seed).integers(0, len(truths), size=(resamples, len(truths)))
@@ -119,18 +134,36 @@ def paired_bootstrap(truths: np.ndarray, champion: np.ndarray, challenger: np.nd
         resampled = pearson(challenger[picks], truths[picks]) - pearson(champion[picks], truths[picks])
     tail = (1 - confidence) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
-    return Bootstrap(metric=metric, improvement=improvement, low=float(low), high=float(high),
-                     confidence=confidence, resamples=resamples)
+    return Bootstrap(
+        metric=metric,
+        improvement=improvement,
+        low=float(low),
+        high=float(high),
+        confidence=confidence,
+        resamples=resamples,
+    )
 
 
-def head_to_head(challenger: str | Path, store: str | Path, data_version: str, metric: str,
-                 champion_uri: str | None, champion_version: str | None, *, resamples: int = 1000,
-                 confidence: float | None = None) -> HeadToHead:
+def head_to_head(
+    challenger: str | Path,
+    store: str | Path,
+    data_version: str,
+    metric: str,
+    champion_uri: str | None,
+    champion_version: str | None,
+    *,
+    resamples: int = 1000,
+    confidence: float | None = None,
+) -> HeadToHead:
     """Score the challenger's checkpoint and the champion (a model URI, None when there is no
     champion) on the valid and test splits of `store`, whose data version is `data_version`."""
     ours = predict_checkpoint(challenger, store)
-    result = HeadToHead(data_version=data_version, metric=metric, champion_version=champion_version,
-                        challenger={split: compute_metrics(*scores) for split, scores in ours.items()})
+    result = HeadToHead(
+        data_version=data_version,
+        metric=metric,
+        champion_version=champion_version,
+        challenger={split: compute_metrics(*scores) for split, scores in ours.items()},
+    )
     if champion_uri is None:
         return result
     try:
@@ -142,6 +175,7 @@ def head_to_head(challenger: str | Path, store: str | Path, data_version: str, m
         return result
     result.champion = {split: compute_metrics(*scores) for split, scores in theirs.items()}
     (ours_valid, truths), (theirs_valid, _) = ours["valid"], theirs["valid"]
-    result.bootstrap = paired_bootstrap(truths, theirs_valid, ours_valid, metric, resamples,
-                                        confidence or REPORTED_CONFIDENCE)
+    result.bootstrap = paired_bootstrap(
+        truths, theirs_valid, ours_valid, metric, resamples, confidence or REPORTED_CONFIDENCE
+    )
     return result

@@ -30,16 +30,18 @@ def training_entrypoint(config_path: str | Path | None, overrides: list[str]) ->
     if config_path is not None:
         path = Path(config_path).resolve()
         if not path.is_relative_to(PROJECT_ROOT):
-            raise MMIMInputError(f"--config {config_path}: must be inside the project ({PROJECT_ROOT}) "
-                                 "to be shipped with the job")
+            raise MMIMInputError(
+                f"--config {config_path}: must be inside the project ({PROJECT_ROOT}) to be shipped with the job"
+            )
         parts += ["--config", str(path.relative_to(PROJECT_ROOT))]
     for override in overrides:
         parts += ["--set", override]
     return " ".join(shlex.quote(part) for part in parts)
 
 
-def submit_training_job(address: str, config_path: str | Path | None, overrides: list[str],
-                        submission_id: str | None = None) -> str:
+def submit_training_job(
+    address: str, config_path: str | Path | None, overrides: list[str], submission_id: str | None = None
+) -> str:
     """Submit `mmim train` to the Ray cluster at `address` (http://head:8265); returns the job id."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -50,17 +52,23 @@ def submit_training_job(address: str, config_path: str | Path | None, overrides:
     except AuthenticationError:
         raise MMIMInputError(
             f"--submit {address}: the cluster requires its auth token; set RAY_AUTH_MODE=token and "
-            "RAY_AUTH_TOKEN (or ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH)") from None
+            "RAY_AUTH_TOKEN (or ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH)"
+        ) from None
     except ConnectionError as error:
         raise ServiceUnavailableError(f"--submit {address}: cannot reach the Ray job server ({error})") from None
     except (RuntimeError, ValueError) as error:
         raise MMIMInputError(f"--submit {address}: not a Ray job server address ({error})") from None
     for attempt in range(SUBMIT_ATTEMPTS):
         try:
-            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                     runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES})
+            return client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES},
+            )
         except RuntimeError as error:
             if "try again later" not in str(error) or attempt == SUBMIT_ATTEMPTS - 1:
                 reason = str(error).strip().splitlines()[-1]
-                raise ServiceUnavailableError(f"--submit {address}: the job server refused the job ({reason})") from None
+                raise ServiceUnavailableError(
+                    f"--submit {address}: the job server refused the job ({reason})"
+                ) from None
             time.sleep(SUBMIT_RETRY_SECONDS)

@@ -60,8 +60,9 @@ def compute_metrics(predictions, truths) -> dict[str, float]:
     predictions = _as_vector(predictions, "predictions")
     truths = _as_vector(truths, "truths")
     if predictions.shape != truths.shape or predictions.size == 0:
-        raise ValueError(f"predictions ({predictions.size}) and truths ({truths.size}) "
-                         "must be non-empty and equally long")
+        raise ValueError(
+            f"predictions ({predictions.size}) and truths ({truths.size}) must be non-empty and equally long"
+        )
     has0_truth, has0_pred = truths >= 0, predictions >= 0
     nonzero = truths != 0
     non0_truth, non0_pred = truths[nonzero] > 0, predictions[nonzero] > 0

@@ -39,12 +39,14 @@ def answering(what: str) -> Iterator[None]:
         yield
     except MlflowException as error:
         if error.get_http_status_code() >= 500:  # how MLflow reports a server it cannot reach
-            raise ServiceUnavailableError(f"{what}: tracking server {tracking_uri()} does not answer "
-                                          f"(MLFLOW_TRACKING_URI; {first_line(error)})") from None
+            raise ServiceUnavailableError(
+                f"{what}: tracking server {tracking_uri()} does not answer (MLFLOW_TRACKING_URI; {first_line(error)})"
+            ) from None
         raise MMIMInputError(f"{what}: {first_line(error)}") from None
     except (ConnectionError, TimeoutError) as error:
-        raise ServiceUnavailableError(f"{what}: tracking server {tracking_uri()} does not answer "
-                                      f"({first_line(error)})") from None
+        raise ServiceUnavailableError(
+            f"{what}: tracking server {tracking_uri()} does not answer ({first_line(error)})"
+        ) from None
     finally:
         for key in unset:
             os.environ.pop(key, None)

@@ -24,7 +24,6 @@ from mmim.config import ModelConfig
 from mmim.errors import MMIMInputError
 from mmim.text_encoder import build_backbone
 
-
 # Buffers that older transformers releases saved in BERT state dicts and newer ones don't.
 _LEGACY_BUFFERS = ("text_enc.bertmodel.embeddings.position_ids",)
 
@@ -46,12 +45,14 @@ class TextEncoder(nn.Module):
 class SequenceEncoder(nn.Module):
     """LSTM over a padded batch of variable-length sequences -> final hidden state -> linear."""
 
-    def __init__(self, in_size: int, hidden_size: int, out_size: int, num_layers: int,
-                 dropout: float, bidirectional: bool):
+    def __init__(
+        self, in_size: int, hidden_size: int, out_size: int, num_layers: int, dropout: float, bidirectional: bool
+    ):
         super().__init__()
         self.bidirectional = bidirectional
-        self.rnn = nn.LSTM(in_size, hidden_size, num_layers=num_layers, dropout=dropout,
-                           bidirectional=bidirectional, batch_first=True)
+        self.rnn = nn.LSTM(
+            in_size, hidden_size, num_layers=num_layers, dropout=dropout, bidirectional=bidirectional, batch_first=True
+        )
         self.dropout = nn.Dropout(dropout)
         self.linear_1 = nn.Linear((2 if bidirectional else 1) * hidden_size, out_size)
 
@@ -110,8 +111,9 @@ class MMILB(nn.Module):
         mu, logvar = self.mlp_mu(x), self.mlp_logvar(x)
         return torch.mean(torch.sum(-((mu - y) ** 2) / 2.0 / torch.exp(logvar), dim=-1))
 
-    def forward(self, x: Tensor, y: Tensor, labels: Tensor | None = None,
-                memory: LabelGroups | None = None) -> tuple[Tensor, Tensor, LabelGroups | None]:
+    def forward(
+        self, x: Tensor, y: Tensor, labels: Tensor | None = None, memory: LabelGroups | None = None
+    ) -> tuple[Tensor, Tensor, LabelGroups | None]:
         """Returns (lld, H, this batch's label groups). H needs labels and a memory."""
         lld = self.log_likelihood(x, y)
         if labels is None:
@@ -187,11 +189,21 @@ class MMIM(nn.Module):
         # As in the reference code, LSTM dropout (inside and after) is only used with >1 layer.
         multi_layer = config.lstm_layers > 1
         self.visual_enc = SequenceEncoder(
-            config.vision_dim, config.vision_hidden, config.vision_out, config.lstm_layers,
-            config.dropout_vision if multi_layer else 0.0, config.bidirectional)
+            config.vision_dim,
+            config.vision_hidden,
+            config.vision_out,
+            config.lstm_layers,
+            config.dropout_vision if multi_layer else 0.0,
+            config.bidirectional,
+        )
         self.acoustic_enc = SequenceEncoder(
-            config.audio_dim, config.audio_hidden, config.audio_out, config.lstm_layers,
-            config.dropout_audio if multi_layer else 0.0, config.bidirectional)
+            config.audio_dim,
+            config.audio_hidden,
+            config.audio_out,
+            config.lstm_layers,
+            config.dropout_audio if multi_layer else 0.0,
+            config.bidirectional,
+        )
         self.mi_tv = MMILB(text_dim, config.vision_out, config.mmilb_activation)
         self.mi_ta = MMILB(text_dim, config.audio_out, config.mmilb_activation)
         if config.add_va:
@@ -199,8 +211,9 @@ class MMIM(nn.Module):
         self.cpc_zt = CPC(text_dim, config.fusion_hidden, config.cpc_layers, config.cpc_activation)
         self.cpc_zv = CPC(config.vision_out, config.fusion_hidden, config.cpc_layers, config.cpc_activation)
         self.cpc_za = CPC(config.audio_out, config.fusion_hidden, config.cpc_layers, config.cpc_activation)
-        self.fusion_prj = FusionNet(text_dim + config.audio_out + config.vision_out,
-                                    config.fusion_hidden, config.dropout_fusion)
+        self.fusion_prj = FusionNet(
+            text_dim + config.audio_out + config.vision_out, config.fusion_hidden, config.dropout_fusion
+        )
 
     def mmilb_pairs(self) -> dict[str, MMILB]:
         pairs = {"tv": self.mi_tv, "ta": self.mi_ta}
@@ -208,9 +221,16 @@ class MMIM(nn.Module):
             pairs["va"] = self.mi_va
         return pairs
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor,
-               audio: Tensor, audio_lengths: Tensor, vision: Tensor, vision_lengths: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,
+        audio: Tensor,
+        audio_lengths: Tensor,
+        vision: Tensor,
+        vision_lengths: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The three unimodal vectors (t, a, v), always returned in fp32."""
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             text = self.text_enc(input_ids, attention_mask, token_type_ids)
@@ -218,9 +238,14 @@ class MMIM(nn.Module):
             visual = self.visual_enc(vision, vision_lengths)
         return text.float(), acoustic.float(), visual.float()
 
-    def mmilb(self, text: Tensor, acoustic: Tensor, visual: Tensor, labels: Tensor | None = None,
-              memory: dict[str, LabelGroups] | None = None
-              ) -> tuple[Tensor, Tensor, dict[str, LabelGroups] | None]:
+    def mmilb(
+        self,
+        text: Tensor,
+        acoustic: Tensor,
+        visual: Tensor,
+        labels: Tensor | None = None,
+        memory: dict[str, LabelGroups] | None = None,
+    ) -> tuple[Tensor, Tensor, dict[str, LabelGroups] | None]:
         """(lld, H, label groups) summed over the modality pairs."""
         inputs = {"tv": (text, visual), "ta": (text, acoustic), "va": (visual, acoustic)}
         lld = text.new_zeros(())
@@ -228,18 +253,26 @@ class MMIM(nn.Module):
         groups: dict[str, LabelGroups] = {}
         for pair, module in self.mmilb_pairs().items():
             x, y = inputs[pair]
-            pair_lld, pair_entropy, pair_groups = module(
-                x, y, labels, None if memory is None else memory[pair])
+            pair_lld, pair_entropy, pair_groups = module(x, y, labels, None if memory is None else memory[pair])
             lld = lld + pair_lld
             entropy = entropy + pair_entropy
             if pair_groups is not None:
                 groups[pair] = pair_groups.detach()
         return lld, entropy, (groups if labels is not None else None)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor,
-                audio: Tensor, audio_lengths: Tensor, vision: Tensor, vision_lengths: Tensor,
-                labels: Tensor | None = None, memory: dict[str, LabelGroups] | None = None,
-                mmilb_only: bool = False) -> MMIMOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,
+        audio: Tensor,
+        audio_lengths: Tensor,
+        vision: Tensor,
+        vision_lengths: Tensor,
+        labels: Tensor | None = None,
+        memory: dict[str, LabelGroups] | None = None,
+        mmilb_only: bool = False,
+    ) -> MMIMOutput:
         """All outputs; `mmilb_only` is the fast stage 0: encoders without autograd, lld only.
 
         (The fast path goes through forward rather than calling `encode`/`mmilb` directly
@@ -282,10 +315,12 @@ def load_official_state_dict(model: MMIM, state_dict: dict[str, Tensor]) -> None
     if missing or unexpected:
         raise MMIMInputError(
             f"state dict does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
     wrong = [k for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         raise MMIMInputError(
             f"state dict does not match the model: {wrong[0]} has shape {tuple(state_dict[wrong[0]].shape)}, "
-            f"the model expects {tuple(own[wrong[0]].shape)}")
+            f"the model expects {tuple(own[wrong[0]].shape)}"
+        )
     model.load_state_dict(state_dict, strict=True)

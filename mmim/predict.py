@@ -88,9 +88,12 @@ def utterances_to_batch(utterances: list[dict[str, Any]], tokenizer, model: MMIM
         input_ids=torch.from_numpy(tokens["input_ids"][:, :width].astype(np.int64)),
         attention_mask=torch.from_numpy(tokens["attention_mask"][:, :width].astype(np.int64)),
         token_type_ids=torch.from_numpy(tokens["token_type_ids"][:, :width].astype(np.int64)),
-        audio=audio_tensor, audio_lengths=audio_lengths,
-        vision=vision_tensor, vision_lengths=vision_lengths,
-        labels=torch.zeros(len(texts)), ids=[str(i) for i in range(len(texts))],
+        audio=audio_tensor,
+        audio_lengths=audio_lengths,
+        vision=vision_tensor,
+        vision_lengths=vision_lengths,
+        labels=torch.zeros(len(texts)),
+        ids=[str(i) for i in range(len(texts))],
     )
 
 
@@ -115,8 +118,9 @@ def read_utterances(source: str) -> list:
 def _read_capped(source: str) -> bytes:
     """The bytes of `source` ("-": stdin), refused over MAX_INPUT_BYTES: a file by its size,
     before reading; a pipe after reading one byte past the cap."""
-    too_large = MMIMInputError(f"{source}: larger than {MAX_INPUT_BYTES // 2**20} MB, "
-                               f"the cap on mmim predict's input (split it)")
+    too_large = MMIMInputError(
+        f"{source}: larger than {MAX_INPUT_BYTES // 2**20} MB, the cap on mmim predict's input (split it)"
+    )
     try:
         if source == "-":
             data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
@@ -144,8 +148,9 @@ def predict_utterances(model: MMIM, tokenizer, utterances: list[dict[str, Any]])
     return [{"score": score, **sentiment_classes(score)} for score in scores]
 
 
-def predict_checkpoint(checkpoint: str | Path, store_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"),
-                       batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def predict_checkpoint(
+    checkpoint: str | Path, store_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"), batch_size: int = 64
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(predicted scores, true labels) of a checkpoint on splits of a feature store, in store order.
 
     The store may cap texts at another token count than the model was trained with (the
@@ -156,18 +161,21 @@ def predict_checkpoint(checkpoint: str | Path, store_dir: str | Path, splits: tu
     store = FeatureStore(store_dir, verify_checksums=config.data.verify_checksums)
     positions = model.text_enc.bertmodel.config.max_position_embeddings
     if store.max_tokens > positions:
-        raise MMIMInputError(f"data.store {str(store.root)!r} caps texts at {store.max_tokens} tokens, "
-                             f"more than the model's text encoder takes ({positions})")
+        raise MMIMInputError(
+            f"data.store {str(store.root)!r} caps texts at {store.max_tokens} tokens, "
+            f"more than the model's text encoder takes ({positions})"
+        )
     uncapped = config.model_copy(update={"model": config.model.model_copy(update={"max_tokens": None})})
     bind_store(uncapped, store)  # same tokenizer, dims and extractor, or a clear error
     device = next(model.parameters()).device
-    return {name: predict_scores(model, make_loader(store[name], batch_size, shuffle=False), device)
-            for name in splits}
+    return {name: predict_scores(model, make_loader(store[name], batch_size, shuffle=False), device) for name in splits}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store_dir: str | Path,
-                        splits: tuple[str, ...] = ("valid", "test"), batch_size: int = 64
-                        ) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, store_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"), batch_size: int = 64
+) -> dict[str, dict[str, float]]:
     """Metrics of a checkpoint on splits of a feature store."""
-    return {name: compute_metrics(*scores)
-            for name, scores in predict_checkpoint(checkpoint, store_dir, splits, batch_size).items()}
+    return {
+        name: compute_metrics(*scores)
+        for name, scores in predict_checkpoint(checkpoint, store_dir, splits, batch_size).items()
+    }

@@ -108,29 +108,38 @@ def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
         missing = error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or (
-            error.get_http_status_code() == 400 and "not found" in error.message)
+            error.get_http_status_code() == 400 and "not found" in error.message
+        )
         if missing:
             return None
         raise
 
 
-def _scored(client: MlflowClient, name: str, metric: str, data_version: str,
-            since: int) -> list[tuple[ModelVersion, float]]:
+def _scored(
+    client: MlflowClient, name: str, metric: str, data_version: str, since: int
+) -> list[tuple[ModelVersion, float]]:
     """Versions gating may pick on `data_version`: with a figure on it, not rolled back,
     registered after `since` (ms)."""
     versions = client.search_model_versions(f"name='{name}'")
-    return [(v, figure(v, metric, data_version)) for v in versions
-            if figure_tag(metric, data_version) in v.tags and v.tags.get("rolled_back") != "true"
-            and int(v.creation_timestamp or 0) > since]
+    return [
+        (v, figure(v, metric, data_version))
+        for v in versions
+        if figure_tag(metric, data_version) in v.tags
+        and v.tags.get("rolled_back") != "true"
+        and int(v.creation_timestamp or 0) > since
+    ]
 
 
 def _confident(version: ModelVersion, champion: ModelVersion, data_version: str, min_confidence: float) -> bool:
     """`version`'s bootstrap was measured against `champion` on `data_version`, at
     `min_confidence` or more, and its interval lies above zero."""
     tags = version.tags
-    return (tags.get("gate.champion") == f"v{champion.version}" and tags.get("gate.data_version") == data_version
-            and float(tags.get("gate.confidence", 0)) >= min_confidence
-            and float(tags.get("gate.interval_low", "-inf")) > 0)
+    return (
+        tags.get("gate.champion") == f"v{champion.version}"
+        and tags.get("gate.data_version") == data_version
+        and float(tags.get("gate.confidence", 0)) >= min_confidence
+        and float(tags.get("gate.interval_low", "-inf")) > 0
+    )
 
 
 def _chosen_since(client: MlflowClient, name: str) -> int:
@@ -156,8 +165,9 @@ def move_champion(client: MlflowClient, name: str, version: str, by: str, why: s
     _write(client.set_registered_model_tag, name, f"{MOVE_PREFIX}{now}", f"v{version} by {by}: {why}")
 
 
-def reconcile(client: MlflowClient, name: str, metric: str, data_version: str, margin: float,
-              min_confidence: float | None = None) -> ModelVersion | None:
+def reconcile(
+    client: MlflowClient, name: str, metric: str, data_version: str, margin: float, min_confidence: float | None = None
+) -> ModelVersion | None:
     """Point `champion` at the best version scored on `data_version` if it beats the current
     champion's figure on that data by `margin` (and, with `min_confidence`, confidently)."""
     for _ in range(MAX_RECONCILE_ROUNDS):
@@ -168,21 +178,35 @@ def reconcile(client: MlflowClient, name: str, metric: str, data_version: str, m
             if not scored:
                 return None
             best, best_value = pick(scored, key=lambda item: item[1])
-            move_champion(client, name, best.version, GATING,
-                          f"{metric} {best_value:.4f} on data {data_version}, no champion before")
+            move_champion(
+                client,
+                name,
+                best.version,
+                GATING,
+                f"{metric} {best_value:.4f} on data {data_version}, no champion before",
+            )
             continue
         champion_value = figure(champion, metric, data_version)
         if champion_value is None:  # not measured on this data: nothing to compare with
             return champion
-        candidates = [(v, value) for v, value in scored
-                      if v.version != champion.version and _better(value, champion_value, metric, margin)
-                      and (min_confidence is None or _confident(v, champion, data_version, min_confidence))]
+        candidates = [
+            (v, value)
+            for v, value in scored
+            if v.version != champion.version
+            and _better(value, champion_value, metric, margin)
+            and (min_confidence is None or _confident(v, champion, data_version, min_confidence))
+        ]
         if not candidates:
             return champion
         best, best_value = pick(candidates, key=lambda item: item[1])
         _write(client.set_model_version_tag, name, best.version, "previous_champion", champion.version)
-        move_champion(client, name, best.version, GATING, f"{metric} {best_value:.4f} beats v{champion.version}'s "
-                                                          f"{champion_value:.4f} on data {data_version}")
+        move_champion(
+            client,
+            name,
+            best.version,
+            GATING,
+            f"{metric} {best_value:.4f} beats v{champion.version}'s {champion_value:.4f} on data {data_version}",
+        )
     return _alias(client, name, CHAMPION)
 
 
@@ -195,8 +219,14 @@ def _registered_from(client: MlflowClient, name: str, model_uri: str) -> str | N
     return next((v.version for v in versions if v.source == model_uri), None)
 
 
-def register(client: MlflowClient, model_uri: str, name: str, compared: HeadToHead, margin: float = 0.0,
-             min_confidence: float | None = None) -> Decision:
+def register(
+    client: MlflowClient,
+    model_uri: str,
+    name: str,
+    compared: HeadToHead,
+    margin: float = 0.0,
+    min_confidence: float | None = None,
+) -> Decision:
     """Register `model_uri` as a new version of `name` and gate `champion` on the figures of
     `compared` (the new model and the champion, scored on the same data).
 
@@ -209,8 +239,13 @@ def register(client: MlflowClient, model_uri: str, name: str, compared: HeadToHe
     for key, value in {**compared.tags(), figure_tag(metric, data_version): repr(compared.challenger_value)}.items():
         _write(client.set_model_version_tag, name, version, key, value)
     if compared.champion_value is not None:  # the champion's figure on this data, for every later run too
-        _write(client.set_model_version_tag, name, compared.champion_version, figure_tag(metric, data_version),
-               repr(compared.champion_value))
+        _write(
+            client.set_model_version_tag,
+            name,
+            compared.champion_version,
+            figure_tag(metric, data_version),
+            repr(compared.champion_value),
+        )
     _write(client.set_registered_model_alias, name, CHALLENGER, version)
     champion = reconcile(client, name, metric, data_version, margin, min_confidence)
     promoted = champion is not None and champion.version == version
@@ -223,8 +258,16 @@ def register(client: MlflowClient, model_uri: str, name: str, compared: HeadToHe
         _write(client.set_model_version_tag, name, version, "needs_review", review)
     _write(client.set_model_version_tag, name, version, "registry_decision", decision)
     _write(client.set_model_version_tag, name, version, "champion_before", f"v{before.version}" if before else "none")
-    return Decision(name, version, promoted, compared.challenger_value, None if before is None else str(before.version),
-                    None if champion is None else str(champion.version), decision, review)
+    return Decision(
+        name,
+        version,
+        promoted,
+        compared.challenger_value,
+        None if before is None else str(before.version),
+        None if champion is None else str(champion.version),
+        decision,
+        review,
+    )
 
 
 def _review(compared: HeadToHead, champion: ModelVersion) -> str | None:
@@ -232,22 +275,35 @@ def _review(compared: HeadToHead, champion: ModelVersion) -> str | None:
     if figure(champion, compared.metric, compared.data_version) is not None:
         return None
     if compared.unscorable and compared.champion_version == str(champion.version):
-        return (f"champion v{champion.version} cannot be scored on data {compared.data_version}: "
-                f"{compared.unscorable[:REASON_CHARS]}")
-    return (f"champion v{champion.version} has no {compared.metric} figure on data {compared.data_version} "
-            f"(it became champion while this run compared with v{compared.champion_version})")
+        return (
+            f"champion v{champion.version} cannot be scored on data {compared.data_version}: "
+            f"{compared.unscorable[:REASON_CHARS]}"
+        )
+    return (
+        f"champion v{champion.version} has no {compared.metric} figure on data {compared.data_version} "
+        f"(it became champion while this run compared with v{compared.champion_version})"
+    )
 
 
-def _decision_text(client: MlflowClient, name: str, compared: HeadToHead, margin: float,
-                   min_confidence: float | None, promoted: bool, champion: ModelVersion | None,
-                   review: str | None) -> str:
+def _decision_text(
+    client: MlflowClient,
+    name: str,
+    compared: HeadToHead,
+    margin: float,
+    min_confidence: float | None,
+    promoted: bool,
+    champion: ModelVersion | None,
+    review: str | None,
+) -> str:
     metric, value, data = compared.metric, compared.challenger_value, compared.data_version
     if promoted:
         if compared.champion_value is None:
             return f"promoted to champion: {metric} {value:.4f} on data {data}, no champion before"
         confidence = f" ({compared.bootstrap.text()})" if compared.bootstrap else ""
-        return (f"promoted to champion: {metric} {value:.4f} beats v{compared.champion_version}'s "
-                f"{compared.champion_value:.4f} on data {data}{confidence}")
+        return (
+            f"promoted to champion: {metric} {value:.4f} beats v{compared.champion_version}'s "
+            f"{compared.champion_value:.4f} on data {data}{confidence}"
+        )
     if champion is None:
         return "no champion"
     by = client.get_registered_model(name).tags.get(SET_BY, GATING)
@@ -258,11 +314,15 @@ def _decision_text(client: MlflowClient, name: str, compared: HeadToHead, margin
     elif not _better(value, theirs, metric, margin):
         reason = f"{metric} {value:.4f} does not beat its {theirs:.4f} on data {data} by margin {margin}"
     elif compared.bootstrap is not None and compared.champion_version == str(champion.version):
-        reason = (f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but the {compared.bootstrap.text()} "
-                  f"does not lie above zero (min_confidence {min_confidence})")
+        reason = (
+            f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but the {compared.bootstrap.text()} "
+            f"does not lie above zero (min_confidence {min_confidence})"
+        )
     else:
-        reason = (f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but was not compared with it "
-                  f"by bootstrap (min_confidence {min_confidence})")
+        reason = (
+            f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but was not compared with it "
+            f"by bootstrap (min_confidence {min_confidence})"
+        )
     return f"kept champion v{champion.version}{chosen}: {reason}"
 
 
@@ -303,15 +363,22 @@ def rollback(client: MlflowClient, name: str) -> str:
 def champion_moves(client: MlflowClient, name: str) -> list[str]:
     """Every recorded move of `champion`, oldest first."""
     tags = client.get_registered_model(name).tags
-    return [tags[key] for key in sorted((k for k in tags if k.startswith(MOVE_PREFIX)),
-                                        key=lambda k: int(k[len(MOVE_PREFIX):]))]
+    return [
+        tags[key]
+        for key in sorted((k for k in tags if k.startswith(MOVE_PREFIX)), key=lambda k: int(k[len(MOVE_PREFIX) :]))
+    ]
 
 
 def describe(client: MlflowClient, name: str) -> list[dict]:
     """Versions, newest first, with their aliases, metric tags and decisions."""
     versions = client.search_model_versions(f"name='{name}'")
     aliases = client.get_registered_model(name).aliases  # alias -> version
-    return [{"version": v.version, "run_id": v.run_id,
-             "aliases": ",".join(sorted(a for a, version in aliases.items() if str(version) == str(v.version))),
-             **{k: v.tags[k] for k in sorted(v.tags)}}
-            for v in sorted(versions, key=lambda v: int(v.version), reverse=True)]
+    return [
+        {
+            "version": v.version,
+            "run_id": v.run_id,
+            "aliases": ",".join(sorted(a for a, version in aliases.items() if str(version) == str(v.version))),
+            **{k: v.tags[k] for k in sorted(v.tags)},
+        }
+        for v in sorted(versions, key=lambda v: int(v.version), reverse=True)
+    ]

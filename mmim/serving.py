@@ -67,10 +67,14 @@ class MMIMPyfunc(PythonModel):
             else:
                 missing = [column for column in COLUMNS if column not in model_input.columns]
                 if missing:
-                    raise MMIMInputError(f"input lacks column(s) {', '.join(missing)}; expected "
-                                         f"{', '.join(COLUMNS)}, or text and {RECORDING_COLUMN}")
-                utterances = [{"text": row.text, "audio": _frames(row.audio), "vision": _frames(row.vision)}
-                              for row in model_input.itertuples(index=False)]
+                    raise MMIMInputError(
+                        f"input lacks column(s) {', '.join(missing)}; expected "
+                        f"{', '.join(COLUMNS)}, or text and {RECORDING_COLUMN}"
+                    )
+                utterances = [
+                    {"text": row.text, "audio": _frames(row.audio), "vision": _frames(row.vision)}
+                    for row in model_input.itertuples(index=False)
+                ]
             predictions = predict_utterances(self.model, self.tokenizer, utterances)
         except MMIMInputError as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
@@ -86,8 +90,10 @@ class MMIMPyfunc(PythonModel):
         with self._extractor_lock:
             if self._extractor is None:
                 self._extractor = model_extractor(self.config.model.extractor)
-            return [recording_utterance(self._extractor, _recording_bytes(row.recording, index), row.text,
-                                        f"row {index}") for index, row in enumerate(table.itertuples(index=False))]
+            return [
+                recording_utterance(self._extractor, _recording_bytes(row.recording, index), row.text, f"row {index}")
+                for index, row in enumerate(table.itertuples(index=False))
+            ]
 
 
 def _recording_bytes(value, index: int) -> bytes:
@@ -99,8 +105,9 @@ def _recording_bytes(value, index: int) -> bytes:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             pass
-    raise MMIMInputError(f"row {index}, field {RECORDING_COLUMN}: expected the file's bytes, base64-encoded "
-                         "(the server reads no paths)")
+    raise MMIMInputError(
+        f"row {index}, field {RECORDING_COLUMN}: expected the file's bytes, base64-encoded (the server reads no paths)"
+    )
 
 
 def _frames(value):
@@ -150,7 +157,7 @@ def _checkpoint_in(model_dir: Path, uri: str) -> Path:
         raise MMIMInputError(f"{uri}: not an MLflow model (no readable MLmodel file)") from None
     path = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
     if path is None:
-        raise MMIMInputError(f"{uri}: not an mmim model (its MLmodel has no \"checkpoint\" artifact)")
+        raise MMIMInputError(f'{uri}: not an mmim model (its MLmodel has no "checkpoint" artifact)')
     return model_dir / path
 
 
@@ -165,8 +172,9 @@ def local_checkpoint(spec: str) -> Iterator[Path]:
     log.info("downloading the checkpoint of %s", spec)
     with tempfile.TemporaryDirectory(prefix="mmim-model-") as workdir:
         with answering(spec):
-            local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=workdir,
-                                                        tracking_uri=tracking_uri())
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=spec, dst_path=workdir, tracking_uri=tracking_uri()
+            )
         yield _checkpoint_in(Path(local), spec)
 
 
@@ -176,6 +184,15 @@ def serve_command(uri: str, host: str, port: int, max_request_bytes: int) -> tup
     and nothing on PATH needed."""
     env = {**os.environ, MODEL_ENV: uri, MAX_REQUEST_ENV: str(max_request_bytes)}
     env.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
-    command = [sys.executable, "-m", "uvicorn", "--factory", "mmim.serving_app:build_app",
-               "--host", host, "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "mmim.serving_app:build_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     return command, env

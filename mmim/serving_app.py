@@ -54,8 +54,7 @@ class RequestLimits:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                await _refuse(send, 413, f"request body over {self.max_bytes} bytes "
-                                         f"(mmim serve --max-request-mb)")
+                await _refuse(send, 413, f"request body over {self.max_bytes} bytes (mmim serve --max-request-mb)")
                 return
         if json_depth(body) > MAX_JSON_DEPTH:
             await _refuse(send, 400, f"request JSON nested deeper than {MAX_JSON_DEPTH} levels")
@@ -63,13 +62,19 @@ class RequestLimits:
 
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
+
         await self.app(scope, replay, send)
 
 
 async def _refuse(send, status: int, message: str) -> None:
     content = json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": content})
 
 

@@ -33,16 +33,18 @@ import numpy as np
 from mmim.errors import MMIMInputError
 from mmim.files import read_json
 
-
 SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
 TEXT_FIELDS = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8}
 SEQUENCE_FIELDS = ("audio", "vision")
 # Every file of a split; each must have a checksum in the manifest, or editing the
 # manifest could switch the check off.
-SPLIT_FILES = (*(f"{field}.npy" for field in TEXT_FIELDS),
-               *(name for field in SEQUENCE_FIELDS for name in (f"{field}.npy", f"{field}_offsets.npy")),
-               "labels.npy", "ids.json")
+SPLIT_FILES = (
+    *(f"{field}.npy" for field in TEXT_FIELDS),
+    *(name for field in SEQUENCE_FIELDS for name in (f"{field}.npy", f"{field}_offsets.npy")),
+    "labels.npy",
+    "ids.json",
+)
 LABEL_RANGE = (-3.0, 3.0)
 _CHUNK_ROWS = 1 << 16  # rows per chunk when scanning arrays for NaN/inf
 
@@ -75,7 +77,7 @@ class StoreSplit:
 
     def sequence(self, field: str, index: int) -> np.ndarray:
         offsets = getattr(self, f"{field}_offsets")
-        return getattr(self, field)[offsets[index]:offsets[index + 1]]
+        return getattr(self, field)[offsets[index] : offsets[index + 1]]
 
 
 class FeatureStore:
@@ -111,14 +113,14 @@ class FeatureStore:
             if key not in manifest:
                 raise MMIMInputError(f"{path}: field {key!r} missing")
         if manifest["schema_version"] != SCHEMA_VERSION:
-            raise MMIMInputError(f"{path}: schema_version {manifest['schema_version']}, "
-                                 f"this version of mmim reads {SCHEMA_VERSION}")
+            raise MMIMInputError(
+                f"{path}: schema_version {manifest['schema_version']}, this version of mmim reads {SCHEMA_VERSION}"
+            )
         if not isinstance(manifest["splits"], dict):
             raise MMIMInputError(f"{path}: field 'splits' must be an object (split name -> entry)")
         for name in SPLITS:
             if name not in manifest["splits"]:
-                raise MMIMInputError(f"{path}: split {name!r} missing "
-                                     f"(has {', '.join(manifest['splits']) or 'none'})")
+                raise MMIMInputError(f"{path}: split {name!r} missing (has {', '.join(manifest['splits']) or 'none'})")
             _check_split_entry(path, name, manifest["splits"][name])
         if not isinstance(manifest.get("extractor", {}), dict):
             raise MMIMInputError(f"{path}: field 'extractor' must be an object (name, version, settings)")
@@ -155,8 +157,10 @@ class FeatureStore:
             values = self._load_array(directory / f"{field}.npy", np.float32, (None, self.dims[field]))
             lengths = np.diff(offsets)
             if offsets[0] != 0 or offsets[-1] != len(values) or (lengths < 1).any():
-                raise MMIMInputError(f"{directory / f'{field}_offsets.npy'}: offsets do not describe "
-                                     f"{count} non-empty sequences in {field}.npy")
+                raise MMIMInputError(
+                    f"{directory / f'{field}_offsets.npy'}: offsets do not describe "
+                    f"{count} non-empty sequences in {field}.npy"
+                )
             _check_finite(directory / f"{field}.npy", values)
             arrays[field], arrays[f"{field}_offsets"] = values, offsets
         arrays["labels"] = self._load_array(directory / "labels.npy", np.float32, (count,))
@@ -167,8 +171,14 @@ class FeatureStore:
         if "vocab_size" in self.manifest:
             # An id outside the vocabulary would be an IndexError deep inside the encoder.
             vocab_size = self.manifest["vocab_size"]
-            _check_range(directory / "input_ids.npy", arrays["input_ids"], "token id", 0, vocab_size - 1,
-                         f" (vocab_size {vocab_size} of {self.text_encoder} in manifest.json)")
+            _check_range(
+                directory / "input_ids.npy",
+                arrays["input_ids"],
+                "token id",
+                0,
+                vocab_size - 1,
+                f" (vocab_size {vocab_size} of {self.text_encoder} in manifest.json)",
+            )
         ids_path = directory / "ids.json"
         ids = read_json(ids_path)
         if not isinstance(ids, list) or len(ids) != count:
@@ -178,7 +188,7 @@ class FeatureStore:
 
 def _check_finite(path: Path, array: np.ndarray) -> None:
     for start in range(0, len(array), _CHUNK_ROWS):
-        chunk = array[start:start + _CHUNK_ROWS]
+        chunk = array[start : start + _CHUNK_ROWS]
         if not np.isfinite(chunk).all():
             row = start + int(np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))[0])
             raise MMIMInputError(f"{path}: NaN or inf at row {row}")
@@ -187,8 +197,9 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
 def _verify_checksums(directory: Path, checksums: dict[str, str]) -> None:
     for filename in SPLIT_FILES:
         if filename not in checksums:
-            raise MMIMInputError(f"{directory / filename}: no checksum in manifest.json "
-                                 f"(splits.{directory.name}.sha256)")
+            raise MMIMInputError(
+                f"{directory / filename}: no checksum in manifest.json (splits.{directory.name}.sha256)"
+            )
     for filename, expected in checksums.items():
         path = directory / filename
         if not path.is_file():

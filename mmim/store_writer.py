@@ -84,7 +84,7 @@ class PaddedSequences:
     def __getitem__(self, index: int) -> np.ndarray:
         length = self.length(index)
         if self.padding == "front":
-            return self.array[index, self.array.shape[1] - length:] if length else self.array[index, :0]
+            return self.array[index, self.array.shape[1] - length :] if length else self.array[index, :0]
         return self.array[index, :length]
 
 
@@ -112,16 +112,22 @@ def _check_shapes(name: str, split: SourceSplit, dims: dict[str, int]) -> None:
     count = len(split.ids)
     if count == 0:
         raise MMIMInputError(f"{split.origin}: split {name} has no examples")
-    sizes = {"texts": len(split.texts), "labels": len(split.labels),
-             "audio": len(split.audio), "vision": len(split.vision)}
+    sizes = {
+        "texts": len(split.texts),
+        "labels": len(split.labels),
+        "audio": len(split.audio),
+        "vision": len(split.vision),
+    }
     for what, size in sizes.items():
         if size != count:
             raise MMIMInputError(f"{split.origin}: split {name}: {what} has {size} entries for {count} ids")
     for modality in SEQUENCE_FIELDS:
         dim = getattr(split, modality).dim
         if dim != dims[modality]:
-            raise MMIMInputError(f"{split.origin}: split {name}, field {modality}: dim {dim}, but split "
-                                 f"train has {dims[modality]} (dims must agree across splits)")
+            raise MMIMInputError(
+                f"{split.origin}: split {name}, field {modality}: dim {dim}, but split "
+                f"train has {dims[modality]} (dims must agree across splits)"
+            )
 
 
 def _check_ids(splits: dict[str, SourceSplit]) -> None:
@@ -129,14 +135,23 @@ def _check_ids(splits: dict[str, SourceSplit]) -> None:
     for name in SPLITS:
         for example_id in splits[name].ids:
             if example_id in seen:
-                raise MMIMInputError(f"{splits[name].origin}: duplicate id {example_id!r} "
-                                     f"(split {name}, also in split {seen[example_id]})")
+                raise MMIMInputError(
+                    f"{splits[name].origin}: duplicate id {example_id!r} "
+                    f"(split {name}, also in split {seen[example_id]})"
+                )
             seen[example_id] = name
 
 
-def _write_sequences(path: Path, name: str, modality: str, split: SourceSplit, keep: np.ndarray,
-                     nonfinite: NonFinitePolicy, summary: ExtractionSummary,
-                     advance: Callable[[], None]) -> np.ndarray:
+def _write_sequences(
+    path: Path,
+    name: str,
+    modality: str,
+    split: SourceSplit,
+    keep: np.ndarray,
+    nonfinite: NonFinitePolicy,
+    summary: ExtractionSummary,
+    advance: Callable[[], None],
+) -> np.ndarray:
     """Append kept examples' frames to the .npy file at `path`; returns the offsets.
 
     The total shape is known from the lengths, so the header goes first and each
@@ -146,8 +161,11 @@ def _write_sequences(path: Path, name: str, modality: str, split: SourceSplit, k
     lengths = np.array([max(sequences.length(i), 1) for i in keep], dtype=np.int64)
     offsets = np.zeros(len(keep) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-              "shape": (int(offsets[-1]), sequences.dim)}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+        "fortran_order": False,
+        "shape": (int(offsets[-1]), sequences.dim),
+    }
     with open(path, "wb") as handle:
         np.lib.format.write_array_header_1_0(handle, header)
         for index in keep:
@@ -169,9 +187,16 @@ def _write_sequences(path: Path, name: str, modality: str, split: SourceSplit, k
     return offsets
 
 
-def _write_split(directory: Path, name: str, split: SourceSplit, tokenizer: PreTrainedTokenizerBase,
-                 max_tokens: int, nonfinite: NonFinitePolicy, summary: ExtractionSummary,
-                 advance: Callable[[], None]) -> dict:
+def _write_split(
+    directory: Path,
+    name: str,
+    split: SourceSplit,
+    tokenizer: PreTrainedTokenizerBase,
+    max_tokens: int,
+    nonfinite: NonFinitePolicy,
+    summary: ExtractionSummary,
+    advance: Callable[[], None],
+) -> dict:
     directory.mkdir()
     labels = np.asarray(split.labels, dtype=np.float32).reshape(-1)
     keep_list = []
@@ -181,28 +206,32 @@ def _write_split(directory: Path, name: str, split: SourceSplit, tokenizer: PreT
             continue
         label = labels[index]
         if not np.isfinite(label) or not LABEL_RANGE[0] <= label <= LABEL_RANGE[1]:
-            raise MMIMInputError(f"{split.origin}: split {name}, example {split.ids[index]!r} (index {index}), "
-                                 f"field labels: {label} is not a finite score in {list(LABEL_RANGE)}")
+            raise MMIMInputError(
+                f"{split.origin}: split {name}, example {split.ids[index]!r} (index {index}), "
+                f"field labels: {label} is not a finite score in {list(LABEL_RANGE)}"
+            )
         keep_list.append(index)
     keep = np.array(keep_list, dtype=np.int64)
     if len(keep) == 0:
         raise MMIMInputError(f"{split.origin}: split {name}: no usable examples")
 
-    token_arrays = {f: np.lib.format.open_memmap(directory / f"{f}.npy", mode="w+", dtype=dtype,
-                                                 shape=(len(keep), max_tokens))
-                    for f, dtype in TEXT_FIELDS.items()}
+    token_arrays = {
+        f: np.lib.format.open_memmap(directory / f"{f}.npy", mode="w+", dtype=dtype, shape=(len(keep), max_tokens))
+        for f, dtype in TEXT_FIELDS.items()
+    }
     for start in range(0, len(keep), TOKENIZE_CHUNK):
-        chunk = keep[start:start + TOKENIZE_CHUNK]
+        chunk = keep[start : start + TOKENIZE_CHUNK]
         tokens = tokenize(tokenizer, [str(split.texts[i]) for i in chunk], max_tokens)
         for f, array in token_arrays.items():
-            array[start:start + len(chunk)] = tokens[f]
+            array[start : start + len(chunk)] = tokens[f]
     for array in token_arrays.values():
         array.flush()
     del token_arrays
 
     for modality in SEQUENCE_FIELDS:
-        offsets = _write_sequences(directory / f"{modality}.npy", name, modality, split, keep,
-                                   nonfinite, summary, advance)
+        offsets = _write_sequences(
+            directory / f"{modality}.npy", name, modality, split, keep, nonfinite, summary, advance
+        )
         np.save(directory / f"{modality}_offsets.npy", offsets)
     np.save(directory / "labels.npy", labels[keep])
     (directory / "ids.json").write_text(json.dumps([split.ids[i] for i in keep]))
@@ -216,8 +245,11 @@ def _is_store(root: Path) -> bool:
         manifest = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return (isinstance(manifest, dict) and {"schema_version", "splits", "text_encoder"} <= manifest.keys()
-            and {path.name for path in root.iterdir()} <= {"manifest.json", *SPLITS})
+    return (
+        isinstance(manifest, dict)
+        and {"schema_version", "splits", "text_encoder"} <= manifest.keys()
+        and {path.name for path in root.iterdir()} <= {"manifest.json", *SPLITS}
+    )
 
 
 def check_destination(root: Path, overwrite: bool) -> None:
@@ -229,14 +261,26 @@ def check_destination(root: Path, overwrite: bool) -> None:
     if not overwrite:
         raise MMIMInputError(f"{root}: already exists (use --overwrite to replace it)")
     if any(root.iterdir()) and not _is_store(root):
-        raise MMIMInputError(f"{root}: not a feature store (no manifest.json from mmim extract, or other "
-                             f"files beside it); refusing to replace it with --overwrite")
+        raise MMIMInputError(
+            f"{root}: not a feature store (no manifest.json from mmim extract, or other "
+            f"files beside it); refusing to replace it with --overwrite"
+        )
 
 
-def write_store(root: str | Path, splits: dict[str, SourceSplit], tokenizer: PreTrainedTokenizerBase, *,
-                text_encoder: str, max_tokens: int, source: str, nonfinite: NonFinitePolicy = "zero",
-                overwrite: bool = False, advance: Callable[[], None] = lambda: None,
-                dropped: list[tuple[str, str, str]] = (), manifest_extra: dict | None = None) -> ExtractionSummary:
+def write_store(
+    root: str | Path,
+    splits: dict[str, SourceSplit],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_encoder: str,
+    max_tokens: int,
+    source: str,
+    nonfinite: NonFinitePolicy = "zero",
+    overwrite: bool = False,
+    advance: Callable[[], None] = lambda: None,
+    dropped: list[tuple[str, str, str]] = (),
+    manifest_extra: dict | None = None,
+) -> ExtractionSummary:
     """Validate and write a complete store atomically. `advance` is called per example and modality.
 
     `dropped` lists examples the reader already left out, as (split, id, reason); they are
@@ -255,12 +299,20 @@ def write_store(root: str | Path, splits: dict[str, SourceSplit], tokenizer: Pre
 
     summary = ExtractionSummary(root=root, counts={}, dims=dims, dropped=list(dropped))
     with atomic_directory(root) as staging:
-        manifest = {"schema_version": SCHEMA_VERSION, "source": source, "text_encoder": text_encoder,
-                    "vocab_size": len(tokenizer), "max_tokens": max_tokens, "dims": dims, "splits": {},
-                    **(manifest_extra or {})}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "source": source,
+            "text_encoder": text_encoder,
+            "vocab_size": len(tokenizer),
+            "max_tokens": max_tokens,
+            "dims": dims,
+            "splits": {},
+            **(manifest_extra or {}),
+        }
         for name in SPLITS:
-            manifest["splits"][name] = _write_split(staging / name, name, splits[name], tokenizer,
-                                                    max_tokens, nonfinite, summary, advance)
+            manifest["splits"][name] = _write_split(
+                staging / name, name, splits[name], tokenizer, max_tokens, nonfinite, summary, advance
+            )
         manifest["dropped"] = dict(Counter(reason for _, _, reason in summary.dropped))
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     log.info("wrote feature store %s (%s)", root, ", ".join(f"{n}={c}" for n, c in summary.counts.items()))

@@ -21,18 +21,53 @@ AUDIO_DIM = 5  # CMU-MOSI COVAREP features in the MulT release
 VISION_DIM = 20  # CMU-MOSI FACET features in the MulT release
 MOSI_SIZES = {"train": 1284, "valid": 229, "test": 686}
 
-POSITIVE = {"good": 1.0, "nice": 0.8, "great": 1.6, "excellent": 2.0, "wonderful": 2.0,
-            "amazing": 2.2, "beautiful": 1.5, "funny": 1.0, "brilliant": 2.0, "enjoyable": 1.2}
-NEGATIVE = {"bad": -1.0, "boring": -1.2, "terrible": -2.0, "awful": -2.2, "dull": -1.0,
-            "weak": -0.8, "horrible": -2.2, "disappointing": -1.5, "stupid": -1.6, "annoying": -1.3}
+POSITIVE = {
+    "good": 1.0,
+    "nice": 0.8,
+    "great": 1.6,
+    "excellent": 2.0,
+    "wonderful": 2.0,
+    "amazing": 2.2,
+    "beautiful": 1.5,
+    "funny": 1.0,
+    "brilliant": 2.0,
+    "enjoyable": 1.2,
+}
+NEGATIVE = {
+    "bad": -1.0,
+    "boring": -1.2,
+    "terrible": -2.0,
+    "awful": -2.2,
+    "dull": -1.0,
+    "weak": -0.8,
+    "horrible": -2.2,
+    "disappointing": -1.5,
+    "stupid": -1.6,
+    "annoying": -1.3,
+}
 INTENSIFIERS = {"very": 1.5, "really": 1.4, "extremely": 1.8, "so": 1.3}
 NEGATIONS = ("not", "never")
 NEGATION_FACTOR = -0.7  # "not good" is mildly negative, not the opposite of "good"
-SUBJECTS = ("the movie", "the film", "the plot", "the acting", "the story", "the ending",
-            "the music", "the cast", "the dialogue", "the director")
-NEUTRAL = ("i watched it last weekend", "it is about a family in a small town",
-           "the film runs about two hours", "i saw it with my brother",
-           "it came out a few years ago", "there is a scene at a train station")
+SUBJECTS = (
+    "the movie",
+    "the film",
+    "the plot",
+    "the acting",
+    "the story",
+    "the ending",
+    "the music",
+    "the cast",
+    "the dialogue",
+    "the director",
+)
+NEUTRAL = (
+    "i watched it last weekend",
+    "it is about a family in a small town",
+    "the film runs about two hours",
+    "i saw it with my brother",
+    "it came out a few years ago",
+    "there is a scene at a train station",
+)
 
 
 def _clause(rng: np.random.Generator) -> tuple[str, float]:
@@ -63,8 +98,9 @@ def _utterance(rng: np.random.Generator) -> tuple[str, float]:
     return text, float(np.clip(np.round(score * 5) / 5, -3.0, 3.0))
 
 
-def _sequence(rng: np.random.Generator, score: float, dim: int, frames: tuple[int, int],
-              signal_channels: int, strength: float) -> np.ndarray:
+def _sequence(
+    rng: np.random.Generator, score: float, dim: int, frames: tuple[int, int], signal_channels: int, strength: float
+) -> np.ndarray:
     length = int(rng.integers(frames[0], frames[1] + 1))
     values = rng.normal(0.0, 1.0, size=(length, dim)).astype(np.float32)
     values[:, :signal_channels] += np.float32(strength * score)
@@ -88,9 +124,14 @@ def synthesize(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, 
             labels.append(score)
             audio.append(_sequence(rng, score, AUDIO_DIM, (20, 60), signal_channels=2, strength=0.3))
             vision.append(_sequence(rng, score, VISION_DIM, (10, 40), signal_channels=4, strength=0.25))
-        splits[name] = SourceSplit(origin=f"synthetic sample (seed {seed})", ids=ids, texts=texts,
-                                   labels=np.asarray(labels, dtype=np.float32),
-                                   audio=SequenceList(audio, AUDIO_DIM), vision=SequenceList(vision, VISION_DIM))
+        splits[name] = SourceSplit(
+            origin=f"synthetic sample (seed {seed})",
+            ids=ids,
+            texts=texts,
+            labels=np.asarray(labels, dtype=np.float32),
+            audio=SequenceList(audio, AUDIO_DIM),
+            vision=SequenceList(vision, VISION_DIM),
+        )
     return splits
 
 
@@ -99,9 +140,21 @@ def write_synthetic_raw(out: str | Path, seed: int = 0, sizes: dict[str, int] | 
     return write_mult(out, "synthetic", synthesize(seed, sizes))
 
 
-def write_synthetic_store(out: str | Path, text_encoder: str, seed: int = 0,
-                          sizes: dict[str, int] | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                          overwrite: bool = False) -> ExtractionSummary:
+def write_synthetic_store(
+    out: str | Path,
+    text_encoder: str,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    overwrite: bool = False,
+) -> ExtractionSummary:
     """The sample straight into a feature store tokenized for `text_encoder` (tests, benchmarks)."""
-    return write_store(out, synthesize(seed, sizes), load_tokenizer(text_encoder), text_encoder=text_encoder,
-                       max_tokens=max_tokens, source="synthetic", overwrite=overwrite)
+    return write_store(
+        out,
+        synthesize(seed, sizes),
+        load_tokenizer(text_encoder),
+        text_encoder=text_encoder,
+        max_tokens=max_tokens,
+        source="synthetic",
+        overwrite=overwrite,
+    )

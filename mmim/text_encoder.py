@@ -74,11 +74,17 @@ def build_backbone(name: str, pretrained: bool) -> PreTrainedModel:
         raise _loading_error(name, "weights", error) from None
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int
-             ) -> dict[str, np.ndarray]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int) -> dict[str, np.ndarray]:
     """Token ids, attention mask and token types, padded to `max_tokens` (int32/int8 arrays)."""
-    encoded = tokenizer(texts, max_length=max_tokens, truncation=True, padding="max_length",
-                        return_token_type_ids=True, return_attention_mask=True, return_tensors="np")
+    encoded = tokenizer(
+        texts,
+        max_length=max_tokens,
+        truncation=True,
+        padding="max_length",
+        return_token_type_ids=True,
+        return_attention_mask=True,
+        return_tensors="np",
+    )
     return {
         "input_ids": encoded["input_ids"].astype(np.int32),
         "attention_mask": encoded["attention_mask"].astype(np.int8),

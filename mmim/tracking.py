@@ -1,16 +1,16 @@
 """MLflow adapter: one run per training job, logged from the driver while it trains.
 
-    params     the flattened, validated config (model.*, data.*, train.*, ray.*)
-    tags       git commit, data version, source format, text encoder, Ray workers and GPUs
-    metrics    every epoch (step = epoch): stage0_neg_lld, stage1_{loss,task,nce,lld,H},
-               lr_{bert,main,mmilb}, {valid,test}_{MAE,Corr,Acc-7,Acc-5,Acc-2_*,F1_*};
-               then selected_{valid,test}_* for the epoch chosen on validation
-    artifacts  config.json, metrics.json, learning_curves.png, test_scatter.png,
-               data_profile.json (the labels of each split: the next data version's drift
-               check compares with it), and the pyfunc model "model" (its
-               artifacts/checkpoint: weights, config, tokenizer)
-    gate       the run's model and the registry's champion scored on the run's data
-               (mmim.gating): tags gate.*, metrics eval_<split>_* and champion_<split>_*
+params     the flattened, validated config (model.*, data.*, train.*, ray.*)
+tags       git commit, data version, source format, text encoder, Ray workers and GPUs
+metrics    every epoch (step = epoch): stage0_neg_lld, stage1_{loss,task,nce,lld,H},
+           lr_{bert,main,mmilb}, {valid,test}_{MAE,Corr,Acc-7,Acc-5,Acc-2_*,F1_*};
+           then selected_{valid,test}_* for the epoch chosen on validation
+artifacts  config.json, metrics.json, learning_curves.png, test_scatter.png,
+           data_profile.json (the labels of each split: the next data version's drift
+           check compares with it), and the pyfunc model "model" (its
+           artifacts/checkpoint: weights, config, tokenizer)
+gate       the run's model and the registry's champion scored on the run's data
+           (mmim.gating): tags gate.*, metrics eval_<split>_* and champion_<split>_*
 """
 
 from __future__ import annotations
@@ -101,8 +101,13 @@ def store_data_version(config: Config) -> str | None:
 
 def git_commit() -> str:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[1])
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parents[1],
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return done.stdout.strip() if done.returncode == 0 else "unknown"
@@ -119,8 +124,9 @@ def ensure_experiment(config: Config) -> str:
     location = config.tracking.artifact_location or Path("mlartifacts").resolve().as_uri()
     if "://" not in location:
         location = Path(location).resolve().as_uri()
-    return mlflow.create_experiment(config.tracking.experiment, artifact_location=location,
-                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    return mlflow.create_experiment(
+        config.tracking.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    )
 
 
 def _plots(directory: Path, epochs: list[dict], predictions: np.ndarray, truths: np.ndarray) -> None:
@@ -150,11 +156,13 @@ def _plots(directory: Path, epochs: list[dict], predictions: np.ndarray, truths:
 def input_example(store: FeatureStore, texts: list[str]) -> pd.DataFrame:
     """Two rows shaped like real requests, from the store's test split."""
     split = store["test"]
-    return pd.DataFrame({
-        "text": texts,
-        "audio": [split.sequence("audio", i)[:4].tolist() for i in range(len(texts))],
-        "vision": [split.sequence("vision", i)[:4].tolist() for i in range(len(texts))],
-    })
+    return pd.DataFrame(
+        {
+            "text": texts,
+            "audio": [split.sequence("audio", i)[:4].tolist() for i in range(len(texts))],
+            "vision": [split.sequence("vision", i)[:4].tolist() for i in range(len(texts))],
+        }
+    )
 
 
 class TrainingRun:
@@ -184,27 +192,37 @@ class TrainingRun:
         }
         self.run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
-        self.client.log_dict(self.run_id, LabelProfile.of(self.store, self.data_version).model_dump(),
-                             DATA_PROFILE)
+        self.client.log_dict(self.run_id, LabelProfile.of(self.store, self.data_version).model_dump(), DATA_PROFILE)
 
     def log_epoch(self, metrics: dict) -> None:
         """An epoch's flat metrics (a Ray report or `flat_metrics(record)`), at step = epoch."""
         now = int(time.time() * 1000)
         step = int(metrics["epoch"])
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()
-            if k != "epoch" and isinstance(v, (int, float))])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric(_metric_name(k), float(v), now, step)
+                for k, v in metrics.items()
+                if k != "epoch" and isinstance(v, (int, float))
+            ],
+        )
 
     def finish(self, epochs: list[dict], selected: dict, checkpoint: Path) -> TrackedRun:
         """Log the selected epoch's figures, the plots, the config and the pyfunc model. (Logging a
         model needs MLflow's active-run API, which marks the run FINISHED as it lets go of it;
         `tracked_run` still sets the final status, FAILED if anything after this raises.)"""
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(f"selected_{_metric_name(k)}", float(v), int(time.time() * 1000), 0)
-            for k, v in selected.items() if k.startswith(("valid_", "test_"))])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric(f"selected_{_metric_name(k)}", float(v), int(time.time() * 1000), 0)
+                for k, v in selected.items()
+                if k.startswith(("valid_", "test_"))
+            ],
+        )
         model, _, _ = load_checkpoint(checkpoint)
-        predictions, truths = predict_scores(model, make_loader(self.store["test"], 64, shuffle=False),
-                                             next(model.parameters()).device)
+        predictions, truths = predict_scores(
+            model, make_loader(self.store["test"], 64, shuffle=False), next(model.parameters()).device
+        )
         epochs = sorted(epochs, key=lambda e: e["epoch"])
         with tempfile.TemporaryDirectory() as workdir:
             work = Path(workdir)
@@ -217,9 +235,14 @@ class TrainingRun:
         signature = model_signature(example, recordings=self.store.extractor is not None)
         # The model carries the checkpoint (weights, config, tokenizer): the run's only copy.
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_ENTRY),
-                                           artifacts={"checkpoint": str(checkpoint)}, signature=signature,
-                                           input_example=example, pip_requirements=["mmim-pipeline"])
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_ENTRY),
+                artifacts={"checkpoint": str(checkpoint)},
+                signature=signature,
+                input_example=example,
+                pip_requirements=["mmim-pipeline"],
+            )
         return TrackedRun(self.run_id, info.model_uri, self.experiment_id, self.data_version)
 
     def end(self, status: str) -> None:
@@ -227,8 +250,9 @@ class TrainingRun:
 
 
 @contextmanager
-def tracked_run(config: Config, *, data_version: str | None = None,
-                tags: dict[str, str] | None = None) -> Iterator[TrainingRun]:
+def tracked_run(
+    config: Config, *, data_version: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[TrainingRun]:
     """A `TrainingRun` that ends FINISHED when the block completes, FAILED when it raises."""
     run = TrainingRun(config, data_version=data_version, tags=tags)
     try:
@@ -248,8 +272,9 @@ def logged_profile(run_id: str) -> LabelProfile | None:
     runs from before profiles, models registered by hand)."""
     with tempfile.TemporaryDirectory(prefix="mmim-profile-") as workdir:
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=DATA_PROFILE, dst_path=workdir,
-                                                       tracking_uri=tracking_uri())
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=DATA_PROFILE, dst_path=workdir, tracking_uri=tracking_uri()
+            )
             return LabelProfile.model_validate_json(Path(path).read_bytes())
         except (MlflowException, OSError, ValidationError) as error:
             log.warning("run %s: no readable %s (%s); drift not compared", run_id, DATA_PROFILE, first_line(error))
@@ -267,8 +292,9 @@ def champion_profile(model_name: str) -> LabelProfile | None:
     return logged_profile(run_id) if run_id else None
 
 
-def track_and_register(config: Config, epochs: list[dict], selected: dict, checkpoint: Path,
-                       data_version: str | None = None) -> tuple[TrackedRun, Decision]:
+def track_and_register(
+    config: Config, epochs: list[dict], selected: dict, checkpoint: Path, data_version: str | None = None
+) -> tuple[TrackedRun, Decision]:
     """Log a finished training and register its model, gating `champion` head to head."""
     with tracked_run(config, data_version=data_version) as run:
         for epoch in epochs:
@@ -277,21 +303,34 @@ def track_and_register(config: Config, epochs: list[dict], selected: dict, check
     return tracked, register_run(config, tracked, checkpoint)
 
 
-def compare_with_champion(config: Config, run_id: str, checkpoint: Path, store: str | Path, data_version: str,
-                          name: str, champion: str | None) -> HeadToHead:
+def compare_with_champion(
+    config: Config, run_id: str, checkpoint: Path, store: str | Path, data_version: str, name: str, champion: str | None
+) -> HeadToHead:
     """Score `checkpoint` and version `champion` of `name` (None: no champion) on `store` (data
     version `data_version`) and record both on the run: tags gate.*, metrics eval_* and champion_*."""
     client = MlflowClient(tracking_uri())
-    compared = head_to_head(checkpoint, store, data_version, config.tracking.metric,
-                            f"models:/{name}/{champion}" if champion else None, champion,
-                            resamples=config.tracking.bootstrap_resamples,
-                            confidence=config.tracking.min_confidence)
+    compared = head_to_head(
+        checkpoint,
+        store,
+        data_version,
+        config.tracking.metric,
+        f"models:/{name}/{champion}" if champion else None,
+        champion,
+        resamples=config.tracking.bootstrap_resamples,
+        confidence=config.tracking.min_confidence,
+    )
     now = int(time.time() * 1000)
     figures = [(f"eval_{split}", values) for split, values in compared.challenger.items()]
     figures += [(f"champion_{split}", values) for split, values in (compared.champion or {}).items()]
-    client.log_batch(run_id, metrics=[Metric(f"{prefix}_{_metric_name(metric)}", float(value), now, 0)
-                                      for prefix, values in figures for metric, value in values.items()],
-                     tags=[RunTag(key, value) for key, value in compared.tags().items()])
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(f"{prefix}_{_metric_name(metric)}", float(value), now, 0)
+            for prefix, values in figures
+            for metric, value in values.items()
+        ],
+        tags=[RunTag(key, value) for key, value in compared.tags().items()],
+    )
     return compared
 
 
@@ -299,6 +338,7 @@ def register_run(config: Config, run: TrackedRun, checkpoint: Path) -> Decision:
     """Register a tracked run's model as a new version; `champion` moves only if the model
     beats it on the run's own data."""
     client, name = MlflowClient(tracking_uri()), registered_model_name(config)
-    compared = compare_with_champion(config, run.run_id, checkpoint, local_store(config.data), run.data_version,
-                                     name, champion_version(client, name))
+    compared = compare_with_champion(
+        config, run.run_id, checkpoint, local_store(config.data), run.data_version, name, champion_version(client, name)
+    )
     return register(client, run.model_uri, name, compared, config.tracking.margin, config.tracking.min_confidence)

@@ -1,7 +1,7 @@
 """Single-process training on a feature store: what `mmim train` runs.
 
-    config -> open store (dims, tokenizer name) -> build model -> Engine.fit
-           -> OUTPUT_DIR/best/ (checkpoint of the selected epoch), OUTPUT_DIR/metrics.json
+config -> open store (dims, tokenizer name) -> build model -> Engine.fit
+       -> OUTPUT_DIR/best/ (checkpoint of the selected epoch), OUTPUT_DIR/metrics.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from mmim.model import build_model
 from mmim.store import FeatureStore
 from mmim.text_encoder import load_tokenizer
 
-
 BEST_CHECKPOINT = "best"
 METRICS_FILE = "metrics.json"
 
@@ -32,14 +31,21 @@ def bind_store(config: Config, store: FeatureStore) -> Config:
     if store.text_encoder != config.model.text_encoder:
         raise MMIMInputError(
             f"model.text_encoder {config.model.text_encoder!r} does not match the tokenizer of "
-            f"data.store {str(store.root)!r} ({store.text_encoder!r}); re-extract or change the config")
-    stored = {"audio_dim": store.dims["audio"], "vision_dim": store.dims["vision"], "max_tokens": store.max_tokens,
-              "extractor": store.extractor}
+            f"data.store {str(store.root)!r} ({store.text_encoder!r}); re-extract or change the config"
+        )
+    stored = {
+        "audio_dim": store.dims["audio"],
+        "vision_dim": store.dims["vision"],
+        "max_tokens": store.max_tokens,
+        "extractor": store.extractor,
+    }
     for field, value in stored.items():
         configured = getattr(config.model, field)
         if configured is not None and configured != value:
-            raise MMIMInputError(f"model.{field} is {_shown(configured)} but data.store {str(store.root)!r} has "
-                                 f"{_shown(value)} (leave it out: it comes from the store)")
+            raise MMIMInputError(
+                f"model.{field} is {_shown(configured)} but data.store {str(store.root)!r} has "
+                f"{_shown(value)} (leave it out: it comes from the store)"
+            )
     return config.model_copy(update={"model": config.model.model_copy(update=stored)})
 
 
@@ -56,8 +62,10 @@ def prepare_output_dir(config: Config, overwrite: bool) -> Path:
     output = Path(config.output_dir)
     earlier = output / BEST_CHECKPOINT
     if earlier.exists() and not overwrite:
-        raise MMIMInputError(f"output_dir {output}: holds the checkpoint of an earlier run ({_describe(earlier)}); "
-                             "choose another output_dir, or pass --overwrite to replace it")
+        raise MMIMInputError(
+            f"output_dir {output}: holds the checkpoint of an earlier run ({_describe(earlier)}); "
+            "choose another output_dir, or pass --overwrite to replace it"
+        )
     try:
         output.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=output).close()
@@ -90,8 +98,13 @@ class _SaveBest(TrainingHooks):
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         if improved:
-            save_checkpoint(self.directory, self.engine.core, self.config, self.tokenizer,
-                            {"epoch": record.epoch, "valid": record.valid, "test": record.test})
+            save_checkpoint(
+                self.directory,
+                self.engine.core,
+                self.config,
+                self.tokenizer,
+                {"epoch": record.epoch, "valid": record.valid, "test": record.test},
+            )
         self.inner.on_epoch_end(record, improved)
 
 

@@ -124,10 +124,12 @@ def _scalar(dtype: Any, data: Any = None) -> Any:
 
 def _sized(kind: type) -> Any:
     """`bytes`/`bytearray` of existing content only: `bytearray(2**31)` from a 57-byte file is refused."""
+
     def build(source: Any = b"", *args: Any) -> Any:
         if isinstance(source, int):
             raise RefusedPickle(f"refused {kind.__name__}({source}) (a size, not content)")
         return kind(source, *args)
+
     return build
 
 
@@ -207,7 +209,6 @@ def load_untrusted_pickle(path: str | Path) -> Any:
         raise MMIMInputError(f"{path}: {error}") from None
     except RecursionError:
         raise MMIMInputError(f"{path}: refused, nested too deeply") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            MemoryError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError) as error:
         reason = str(error) or error.__class__.__name__
         raise MMIMInputError(f"{path}: truncated or not a valid pickle ({reason})") from None

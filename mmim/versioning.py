@@ -29,7 +29,6 @@ from dvc.stage import Stage
 from mmim.config import DataConfig
 from mmim.errors import MMIMInputError, ServiceUnavailableError, first_line
 
-
 STORES_DIR = "data/stores"
 
 
@@ -110,8 +109,11 @@ def _require(repo_root: str | Path, stage: Stage, dependency: Dependency) -> Non
     if dependency.exists:
         return
     path = Path(repo_root) / dependency.def_path
-    hint = (f": put the {path.name} release there (README, \"Datasets\")"
-            if dependency.def_path.startswith("data/raw/") else "")
+    hint = (
+        f': put the {path.name} release there (README, "Datasets")'
+        if dependency.def_path.startswith("data/raw/")
+        else ""
+    )
     raise MMIMInputError(f"{path}: missing (an input of stage {stage.addressing}){hint}")
 
 
@@ -145,8 +147,12 @@ def input_fingerprint(dataset: str, repo_root: str | Path = ".") -> str:
 
 def _store_hash(repo: Repo, dataset: str) -> str | None:
     """The store's hash as dvc.lock records it; None before the stage ever ran."""
-    outs = [out for stage in repo.stage.collect(stage_name(dataset)) for out in stage.outs
-            if out.def_path == store_path(dataset)]
+    outs = [
+        out
+        for stage in repo.stage.collect(stage_name(dataset))
+        for out in stage.outs
+        if out.def_path == store_path(dataset)
+    ]
     return outs[0].hash_info.value if outs and outs[0].hash_info else None
 
 
@@ -155,8 +161,9 @@ def data_version(dataset: str, repo_root: str | Path = ".") -> str:
     with _open(repo_root) as repo:
         version = _store_hash(repo, dataset)
     if not version:
-        raise MMIMInputError(f"{repo_root}/dvc.lock: no hash for {store_path(dataset)}; "
-                             f"run `dvc repro {stage_name(dataset)}` first")
+        raise MMIMInputError(
+            f"{repo_root}/dvc.lock: no hash for {store_path(dataset)}; run `dvc repro {stage_name(dataset)}` first"
+        )
     return version
 
 
@@ -171,8 +178,10 @@ def ensure_store(dataset: str, repo_root: str | Path = ".", expected_version: st
         reproduce(dataset, repo_root, pull=True)
     found = data_version(dataset, repo_root)
     if expected_version and found != expected_version:
-        raise MMIMInputError(f"{path}: data version {found}, expected {expected_version}; "
-                             "the store was rebuilt differently (rerun the flow with refresh)")
+        raise MMIMInputError(
+            f"{path}: data version {found}, expected {expected_version}; "
+            "the store was rebuilt differently (rerun the flow with refresh)"
+        )
     return path
 
 
@@ -186,12 +195,16 @@ def push(dataset: str, repo_root: str | Path = ".", remote: str | None = None) -
         named = repo.cloud.get_remote(remote)
         where = f"DVC remote {named.name} ({named.path})"
         if not version:
-            raise MMIMInputError(f"{store_path(dataset)}: nothing to push to {where}: dvc.lock records "
-                                 f"no store (run `dvc repro {stage_name(dataset)}` first)")
+            raise MMIMInputError(
+                f"{store_path(dataset)}: nothing to push to {where}: dvc.lock records "
+                f"no store (run `dvc repro {stage_name(dataset)}` first)"
+            )
         sent = repo.push(targets=[stage_name(dataset)], remote=remote, with_deps=True)
         if not repo.cloud.get_remote_odb(remote).exists(version):  # a directory's listing is pushed after its files
-            raise MMIMInputError(f"{store_path(dataset)}: version {version} is not on {where} after the push "
-                                 f"(DVC's cache lacks it; `dvc repro -f {stage_name(dataset)}` rebuilds it)")
+            raise MMIMInputError(
+                f"{store_path(dataset)}: version {version} is not on {where} after the push "
+                f"(DVC's cache lacks it; `dvc repro -f {stage_name(dataset)}` rebuilds it)"
+            )
     return sent
 
 

@@ -18,5 +18,15 @@ from tasks.features import FeatureStoreRef, extract_features, push_features
 from tasks.registration import Registration, register
 from tasks.training import TrainedModel, evaluate, train
 
-__all__ = ["DataChecks", "FeatureStoreRef", "Registration", "TrainedModel", "check_data", "evaluate",
-           "extract_features", "push_features", "register", "train"]
+__all__ = [
+    "DataChecks",
+    "FeatureStoreRef",
+    "Registration",
+    "TrainedModel",
+    "check_data",
+    "evaluate",
+    "extract_features",
+    "push_features",
+    "register",
+    "train",
+]

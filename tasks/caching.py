@@ -45,8 +45,7 @@ class Origin(BaseModel):
 
 def origin() -> Origin:
     """The current flow run (called inside a task)."""
-    return Origin(flow_run=flow_run.name or "(no flow run)",
-                  at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    return Origin(flow_run=flow_run.name or "(no flow run)", at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))
 
 
 def digest(*parts: str) -> str:
@@ -79,11 +78,12 @@ def tracking_server() -> str:
     uri = tracking_uri()
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
 # Prefect calls these with the task run context and the task's arguments.
+
 
 def extraction_key(context, arguments: dict[str, Any]) -> str:
     fingerprint = input_fingerprint(arguments["dataset"], arguments["project_dir"])
@@ -92,17 +92,36 @@ def extraction_key(context, arguments: dict[str, Any]) -> str:
 
 def training_key(context, arguments: dict[str, Any]) -> str:
     config: Config = arguments["config"]
-    return digest("train", arguments["features"].data_version, config_digest(config), code_version(),
-                  tracking_server(), config.tracking.experiment)
+    return digest(
+        "train",
+        arguments["features"].data_version,
+        config_digest(config),
+        code_version(),
+        tracking_server(),
+        config.tracking.experiment,
+    )
 
 
 def evaluation_key(context, arguments: dict[str, Any]) -> str:
     tracking = arguments["config"].tracking
-    return digest("evaluate", arguments["trained"].run_id, arguments["features"].data_version,
-                  arguments["model_name"], tracking.metric, str(tracking.min_confidence),
-                  str(tracking.bootstrap_resamples), tracking_server())
+    return digest(
+        "evaluate",
+        arguments["trained"].run_id,
+        arguments["features"].data_version,
+        arguments["model_name"],
+        tracking.metric,
+        str(tracking.min_confidence),
+        str(tracking.bootstrap_resamples),
+        tracking_server(),
+    )
 
 
 def registration_key(context, arguments: dict[str, Any]) -> str:
-    return digest("register", arguments["trained"].model_uri, arguments["model_name"], str(arguments["margin"]),
-                  str(arguments["min_confidence"]), tracking_server())
+    return digest(
+        "register",
+        arguments["trained"].model_uri,
+        arguments["model_name"],
+        str(arguments["margin"]),
+        str(arguments["min_confidence"]),
+        tracking_server(),
+    )

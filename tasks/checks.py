@@ -29,8 +29,12 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())
 
 
-@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
-      task_run_name="check_data[{features.dataset}]")
+@task(
+    retries=ATTEMPTS,
+    retry_delay_seconds=BACKOFF,
+    retry_condition_fn=retry_if_transient,
+    task_run_name="check_data[{features.dataset}]",
+)
 def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> DataChecks:
     """The store's checks (mmim.data_checks), drift against the data the champion was trained on.
 
@@ -41,14 +45,28 @@ def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> 
     store = ensure_store(features.dataset, project_dir, features.data_version)
     report = check_store(store, features.data_version, champion_profile(model_name))
     tags = report.tags()
-    create_markdown_artifact(report.markdown(), key=artifact_key("data-checks", features.dataset),
-                             description=f"data checks of {features.data_version}: {tags['data_checks']}")
+    create_markdown_artifact(
+        report.markdown(),
+        key=artifact_key("data-checks", features.dataset),
+        description=f"data checks of {features.data_version}: {tags['data_checks']}",
+    )
     for check in report.warnings:
         log.warning("data check %s", check.line())
     if report.failed:
-        raise MMIMInputError(f"data version {features.data_version} failed the data checks: "
-                             + "; ".join(check.line() for check in report.failed))
-    log.info("data checks of %s %s%s", features.data_version, tags["data_checks"],
-             f" (compared with {report.previous_version})" if report.previous_version else "")
-    return DataChecks(data_version=features.data_version, previous_version=report.previous_version,
-                      verdict=tags["data_checks"], warnings=[check.line() for check in report.warnings], tags=tags)
+        raise MMIMInputError(
+            f"data version {features.data_version} failed the data checks: "
+            + "; ".join(check.line() for check in report.failed)
+        )
+    log.info(
+        "data checks of %s %s%s",
+        features.data_version,
+        tags["data_checks"],
+        f" (compared with {report.previous_version})" if report.previous_version else "",
+    )
+    return DataChecks(
+        data_version=features.data_version,
+        previous_version=report.previous_version,
+        verdict=tags["data_checks"],
+        warnings=[check.line() for check in report.warnings],
+        tags=tags,
+    )

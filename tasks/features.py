@@ -27,14 +27,18 @@ def extract_features(dataset: str, project_dir: str) -> FeatureStoreRef:
     check_inputs(dataset, project_dir)  # one line naming a missing release, not DVC's failure to run
     ran = reproduce(dataset, project_dir)
     version = data_version(dataset, project_dir)
-    log.info("%s: %s; data version %s", stage_name(dataset),
-             f"ran {', '.join(ran)}" if ran else "up to date", version)
-    return FeatureStoreRef(dataset=dataset, store=store_path(dataset), data_version=version, stages_run=ran,
-                           origin=origin())
+    log.info("%s: %s; data version %s", stage_name(dataset), f"ran {', '.join(ran)}" if ran else "up to date", version)
+    return FeatureStoreRef(
+        dataset=dataset, store=store_path(dataset), data_version=version, stages_run=ran, origin=origin()
+    )
 
 
-@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
-      task_run_name="push_features[{features.dataset}]")
+@task(
+    retries=ATTEMPTS,
+    retry_delay_seconds=BACKOFF,
+    retry_condition_fn=retry_if_transient,
+    task_run_name="push_features[{features.dataset}]",
+)
 def push_features(features: FeatureStoreRef, project_dir: str, remote: str | None = None) -> int:
     """`dvc push` of the store and the inputs DVC tracks for it (the default remote unless named).
 

@@ -35,20 +35,35 @@ class Champion(BaseModel):
     value: float | None  # None: not measured on that data version
 
 
-@task(retries=ATTEMPTS, retry_delay_seconds=BACKOFF, retry_condition_fn=retry_if_transient,
-      cache_key_fn=registration_key, result_serializer="json", task_run_name="register[{model_name}]")
-def register(trained: TrainedModel, compared: HeadToHead, model_name: str, margin: float,
-             min_confidence: float | None) -> Registration:
+@task(
+    retries=ATTEMPTS,
+    retry_delay_seconds=BACKOFF,
+    retry_condition_fn=retry_if_transient,
+    cache_key_fn=registration_key,
+    result_serializer="json",
+    task_run_name="register[{model_name}]",
+)
+def register(
+    trained: TrainedModel, compared: HeadToHead, model_name: str, margin: float, min_confidence: float | None
+) -> Registration:
     """Register the run's model; `champion` moves only if it beats the champion on the same data."""
-    decision = registry.register(MlflowClient(tracking_uri()), trained.model_uri, model_name, compared, margin,
-                                 min_confidence)
+    decision = registry.register(
+        MlflowClient(tracking_uri()), trained.model_uri, model_name, compared, margin, min_confidence
+    )
     log = get_run_logger()
     log.info("%s v%s: %s", model_name, decision.version, decision.text)
     if decision.needs_review:
         log.warning("%s v%s needs review: %s", model_name, decision.version, decision.needs_review)
-    return Registration(model_name=model_name, version=str(decision.version), promoted=decision.promoted,
-                        compared=compared, champion_after=decision.champion_after,
-                        needs_review=decision.needs_review, origin=origin(), decision=decision.text)
+    return Registration(
+        model_name=model_name,
+        version=str(decision.version),
+        promoted=decision.promoted,
+        compared=compared,
+        champion_after=decision.champion_after,
+        needs_review=decision.needs_review,
+        origin=origin(),
+        decision=decision.text,
+    )
 
 
 def current_champion(model_name: str, metric: str, data_version: str) -> Champion | None:
@@ -58,8 +73,9 @@ def current_champion(model_name: str, metric: str, data_version: str) -> Champio
     if version is None:
         return None
     value = registry.figure(client.get_model_version(model_name, version), metric, data_version)
-    return Champion(model_name=model_name, version=version, metric=f"valid_{metric}", data_version=data_version,
-                    value=value)
+    return Champion(
+        model_name=model_name, version=version, metric=f"valid_{metric}", data_version=data_version, value=value
+    )
 
 
 def champion_to_compare(model_name: str) -> str | None:

@@ -20,7 +20,7 @@ from moto.server import ThreadedMotoServer
 from transformers import BertConfig, BertTokenizer
 
 from mmim.config import Config
-from mmim.synthetic import NEGATIVE, NEGATIONS, NEUTRAL, INTENSIFIERS, POSITIVE, SUBJECTS, write_synthetic_store
+from mmim.synthetic import INTENSIFIERS, NEGATIONS, NEGATIVE, NEUTRAL, POSITIVE, SUBJECTS, write_synthetic_store
 
 TINY_SIZES = {"train": 96, "valid": 32, "test": 32}
 
@@ -42,9 +42,14 @@ def tiny_encoder(tmp_path_factory) -> str:
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(_vocabulary()) + "\n")
     BertTokenizer(str(vocab)).save_pretrained(directory)
-    BertConfig(vocab_size=len(_vocabulary()), hidden_size=32, num_hidden_layers=2,
-               num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
-               ).save_pretrained(directory)
+    BertConfig(
+        vocab_size=len(_vocabulary()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ).save_pretrained(directory)
     return str(directory)
 
 
@@ -56,12 +61,14 @@ def tiny_store(tiny_encoder, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_config(tiny_encoder, tiny_store, tmp_path) -> Config:
-    return Config.model_validate({
-        "model": {"text_encoder": tiny_encoder, "text_pretrained": False},
-        "data": {"store": str(tiny_store)},
-        "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
-        "output_dir": str(tmp_path / "run"),
-    })
+    return Config.model_validate(
+        {
+            "model": {"text_encoder": tiny_encoder, "text_pretrained": False},
+            "data": {"store": str(tiny_store)},
+            "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
 
 
 # ---------------------------------------------------------------- S3 (moto) and a DVC project
@@ -93,8 +100,11 @@ def bucket() -> str:
 
 @pytest.fixture
 def aws_env(monkeypatch, s3_endpoint, bucket):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return s3_endpoint
@@ -119,8 +129,9 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
 
 def start(command: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uvicorn, gunicorn
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PATH": path, **(env or {})})
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PATH": path, **(env or {})}
+    )
     wait_for(url, process)
     return process
 

@@ -42,16 +42,25 @@ def test_train_evaluate_predict(tiny_config, tmp_path, capsys):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["best_epoch"] == 1 and len(metrics["history"]) == 1
 
-    code, out, _ = run_cli(capsys, "evaluate", "--checkpoint", str(checkpoint), "--store",
-                           tiny_config.data.store, "--json", str(tmp_path / "eval.json"))
+    code, out, _ = run_cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(checkpoint),
+        "--store",
+        tiny_config.data.store,
+        "--json",
+        str(tmp_path / "eval.json"),
+    )
     assert code == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     # the checkpoint's own test metrics are reproduced by evaluate
     assert evaluated["test"]["MAE"] == pytest.approx(metrics["test"]["MAE"], abs=1e-6)
 
-    utterances = [{"text": "the movie was very good", "audio": np.zeros((4, 5)).tolist(),
-                   "vision": np.ones((3, 20)).tolist()},
-                  {"text": "the plot was terrible", "audio": [[0.1] * 5], "vision": [[0.0] * 20] * 2}]
+    utterances = [
+        {"text": "the movie was very good", "audio": np.zeros((4, 5)).tolist(), "vision": np.ones((3, 20)).tolist()},
+        {"text": "the plot was terrible", "audio": [[0.1] * 5], "vision": [[0.0] * 20] * 2},
+    ]
     (tmp_path / "in.json").write_text(json.dumps(utterances))
     code, out, _ = run_cli(capsys, "predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "in.json"))
     assert code == 0
@@ -65,16 +74,19 @@ def test_train_evaluate_predict(tiny_config, tmp_path, capsys):
     assert code == 2 and "utterance 1, field vision: shape (1, 7), expected (frames >= 1, 20)" in err
 
 
-@pytest.mark.parametrize("sections, message", [
-    ({"train": {"epoch": 3}}, "train.epoch: unknown setting"),
-    ({"train": {"lr_main": -1}}, "train.lr_main: Input should be greater than 0"),
-    ({"model": {"bidirectional": "sideways"}}, "model.bidirectional: Input should be a valid boolean"),
-    ({"data": {"store": "/nonexistent/store"}}, "/nonexistent/store: feature store not found"),
-    ({"train": {"seed": -1}}, "train.seed: Input should be greater than or equal to 0"),
-    ({"train": {"seed": 2**32}}, "train.seed: Input should be less than or equal to 4294967295"),
-    ({"model": {"max_tokens": 7}}, "model.max_tokens is 7 but data.store"),
-    ({"output_dir": "/etc/hostname/run"}, "output_dir /etc/hostname/run: not writable"),
-])
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"train": {"epoch": 3}}, "train.epoch: unknown setting"),
+        ({"train": {"lr_main": -1}}, "train.lr_main: Input should be greater than 0"),
+        ({"model": {"bidirectional": "sideways"}}, "model.bidirectional: Input should be a valid boolean"),
+        ({"data": {"store": "/nonexistent/store"}}, "/nonexistent/store: feature store not found"),
+        ({"train": {"seed": -1}}, "train.seed: Input should be greater than or equal to 0"),
+        ({"train": {"seed": 2**32}}, "train.seed: Input should be less than or equal to 4294967295"),
+        ({"model": {"max_tokens": 7}}, "model.max_tokens is 7 but data.store"),
+        ({"output_dir": "/etc/hostname/run"}, "output_dir /etc/hostname/run: not writable"),
+    ],
+)
 def test_bad_config_is_one_line_and_exit_2(tiny_config, tmp_path, capsys, sections, message):
     path = write_config(tmp_path, tiny_config, **sections)
     code, _, err = run_cli(capsys, "train", "--config", str(path))
@@ -175,8 +187,12 @@ def test_site_config_sits_between_the_config_file_and_set(tmp_path, monkeypatch)
 def test_console_script_exit_code(tmp_path):
     """The installed `mmim` entry point itself returns 2 on bad input."""
     (tmp_path / "bad.yaml").write_text("train:\n  batch_size: 1\n")
-    done = subprocess.run([sys.executable, "-m", "mmim.cli", "train", "--config", str(tmp_path / "bad.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mmim.cli", "train", "--config", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "train.batch_size: Input should be greater than 1" in done.stderr
 
@@ -185,8 +201,9 @@ def test_ray_job_entrypoint_ships_config_inside_the_project(tmp_path):
     from mmim.jobs import PROJECT_ROOT, training_entrypoint
 
     command = training_entrypoint(PROJECT_ROOT / "configs" / "mosi.yaml", ["ray.num_workers=4", "train.epochs=2"])
-    assert command == ("python -m mmim.cli train --config configs/mosi.yaml "
-                       "--set ray.num_workers=4 --set train.epochs=2")
+    assert command == (
+        "python -m mmim.cli train --config configs/mosi.yaml --set ray.num_workers=4 --set train.epochs=2"
+    )
     (tmp_path / "outside.yaml").write_text("train: {}\n")
     with pytest.raises(MMIMInputError, match="must be inside the project"):
         training_entrypoint(tmp_path / "outside.yaml", [])

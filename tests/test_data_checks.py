@@ -15,8 +15,9 @@ from tests.test_serving import run_mmim
 
 
 def store(root, encoder, splits):
-    return write_store(root, splits, load_tokenizer(encoder), text_encoder=encoder, max_tokens=16,
-                       source="synthetic").root
+    return write_store(
+        root, splits, load_tokenizer(encoder), text_encoder=encoder, max_tokens=16, source="synthetic"
+    ).root
 
 
 def test_a_clean_store_passes_and_names_its_versions(tiny_store):

@@ -17,16 +17,20 @@ BIN = Path(sys.executable).parent
 
 
 def api(base: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(f"{base}{path}", method="GET" if body is None else "POST",
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}{path}",
+        method="GET" if body is None else "POST",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
 def prefect(*args: str, env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -35,11 +39,19 @@ def test_deploy_all_and_run_one_deployment_through_a_process_worker(tiny_encoder
     database = postgres_database("prefect").replace("+psycopg2", "+asyncpg", 1)
     port = free_port()
     base = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": base,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
-    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                   f"{base}/health", env={**env, "PREFECT_API_DATABASE_CONNECTION_URL": database})
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": base,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    server = start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        f"{base}/health",
+        env={**env, "PREFECT_API_DATABASE_CONNECTION_URL": database},
+    )
     try:
         prefect("work-pool", "create", "mmim-process", "--type", "process", env=env, cwd=PROJECT)
         prefect("--no-prompt", "deploy", "--all", env=env, cwd=PROJECT)
@@ -54,18 +66,41 @@ def test_deploy_all_and_run_one_deployment_through_a_process_worker(tiny_encoder
         # the synthetic deployment, pointed at a small project so that it runs in a minute
         project = make_dvc_project(tmp_path / "project", str(tmp_path / "dvc-remote"), encoder=tiny_encoder)
         config = tmp_path / "deployed.yaml"
-        config.write_text(yaml.safe_dump({
-            "model": {"text_encoder": tiny_encoder, "text_pretrained": False},
-            "train": {"epochs": 1, "batch_size": 16, "num_threads": 1}, "ray": {"num_workers": 1},
-            "tracking": {"registered_model": "mmim-deployed", "artifact_location": str(tmp_path / "artifacts")}}))
-        flow_run = api(base, f"/deployments/{deployments['retrain-synthetic']['id']}/create_flow_run",
-                       {"parameters": {"project_dir": str(project), "config": str(config)}})
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"text_encoder": tiny_encoder, "text_pretrained": False},
+                    "train": {"epochs": 1, "batch_size": 16, "num_threads": 1},
+                    "ray": {"num_workers": 1},
+                    "tracking": {"registered_model": "mmim-deployed", "artifact_location": str(tmp_path / "artifacts")},
+                }
+            )
+        )
+        flow_run = api(
+            base,
+            f"/deployments/{deployments['retrain-synthetic']['id']}/create_flow_run",
+            {"parameters": {"project_dir": str(project), "config": str(config)}},
+        )
 
         tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        worker_env = {**env, "MMIM_PROJECT_DIR": str(PROJECT), "MLFLOW_TRACKING_URI": tracking,
-                      "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results")}
-        prefect("worker", "start", "--pool", "mmim-process", "--run-once", "--limit", "1",
-                env=worker_env, cwd=tmp_path, timeout=480)
+        worker_env = {
+            **env,
+            "MMIM_PROJECT_DIR": str(PROJECT),
+            "MLFLOW_TRACKING_URI": tracking,
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
+        }
+        prefect(
+            "worker",
+            "start",
+            "--pool",
+            "mmim-process",
+            "--run-once",
+            "--limit",
+            "1",
+            env=worker_env,
+            cwd=tmp_path,
+            timeout=480,
+        )
 
         finished = api(base, f"/flow_runs/{flow_run['id']}")
         assert finished["state"]["type"] == "COMPLETED", finished["state"]

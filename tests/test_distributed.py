@@ -47,8 +47,13 @@ def mlflow_sqlite(tmp_path, monkeypatch):
 
 
 def tracked(config, tmp_path):
-    return config.model_copy(update={"tracking": config.tracking.model_copy(update={
-        "enabled": True, "artifact_location": str(tmp_path / "artifacts")})})
+    return config.model_copy(
+        update={
+            "tracking": config.tracking.model_copy(
+                update={"enabled": True, "artifact_location": str(tmp_path / "artifacts")}
+            )
+        }
+    )
 
 
 def test_two_workers_match_single_process(ray_cluster, tiny_config, tmp_path, mlflow_sqlite):
@@ -83,8 +88,13 @@ def test_two_workers_match_single_process(ray_cluster, tiny_config, tmp_path, ml
     assert logged.info.start_time <= reported_at[1] <= min(m.timestamp for m in history)
     assert max(m.timestamp for m in history) < logged.info.end_time and logged.info.status == "FINISHED"
     with tempfile.TemporaryDirectory() as workdir:
-        metrics = read_json(Path(mlflow.artifacts.download_artifacts(
-            run_id=logged.info.run_id, artifact_path="metrics.json", dst_path=workdir)))
+        metrics = read_json(
+            Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=logged.info.run_id, artifact_path="metrics.json", dst_path=workdir
+                )
+            )
+        )
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]  # what learning_curves.png plots
     assert "learning_curves.png" in {a.path for a in mlflow_sqlite.list_artifacts(logged.info.run_id)}
     # against one process on the same data and seed (different sharding, same optimisation), epoch by epoch
@@ -110,9 +120,12 @@ def kill_a_worker_during_epoch_2(run: Path, trainer: threading.Thread) -> int:
     # Ray names worker processes by their actor class ("ray::RayTrainWorker..."). Only this
     # test's cluster (its raylet is a child of this process): another job's workers on the
     # same machine are not ours to kill.
-    workers = [p.pid for p in psutil.process_iter(["cmdline"])
-               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
-               and os.getpid() in {parent.pid for parent in p.parents()}]
+    workers = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+        and os.getpid() in {parent.pid for parent in p.parents()}
+    ]
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0], signal.SIGKILL)
     return workers[0]
@@ -136,6 +149,7 @@ def run_in_thread(config):
                 outcome["result"] = train_distributed(config, run.log_epoch)
         except Exception as error:  # handed to the test thread
             outcome["error"] = error
+
     thread = threading.Thread(target=target)
     thread.start()
     return thread, outcome
@@ -144,9 +158,12 @@ def run_in_thread(config):
 @pytest.mark.parametrize("max_failures", [1, 0])
 def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_failures, mlflow_sqlite):
     config = tracked(ray_config(tiny_config, tmp_path, max_failures=max_failures), tmp_path)
-    config = config.model_copy(update={
-        "data": config.data.model_copy(update={"store": str(slower_store)}),
-        "train": config.train.model_copy(update={"epochs": 3})})
+    config = config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"store": str(slower_store)}),
+            "train": config.train.model_copy(update={"epochs": 3}),
+        }
+    )
     thread, outcome = run_in_thread(config)
     kill_a_worker_during_epoch_2(tmp_path / "ray" / "run", thread)
     thread.join(timeout=600)
@@ -172,10 +189,13 @@ def test_killed_worker(ray_cluster, tiny_config, slower_store, tmp_path, max_fai
 
 def test_diverging_training_names_the_workers_error(ray_cluster, tiny_config, tmp_path):
     config = ray_config(tiny_config, tmp_path)
-    config = config.model_copy(update={"train": config.train.model_copy(
-        update={"epochs": 1, "lr_main": 1e8, "lr_bert": 1e8, "lr_mmilb": 1e8})})
-    with pytest.raises(DistributedTrainingError,
-                       match=r"ray.max_failures=0\): rank 0: training diverged at epoch 1, stage \d, batch \d+"):
+    config = config.model_copy(
+        update={"train": config.train.model_copy(update={"epochs": 1, "lr_main": 1e8, "lr_bert": 1e8, "lr_mmilb": 1e8})}
+    )
+    with pytest.raises(
+        DistributedTrainingError,
+        match=r"ray.max_failures=0\): rank 0: training diverged at epoch 1, stage \d, batch \d+",
+    ):
         train_distributed(config)
 
 
@@ -208,10 +228,18 @@ def test_workers_fetch_the_store_with_dvc(ray_cluster, tiny_config, dvc_project,
     shutil.rmtree(dvc_project / ".dvc" / "cache")  # the only copy left is on the S3 remote
     encoder = "sentence-transformers/all-MiniLM-L6-v2"  # what params.yaml extracts the sample for
     forward = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
-    config = ray_config(tiny_config, tmp_path, forward_env=forward).model_copy(update={
-        "model": tiny_config.model.model_copy(update={"text_encoder": encoder}),
-        "data": tiny_config.data.model_copy(update={
-            "store": str(tmp_path / "not-on-this-node"), "dvc_url": str(dvc_project), "dvc_dataset": "synthetic"}),
-        "train": tiny_config.train.model_copy(update={"epochs": 1})})
+    config = ray_config(tiny_config, tmp_path, forward_env=forward).model_copy(
+        update={
+            "model": tiny_config.model.model_copy(update={"text_encoder": encoder}),
+            "data": tiny_config.data.model_copy(
+                update={
+                    "store": str(tmp_path / "not-on-this-node"),
+                    "dvc_url": str(dvc_project),
+                    "dvc_dataset": "synthetic",
+                }
+            ),
+            "train": tiny_config.train.model_copy(update={"epochs": 1}),
+        }
+    )
     result = train_distributed(config)
     assert result.last["epoch"] == 1 and result.last["ranks_in_sync"] == 1

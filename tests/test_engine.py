@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from mmim.engine import Engine, EpochRecord, TrainingHooks, fit, seed_everything, split_parameters
 from mmim.data import make_loader
+from mmim.engine import Engine, EpochRecord, TrainingHooks, fit, seed_everything, split_parameters
 from mmim.model import build_model
 from mmim.store import FeatureStore
 from mmim.store_writer import write_store
@@ -94,8 +94,14 @@ def test_stage1_stays_finite_when_one_label_group_is_empty(tiny_config, tiny_enc
     splits = synthesize(0, TINY_SIZES)
     for split in splits.values():  # every label positive: the negative group is always empty
         split.labels = np.minimum(np.abs(split.labels) + 0.1, 3.0)
-    summary = write_store(tmp_path / "positive", splits, load_tokenizer(tiny_encoder),
-                          text_encoder=tiny_encoder, max_tokens=50, source="test")
+    summary = write_store(
+        tmp_path / "positive",
+        splits,
+        load_tokenizer(tiny_encoder),
+        text_encoder=tiny_encoder,
+        max_tokens=50,
+        source="test",
+    )
     config = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"store": str(summary.root)})})
     engine, store = make_engine(config)
     stats = engine.train_stage1(make_loader(store["train"], 16, shuffle=True))

@@ -37,11 +37,15 @@ def die_on_call(module, name, number):
         if len(calls) == number:
             kill_self()
         return real(*args, **kwargs)
+
     setattr(module, name, wrapper)  # in the child process only
 
 
-KILL_POINTS = {"before_rename_1": (os, "replace", 1), "before_rename_2": (os, "replace", 2),
-               "before_delete": (shutil, "rmtree", 1)}
+KILL_POINTS = {
+    "before_rename_1": (os, "replace", 1),
+    "before_rename_2": (os, "replace", 2),
+    "before_delete": (shutil, "rmtree", 1),
+}
 
 
 def write_and_die(target, kill_at):
@@ -54,8 +58,10 @@ def write_and_die(target, kill_at):
     write_version(target, "new")
 
 
-@pytest.mark.parametrize("kill_at, survivor", [("in_block", "old"), ("before_rename_1", "old"),
-                                               ("before_rename_2", "old"), ("before_delete", "new")])
+@pytest.mark.parametrize(
+    "kill_at, survivor",
+    [("in_block", "old"), ("before_rename_1", "old"), ("before_rename_2", "old"), ("before_delete", "new")],
+)
 def test_sigkill_at_any_step_loses_neither_version(tmp_path, caplog, kill_at, survivor):
     target = tmp_path / "best"
     write_version(target, "old")
@@ -70,8 +76,7 @@ def test_sigkill_at_any_step_loses_neither_version(tmp_path, caplog, kill_at, su
     assert survivor in whole
 
     # The next call in the same parent restores or cleans up, even when its own block fails.
-    with caplog.at_level(logging.WARNING, logger="mmim.files"), pytest.raises(RuntimeError), \
-            atomic_directory(target):
+    with caplog.at_level(logging.WARNING, logger="mmim.files"), pytest.raises(RuntimeError), atomic_directory(target):
         raise RuntimeError("this run fails too")
     assert list(tmp_path.iterdir()) == [target] and version(target) == survivor
     assert any(path.name in caplog.text for path in leftovers)

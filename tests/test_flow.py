@@ -21,12 +21,12 @@ from prefect.testing.utilities import prefect_test_harness
 import tasks.training
 from flows.retrain import RetrainSummary, main, retrain, summary_rows
 from mmim.distributed import DistributedTrainingError
-from tasks import FeatureStoreRef, push_features
-from tasks.retries import is_transient
 from mmim.errors import MMIMInputError, ServiceUnavailableError
 from mmim.formats.mult import write_mult
 from mmim.synthetic import synthesize
 from mmim.versioning import data_version
+from tasks import FeatureStoreRef, push_features
+from tasks.retries import is_transient
 from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
 
 MODEL = "mmim-flowtest"
@@ -50,21 +50,32 @@ def flow_run_name(state) -> str:
 
 def write_config(project: Path, encoder: str, artifacts: Path) -> None:
     (project / "configs").mkdir()
-    (project / "configs" / "flowtest.yaml").write_text(yaml.safe_dump({
-        "model": {"text_encoder": encoder, "text_pretrained": False},
-        "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
-        "ray": {"num_workers": 2},
-        "output_dir": "runs/flowtest",
-        "tracking": {"experiment": "flowtest", "registered_model": MODEL, "artifact_location": str(artifacts)},
-    }))
+    (project / "configs" / "flowtest.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"text_encoder": encoder, "text_pretrained": False},
+                "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
+                "ray": {"num_workers": 2},
+                "output_dir": "runs/flowtest",
+                "tracking": {"experiment": "flowtest", "registered_model": MODEL, "artifact_location": str(artifacts)},
+            }
+        )
+    )
 
 
 def run_flow(pipeline_project: Path, dataset: str = "synthetic", **parameters):
     """The flow's final state and {step: state name} of its task runs."""
-    state = retrain(dataset=dataset, config="configs/flowtest.yaml", project_dir=str(pipeline_project),
-                    return_state=True, **parameters)
+    state = retrain(
+        dataset=dataset,
+        config="configs/flowtest.yaml",
+        project_dir=str(pipeline_project),
+        return_state=True,
+        **parameters,
+    )
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     return state, {run.name.split("[")[0]: run.state.name for run in runs}
 
 
@@ -75,8 +86,11 @@ def pipeline(tiny_encoder, tmp_path_factory):
     project = make_dvc_project(root / "project", str(remote), encoder=tiny_encoder)
     write_config(project, tiny_encoder, root / "mlartifacts")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(), \
-            temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect-results"}):
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        prefect_test_harness(),
+        temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect-results"}),
+    ):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
@@ -111,14 +125,16 @@ def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
     # the logged checkpoint was re-evaluated, and gating used that figure, on this data version
     assert run.data.metrics["eval_valid_MAE"] == pytest.approx(summary["evaluation"]["valid"]["MAE"])
     assert float(champion.tags[f"valid_MAE/{summary['data_version']}"]) == pytest.approx(
-        summary["evaluation"]["valid"]["MAE"])
+        summary["evaluation"]["valid"]["MAE"]
+    )
     assert champion.tags["gate.champion"] == run.data.tags["gate.champion"] == "none"
     # the data checks ran before training: their tags are on the run, its label profile logged
     assert run.data.tags["data_checks"] == "passed" and run.data.tags["data_checks.videos"] == "ok"
     assert "data_profile.json" in {a.path for a in pipeline.mlflow.list_artifacts(summary["run_id"])}
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-synthetic"])),
-                                            limit=1)
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-synthetic"])), limit=1
+        )
     assert artifact.type == "markdown"
     assert f"this run: {MODEL} v1" in artifact.data and "promoted to champion" in artifact.data
     # a link that opens under `mlflow ui` (the tracking store is a sqlite file), not runs:/
@@ -133,8 +149,14 @@ def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
     state, steps = run_flow(pipeline.project)
     assert state.is_completed(), state.message
     # no extraction, no training, no registration: restored from the first run
-    assert steps == {"extract_features": "Cached", "push_features": "Completed", "check_data": "Completed",
-                     "train": "Cached", "evaluate": "Cached", "register": "Cached"}
+    assert steps == {
+        "extract_features": "Cached",
+        "push_features": "Completed",
+        "check_data": "Completed",
+        "train": "Cached",
+        "evaluate": "Cached",
+        "register": "Cached",
+    }
     summary = state.result()
     assert summary["data_checks"]["previous_version"] == pipeline.first["data_version"]  # the champion's data
     assert summary["cached_steps"] == ["extract_features", "train", "evaluate", "register"]
@@ -143,8 +165,9 @@ def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
     assert versions(pipeline) == versions_before
     # it says what it restored, and from which run, not "promoted" as if it had decided now
     assert rows(summary)["registry"].startswith(f"restored from cache: {MODEL} v1: ")
-    assert rows(summary)["registry"].endswith(f"by flow run {pipeline.first_flow_run} at "
-                                              f"{pipeline.first['registration']['origin']['at']}")
+    assert rows(summary)["registry"].endswith(
+        f"by flow run {pipeline.first_flow_run} at {pipeline.first['registration']['origin']['at']}"
+    )
 
 
 def test_cached_rerun_prints_what_it_restored_and_the_champion_now(pipeline, capfd):
@@ -163,8 +186,12 @@ def test_cached_rerun_prints_what_it_restored_and_the_champion_now(pipeline, cap
     assert any(line.startswith("MLflow UI:") and line.endswith(pipeline.first["run_link"]) for line in lines)
     checkpoint = pipeline.first["checkpoint"]
     assert f"checkpoint    {checkpoint}" in lines
-    assert any(line.endswith(f"mmim predict --checkpoint {checkpoint} --input "
-                             f"{pipeline.project / 'examples' / 'utterances.json'}") for line in lines)
+    assert any(
+        line.endswith(
+            f"mmim predict --checkpoint {checkpoint} --input {pipeline.project / 'examples' / 'utterances.json'}"
+        )
+        for line in lines
+    )
 
 
 def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny_encoder, tmp_path):
@@ -176,14 +203,21 @@ def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny
     write_config(clone, tiny_encoder, pipeline.project.parent / "mlartifacts")
     state, steps = run_flow(clone)
     assert state.is_completed(), state.message
-    assert steps == {"extract_features": "Cached", "push_features": "Completed", "check_data": "Completed",
-                     "train": "Cached", "evaluate": "Cached", "register": "Cached"}
+    assert steps == {
+        "extract_features": "Cached",
+        "push_features": "Completed",
+        "check_data": "Completed",
+        "train": "Cached",
+        "evaluate": "Cached",
+        "register": "Cached",
+    }
     summary = state.result()
     assert summary["data_version"] == pipeline.first["data_version"] and summary["files_pushed"] > 0
     assert any(p.is_file() for p in remote.rglob("*"))
     assert rows(summary)["data version"].startswith(
         f"{summary['data_version']} (restored from cache: ran synthesize, extract@synthetic, "
-        f"by flow run {pipeline.first_flow_run} at ")
+        f"by flow run {pipeline.first_flow_run} at "
+    )
 
 
 def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeypatch):
@@ -198,8 +232,12 @@ def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeyp
     state, steps = run_flow(pipeline.project, overrides=["train.epochs=1"])
     assert state.is_failed()
     assert "step train failed: Ray training failed" in state.message
-    assert steps == {"extract_features": "Cached", "push_features": "Completed", "check_data": "Completed",
-                     "train": "Failed"}
+    assert steps == {
+        "extract_features": "Cached",
+        "push_features": "Completed",
+        "check_data": "Completed",
+        "train": "Failed",
+    }
     assert versions(pipeline) == versions_before
     # the run that was watching the training is left FAILED, with the epoch reported before the crash
     runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
@@ -224,13 +262,17 @@ def test_changed_params_re_extract_and_retrain(pipeline):
     # the champion (v1, trained on the first data version) was scored on the new one, head to head
     compared = summary["registration"]["compared"]
     assert compared["champion_version"] == "1" and compared["data_version"] == summary["data_version"]
-    assert tags["gate.champion"] == "v1" and float(tags["gate.champion_valid_MAE"]) == compared["champion"]["valid"]["MAE"]
+    assert (
+        tags["gate.champion"] == "v1" and float(tags["gate.champion_valid_MAE"]) == compared["champion"]["valid"]["MAE"]
+    )
     assert compared["bootstrap"]["resamples"] == 1000
     v1 = pipeline.mlflow.get_model_version(MODEL, "1")
     assert float(v1.tags[f"valid_MAE/{summary['data_version']}"]) == compared["champion"]["valid"]["MAE"]
-    assert rows(summary)["compared"].startswith(f"challenger MAE {compared['challenger']['valid']['MAE']:.4f}, "
-                                                f"champion v1 {compared['champion']['valid']['MAE']:.4f}, "
-                                                f"both on data {summary['data_version']}; improvement ")
+    assert rows(summary)["compared"].startswith(
+        f"challenger MAE {compared['challenger']['valid']['MAE']:.4f}, "
+        f"champion v1 {compared['champion']['valid']['MAE']:.4f}, "
+        f"both on data {summary['data_version']}; improvement "
+    )
 
 
 def test_a_video_in_train_and_test_fails_at_the_data_checks(pipeline):
@@ -253,8 +295,9 @@ def test_a_video_in_train_and_test_fails_at_the_data_checks(pipeline):
     assert versions(pipeline) == versions_before
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
     with get_client(sync_client=True) as client:
-        (report,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-checks-leaky"])),
-                                          limit=1)
+        (report,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-checks-leaky"])), limit=1
+        )
     assert "| videos | hard | FAILED |" in report.data
 
 
@@ -264,8 +307,12 @@ def test_unanswered_remote_is_retried_then_fails(pipeline, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries would only slow this down
     dvc("remote", "add", "offline", "s3://nowhere/cache", cwd=pipeline.project)
     dvc("remote", "modify", "offline", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=pipeline.project)
-    features = FeatureStoreRef(dataset="synthetic", store="data/stores/synthetic",  # the store as it is now
-                               data_version=data_version("synthetic", pipeline.project), stages_run=[])
+    features = FeatureStoreRef(
+        dataset="synthetic",
+        store="data/stores/synthetic",  # the store as it is now
+        data_version=data_version("synthetic", pipeline.project),
+        stages_run=[],
+    )
     quick = push_features.with_options(retries=2, retry_delay_seconds=0)
     state = quick(features, str(pipeline.project), "offline", return_state=True)
     assert state.is_failed()
@@ -300,15 +347,22 @@ def bare_project(tmp_path_factory) -> Path:
     return make_dvc_project(root / "project", str(root / "dvc-remote"))
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--set", "train.epochs=abc"], "train.epochs: Input should be a valid integer"),
-    (["--set", "nonsense"], "--set 'nonsense': expected key=value, e.g. train.epochs=3"),
-    (["--set", "ray.num_workers=0"], "ray.num_workers: must be at least 1 for Ray training"),
-    (["--dataset", "mosi"], ('data/raw/mosi: missing (an input of stage extract@mosi): '
-                             'put the mosi release there (README, "Datasets")')),
-])
-def test_bad_input_is_one_line_and_exit_2_before_the_flow_starts(bare_project, monkeypatch, capfd, arguments,
-                                                                   message):
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--set", "train.epochs=abc"], "train.epochs: Input should be a valid integer"),
+        (["--set", "nonsense"], "--set 'nonsense': expected key=value, e.g. train.epochs=3"),
+        (["--set", "ray.num_workers=0"], "ray.num_workers: must be at least 1 for Ray training"),
+        (
+            ["--dataset", "mosi"],
+            (
+                "data/raw/mosi: missing (an input of stage extract@mosi): "
+                'put the mosi release there (README, "Datasets")'
+            ),
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_the_flow_starts(bare_project, monkeypatch, capfd, arguments, message):
     monkeypatch.chdir(bare_project)
     code = main(["--config", str(PROJECT / "configs" / "demo.yaml"), *arguments])
     out, err = capfd.readouterr()

@@ -20,9 +20,17 @@ from mmim.text_encoder import load_tokenizer, tokenize
 from mmim.untrusted_pickle import load_untrusted_pickle
 
 SPLIT_SIZES = {"train": 4, "valid": 2, "test": 3}
-WORDS = ["the movie was good", "the plot was terrible", "i watched it last weekend",
-         "the acting was not bad", "the story was very boring", "it is about a family",
-         "the music was amazing", "the ending was dull", "the cast was nice"]
+WORDS = [
+    "the movie was good",
+    "the plot was terrible",
+    "i watched it last weekend",
+    "the acting was not bad",
+    "the story was very boring",
+    "it is about a family",
+    "the music was amazing",
+    "the ending was dull",
+    "the cast was nice",
+]
 
 
 def ragged_examples(seed=0):
@@ -34,8 +42,16 @@ def ragged_examples(seed=0):
         for _ in range(size):
             audio = rng.normal(size=(int(rng.integers(1, 7)), 5)).astype(np.float32) + 0.5
             vision = rng.normal(size=(int(rng.integers(1, 9)), 20)).astype(np.float32) + 0.5
-            rows.append({"video": f"vid{n // 2:03d}", "clip": str(n % 2 + 1), "text": WORDS[n],
-                         "label": float(np.round(rng.uniform(-3, 3), 1)), "audio": audio, "vision": vision})
+            rows.append(
+                {
+                    "video": f"vid{n // 2:03d}",
+                    "clip": str(n % 2 + 1),
+                    "text": WORDS[n],
+                    "label": float(np.round(rng.uniform(-3, 3), 1)),
+                    "audio": audio,
+                    "vision": vision,
+                }
+            )
             n += 1
         examples[name] = rows
     return examples
@@ -45,9 +61,9 @@ def pad(sequences, frames, front):
     out = np.zeros((len(sequences), frames, sequences[0].shape[1]), dtype=np.float32)
     for i, s in enumerate(sequences):
         if front:
-            out[i, frames - len(s):] = s
+            out[i, frames - len(s) :] = s
         else:
-            out[i, :len(s)] = s
+            out[i, : len(s)] = s
     return out
 
 
@@ -78,7 +94,9 @@ def assert_store_matches(store_dir, examples, tokenizer, audio_override=None):
         loaded = store[name]
         assert loaded.ids == [f"{e['video']}_{e['clip']}" for e in split]
         np.testing.assert_allclose(loaded.labels, [e["label"] for e in split], rtol=0, atol=1e-6)
-        np.testing.assert_array_equal(loaded.input_ids, tokenize(tokenizer, [e["text"] for e in split], 50)["input_ids"])
+        np.testing.assert_array_equal(
+            loaded.input_ids, tokenize(tokenizer, [e["text"] for e in split], 50)["input_ids"]
+        )
         for i, e in enumerate(split):
             expected_audio = audio_override(name, i, e["audio"]) if audio_override else e["audio"]
             np.testing.assert_array_equal(loaded.sequence("audio", i), expected_audio)
@@ -107,7 +125,8 @@ def test_mmsa_round_trip_with_minus_inf(tmp_path, tiny_encoder):
             "vision_lengths": np.array([len(e["vision"]) for e in split]),
             "id": np.array([f"{e['video']}$_${e['clip']}" for e in split], dtype=object),
             "regression_labels": np.array([e["label"] for e in split], dtype=np.float32),
-            "text_bert": np.zeros((len(split), 3, 50)), "classification_labels": np.zeros(len(split)),
+            "text_bert": np.zeros((len(split), 3, 50)),
+            "classification_labels": np.zeros(len(split)),
         }
     (tmp_path / "unaligned_50.pkl").write_bytes(pickle.dumps(data, protocol=4))
     summary = extract("mmsa", tmp_path / "unaligned_50.pkl", tmp_path / "store", tiny_encoder)
@@ -115,6 +134,7 @@ def test_mmsa_round_trip_with_minus_inf(tmp_path, tiny_encoder):
 
     def zeroed(name, index, audio):
         return np.where(np.isfinite(audio), audio, 0.0) if (name, index) == ("train", 1) else audio
+
     assert_store_matches(summary.root, examples, load_tokenizer(tiny_encoder), zeroed)
 
 
@@ -139,13 +159,18 @@ def write_csd_sample(source, examples):
         w, wi, a, ai, v, vi, lab, li = [], [], [], [], [], [], [], []
         for k, e in enumerate(segments):
             start = 10.0 * k  # segment k spans [start, start + 8]
-            lab.append([e["label"]]); li.append([start, start + 8.0])
+            lab.append([e["label"]])
+            li.append([start, start + 8.0])
             tokens = e["text"].split()
             for j, token in enumerate(tokens + ["sp"]):  # a speech pause that must not reach the text
-                w.append([token.encode()]); wi.append([start + j * 0.5, start + j * 0.5 + 0.4])
-            a += list(e["audio"]); ai += [[start + j * 0.1, start + j * 0.1 + 0.1] for j in range(len(e["audio"]))]
-            v += list(e["vision"]); vi += [[start + j * 0.2, start + j * 0.2 + 0.2] for j in range(len(e["vision"]))]
-        a.append(np.full(5, 9.0, np.float32)); ai.append([9.0, 9.2])  # a frame between segments: ignored
+                w.append([token.encode()])
+                wi.append([start + j * 0.5, start + j * 0.5 + 0.4])
+            a += list(e["audio"])
+            ai += [[start + j * 0.1, start + j * 0.1 + 0.1] for j in range(len(e["audio"]))]
+            v += list(e["vision"])
+            vi += [[start + j * 0.2, start + j * 0.2 + 0.2] for j in range(len(e["vision"]))]
+        a.append(np.full(5, 9.0, np.float32))
+        ai.append([9.0, 9.2])  # a frame between segments: ignored
         words[video] = (np.array(w), np.array(wi))
         audio[video] = (np.array(a, np.float32), np.array(ai))
         vision[video] = (np.array(v, np.float32), np.array(vi))
@@ -206,12 +231,14 @@ class Payload:
 
     def __reduce__(self):
         import os
+
         return (os.system, (f"touch {self.marker}",))
 
 
 def extract_cli(capsys, source, out, encoder, *extra):
-    code = main(["extract", "--source", "mult", "--input", str(source), "--out", str(out),
-                 "--encoder", encoder, *extra])
+    code = main(
+        ["extract", "--source", "mult", "--input", str(source), "--out", str(out), "--encoder", encoder, *extra]
+    )
     return code, capsys.readouterr().err
 
 
@@ -226,12 +253,15 @@ def test_hostile_pickle_is_refused_without_running(tmp_path, tiny_encoder, capsy
         load_untrusted_pickle(source / "mosi_data_noalign.pkl")
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "truncated or not a valid pickle"),
-    ("missing_split", "split 'valid' missing (has train, test)"),
-    ("dims", "split valid, field vision: dim 19, but split train has 20"),
-    ("csv_id", "example 'vid000_1' (index 0 over all splits) has no row in"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "truncated or not a valid pickle"),
+        ("missing_split", "split 'valid' missing (has train, test)"),
+        ("dims", "split valid, field vision: dim 19, but split train has 20"),
+        ("csv_id", "example 'vid000_1' (index 0 over all splits) has no row in"),
+    ],
+)
 def test_bad_sources_exit_2_and_leave_nothing(tmp_path, tiny_encoder, capsys, damage, message):
     source = write_mult_files(tmp_path / "mosi", ragged_examples())
     pickle_path = source / "mosi_data_noalign.pkl"
@@ -262,8 +292,10 @@ def test_row_order_fallback_checks_video_ids(tmp_path, tiny_encoder):
     (source / "mosi_data_noalign.pkl").write_bytes(pickle.dumps(data, protocol=4))
     summary = extract("mult", source, tmp_path / "store", tiny_encoder)
     store = FeatureStore(summary.root)
-    np.testing.assert_array_equal(store["test"].input_ids,
-                                  tokenize(load_tokenizer(tiny_encoder), [e["text"] for e in examples["test"]], 50)["input_ids"])
+    np.testing.assert_array_equal(
+        store["test"].input_ids,
+        tokenize(load_tokenizer(tiny_encoder), [e["text"] for e in examples["test"]], 50)["input_ids"],
+    )
     lines = (source / "MOSI-label.csv").read_text().splitlines()
     lines[1], lines[3] = lines[3], lines[1]  # swap rows of two different videos
     (source / "MOSI-label.csv").write_text("\n".join(lines) + "\n")
@@ -272,6 +304,7 @@ def test_row_order_fallback_checks_video_ids(tmp_path, tiny_encoder):
 
 
 # ---------------------------------------------------------------- crafted pickles: numpy state from the file
+
 
 class Reduced:
     """Pickles as the call `function(*arguments)` followed by BUILD with `state`."""
@@ -301,26 +334,49 @@ def test_dtype_state_from_the_file_never_reaches_numpy(tmp_path, tiny_encoder, s
     data = pickle.loads((source_dir / "mosi_data_noalign.pkl").read_bytes())
     data["train"]["id" if source == "mult" else "raw_text"] = attacker_array(object_field_dtype())
     path.write_bytes(pickle.dumps(data, protocol=2))
-    done = subprocess.run([str(Path(sys.executable).parent / "mmim"), "extract", "--source", source, "--input",
-                           str(path), "--out", str(tmp_path / "store"), "--encoder", tiny_encoder],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mmim"),
+            "extract",
+            "--source",
+            source,
+            "--input",
+            str(path),
+            "--out",
+            str(tmp_path / "store"),
+            "--encoder",
+            tiny_encoder,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "refused dtype 'V8'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "store").exists()
 
 
-@pytest.mark.parametrize("crafted, message", [
-    (Reduced(bytearray, (2**31,)), "refused bytearray(2147483648)"),
-    (Reduced(bytes, (2**31,)), "refused bytes(2147483648)"),
-    (attacker_array(Reduced(np.dtype, ("f8", False, True), (3, "<", None, ("a",), {}, 8, 1, 0x3F))),
-     "refused dtype with fields"),
-    (attacker_array(Reduced(np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 63))),
-     "refused object array whose elements do not match its shape"),
-    (attacker_array(Reduced(np.dtype, ("f4", False, True), (3, "<", None, None, None, -1, -1, 0))),
-     "refused array: 16 bytes for shape (2,) of float32"),
-    (Reduced(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b")), "refused array without data"),
-    (Reduced(np._core.multiarray._reconstruct, (dict, (0,), b"b")), "refused _reconstruct of anything but"),
-])
+@pytest.mark.parametrize(
+    "crafted, message",
+    [
+        (Reduced(bytearray, (2**31,)), "refused bytearray(2147483648)"),
+        (Reduced(bytes, (2**31,)), "refused bytes(2147483648)"),
+        (
+            attacker_array(Reduced(np.dtype, ("f8", False, True), (3, "<", None, ("a",), {}, 8, 1, 0x3F))),
+            "refused dtype with fields",
+        ),
+        (
+            attacker_array(Reduced(np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 63))),
+            "refused object array whose elements do not match its shape",
+        ),
+        (
+            attacker_array(Reduced(np.dtype, ("f4", False, True), (3, "<", None, None, None, -1, -1, 0))),
+            "refused array: 16 bytes for shape (2,) of float32",
+        ),
+        (Reduced(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b")), "refused array without data"),
+        (Reduced(np._core.multiarray._reconstruct, (dict, (0,), b"b")), "refused _reconstruct of anything but"),
+    ],
+)
 def test_crafted_numpy_state_is_refused(tmp_path, crafted, message):
     path = tmp_path / "crafted.pkl"
     path.write_bytes(pickle.dumps({"train": crafted}, protocol=2))
@@ -330,10 +386,16 @@ def test_crafted_numpy_state_is_refused(tmp_path, crafted, message):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_plain_arrays_round_trip_through_the_stand_ins(tmp_path, protocol):
-    arrays = {"f4": np.arange(6, dtype=np.float32).reshape(2, 3), "fortran": np.asfortranarray(np.ones((3, 2))),
-              "big_endian": np.arange(3, dtype=">i4"), "unicode": np.array([["ab"], ["c"]]),
-              "bytes": np.array([b"x", b"yz"]), "objects": np.array(["a", b"b", np.float32(2.5)], dtype=object),
-              "nested": np.array([np.zeros(2), np.ones(3)], dtype=object), "scalar": np.float64(1.25)}
+    arrays = {
+        "f4": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "fortran": np.asfortranarray(np.ones((3, 2))),
+        "big_endian": np.arange(3, dtype=">i4"),
+        "unicode": np.array([["ab"], ["c"]]),
+        "bytes": np.array([b"x", b"yz"]),
+        "objects": np.array(["a", b"b", np.float32(2.5)], dtype=object),
+        "nested": np.array([np.zeros(2), np.ones(3)], dtype=object),
+        "scalar": np.float64(1.25),
+    }
     path = tmp_path / "plain.pkl"
     path.write_bytes(pickle.dumps(arrays, protocol=protocol))
     loaded = load_untrusted_pickle(path)
@@ -348,6 +410,7 @@ def test_plain_arrays_round_trip_through_the_stand_ins(tmp_path, protocol):
 
 
 # ---------------------------------------------------------------- empty splits, text where numbers belong
+
 
 def run_extract(capsys, source, path, out, encoder):
     """(exit code, stderr) of `mmim extract --source SOURCE --input PATH`."""
@@ -366,15 +429,23 @@ def mult_as_mmsa(source):
     return path
 
 
-@pytest.mark.parametrize("source, field, damage, message", [
-    ("mult", "labels", "empty", "split valid has no examples"),
-    ("mult", "labels", "text", "split train, field labels: values of type <U8, expected numbers"),
-    ("mult", "labels", "objects", "split train, field labels: values of type object, expected numbers"),
-    ("mmsa", "regression_labels", "text",
-     "split train, field regression_labels: values of type <U8, expected numbers"),
-])
-def test_pickle_with_an_empty_split_or_text_labels_is_one_line(tmp_path, tiny_encoder, capsys, source, field, damage,
-                                                             message):
+@pytest.mark.parametrize(
+    "source, field, damage, message",
+    [
+        ("mult", "labels", "empty", "split valid has no examples"),
+        ("mult", "labels", "text", "split train, field labels: values of type <U8, expected numbers"),
+        ("mult", "labels", "objects", "split train, field labels: values of type object, expected numbers"),
+        (
+            "mmsa",
+            "regression_labels",
+            "text",
+            "split train, field regression_labels: values of type <U8, expected numbers",
+        ),
+    ],
+)
+def test_pickle_with_an_empty_split_or_text_labels_is_one_line(
+    tmp_path, tiny_encoder, capsys, source, field, damage, message
+):
     mult_dir = write_mult_files(tmp_path / "mosi", ragged_examples())
     path = mult_dir / "mosi_data_noalign.pkl" if source == "mult" else mult_as_mmsa(mult_dir)
     data = pickle.loads(path.read_bytes())
@@ -426,14 +497,36 @@ def test_csd_split_without_segments_is_one_line(tmp_path, tiny_encoder, capsys):
 def test_extract_prints_one_line_unless_something_was_repaired(tmp_path, tiny_encoder, capsys):
     examples = ragged_examples()
     source = write_mult_files(tmp_path / "clean", examples)
-    main(["extract", "--source", "mult", "--input", str(source), "--out", str(tmp_path / "clean-store"),
-          "--encoder", tiny_encoder])
+    main(
+        [
+            "extract",
+            "--source",
+            "mult",
+            "--input",
+            str(source),
+            "--out",
+            str(tmp_path / "clean-store"),
+            "--encoder",
+            tiny_encoder,
+        ]
+    )
     out = capsys.readouterr().out
     assert "train 4, valid 2, test 3 examples, dims audio 5, vision 20; nothing dropped, zeroed or padded" in out
     assert "NaN/inf zeroed" not in out
     examples["valid"][0]["audio"][0, 1] = np.nan
     source = write_mult_files(tmp_path / "with-nan", examples)
-    main(["extract", "--source", "mult", "--input", str(source), "--out", str(tmp_path / "nan-store"),
-          "--encoder", tiny_encoder])
+    main(
+        [
+            "extract",
+            "--source",
+            "mult",
+            "--input",
+            str(source),
+            "--out",
+            str(tmp_path / "nan-store"),
+            "--encoder",
+            tiny_encoder,
+        ]
+    )
     out = capsys.readouterr().out
     assert "NaN/inf zeroed" in out and "nothing dropped" not in out  # the table, with its counts

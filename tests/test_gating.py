@@ -44,9 +44,23 @@ def server(tmp_path_factory):
     """A tracking server for the module; every test registers its own model name."""
     root = tmp_path_factory.mktemp("gating")
     port = free_port()
-    process = start([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                     "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                     "--workers", "1"], f"http://127.0.0.1:{port}/health")
+    process = start(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        f"http://127.0.0.1:{port}/health",
+    )
     uri = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -62,35 +76,44 @@ def data(root: Path, encoder: str, valid_labels) -> Path:
     """A store whose validation labels are `valid_labels` (train and test as synthesized)."""
     splits = synthesize(0, TINY_SIZES)
     splits["valid"].labels = np.asarray(valid_labels, dtype=np.float32)
-    return write_store(root, splits, load_tokenizer(encoder), text_encoder=encoder, max_tokens=16,
-                       source="synthetic").root
+    return write_store(
+        root, splits, load_tokenizer(encoder), text_encoder=encoder, max_tokens=16, source="synthetic"
+    ).root
 
 
 class Constant:
     """A logged model (an MLflow run with the pyfunc model) whose every score is `value`."""
 
     def __init__(self, config, store: Path, value: float, where: Path):
-        config = bind_store(config.model_copy(update={"data": config.data.model_copy(update={"store": str(store)})}),
-                            FeatureStore(store))
+        config = bind_store(
+            config.model_copy(update={"data": config.data.model_copy(update={"store": str(store)})}),
+            FeatureStore(store),
+        )
         model = build_model(config.model).eval()
         with torch.no_grad():
             model.fusion_prj.linear_3.weight.zero_()
             model.fusion_prj.linear_3.bias.fill_(value)
-        self.config, self.checkpoint = config, save_checkpoint(where, model, config,
-                                                               load_tokenizer(config.model.text_encoder))
+        self.config, self.checkpoint = (
+            config,
+            save_checkpoint(where, model, config, load_tokenizer(config.model.text_encoder)),
+        )
         with mlflow.start_run() as run:
             self.run_id = run.info.run_id
-            self.uri = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_ENTRY),
-                                               artifacts={"checkpoint": str(self.checkpoint)},
-                                               pip_requirements=["mmim-pipeline"]).model_uri
+            self.uri = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_ENTRY),
+                artifacts={"checkpoint": str(self.checkpoint)},
+                pip_requirements=["mmim-pipeline"],
+            ).model_uri
 
 
 def gate(client, name, model: Constant, store: Path, data_version: str, min_confidence=None):
     """The flow's evaluate then register steps for `model`, on `store` (data version `data_version`)."""
     tracking = model.config.tracking.model_copy(update={"min_confidence": min_confidence})
     config = model.config.model_copy(update={"tracking": tracking})
-    compared = compare_with_champion(config, model.run_id, model.checkpoint, store, data_version, name,
-                                     champion_version(client, name))
+    compared = compare_with_champion(
+        config, model.run_id, model.checkpoint, store, data_version, name, champion_version(client, name)
+    )
     return compared, register(client, model.uri, name, compared, 0.0, min_confidence)
 
 
@@ -106,15 +129,20 @@ def test_the_gate_compares_both_models_on_the_new_data(server, tiny_config, tmp_
     a, b, c = (Constant(tiny_config, v1, value, tmp_path / f"model-{value}") for value in (0.0, 1.5, 1.2))
 
     _, first = gate(client, name, a, v1, "v1.dir")
-    assert first.promoted and first.text == f"promoted to champion: MAE {mae(BASE, 0):.4f} on data v1.dir, no champion before"
+    assert (
+        first.promoted
+        and first.text == f"promoted to champion: MAE {mae(BASE, 0):.4f} on data v1.dir, no champion before"
+    )
 
     # B on v2 scores worse than A's figure recorded on v1, but beats A on v2: promoted
     compared, second = gate(client, name, b, v2, "v2.dir")
     assert compared.challenger_value > figure(client.get_model_version(name, first.version), "MAE", "v1.dir")
     assert compared.champion_value == pytest.approx(mae(BASE + 2, 0), abs=1e-6)
     assert second.promoted and champion_version(client, name) == second.version
-    assert second.text.startswith(f"promoted to champion: MAE {mae(BASE + 2, 1.5):.4f} beats v{first.version}'s "
-                                  f"{mae(BASE + 2, 0):.4f} on data v2.dir (improvement +1.")
+    assert second.text.startswith(
+        f"promoted to champion: MAE {mae(BASE + 2, 1.5):.4f} beats v{first.version}'s "
+        f"{mae(BASE + 2, 0):.4f} on data v2.dir (improvement +1."
+    )
     # both figures, the data and the champion compared: on the run and on the new version
     tags = client.get_model_version(name, second.version).tags
     assert tags["gate.champion"] == f"v{first.version}" and tags["gate.data_version"] == "v2.dir"
@@ -130,8 +158,10 @@ def test_the_gate_compares_both_models_on_the_new_data(server, tiny_config, tmp_
     compared, third = gate(client, name, c, v3, "v3.dir")
     assert compared.challenger_value < figure(client.get_model_version(name, second.version), "MAE", "v2.dir")
     assert not third.promoted and champion_version(client, name) == second.version
-    assert third.text == (f"kept champion v{second.version}: MAE {mae(BASE + 1.5, 1.2):.4f} does not beat its "
-                          f"{mae(BASE + 1.5, 1.5):.4f} on data v3.dir by margin 0.0")
+    assert third.text == (
+        f"kept champion v{second.version}: MAE {mae(BASE + 1.5, 1.2):.4f} does not beat its "
+        f"{mae(BASE + 1.5, 1.5):.4f} on data v3.dir by margin 0.0"
+    )
     assert third.needs_review is None
 
 
@@ -142,8 +172,12 @@ def test_a_champion_that_cannot_be_scored_is_kept_and_the_new_version_needs_revi
     words = (other / "vocab.txt").read_text().split()
     (other / "vocab.txt").write_text("\n".join(words[:5] + words[5:][::-1]) + "\n")
     BertTokenizer(str(other / "vocab.txt")).save_pretrained(other)
-    old = Constant(tiny_config.model_copy(update={"model": tiny_config.model.model_copy(
-        update={"text_encoder": str(other)})}), data(tmp_path / "old", str(other), BASE), 0.0, tmp_path / "old-model")
+    old = Constant(
+        tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"text_encoder": str(other)})}),
+        data(tmp_path / "old", str(other), BASE),
+        0.0,
+        tmp_path / "old-model",
+    )
     _, first = gate(client, name, old, Path(old.config.data.store), "old.dir")
     assert first.promoted
 
@@ -152,8 +186,9 @@ def test_a_champion_that_cannot_be_scored_is_kept_and_the_new_version_needs_revi
     compared, second = gate(client, name, new, store, "new.dir")
     assert compared.champion is None and "does not match the tokenizer" in compared.unscorable
     assert not second.promoted and champion_version(client, name) == first.version
-    assert second.needs_review.startswith(f"champion v{first.version} cannot be scored on data new.dir: "
-                                          f"model.text_encoder {str(other)!r} does not match")
+    assert second.needs_review.startswith(
+        f"champion v{first.version} cannot be scored on data new.dir: model.text_encoder {str(other)!r} does not match"
+    )
     assert second.text == f"kept champion v{first.version}: needs review: {second.needs_review}"
     tags = client.get_model_version(name, second.version).tags
     assert tags["needs_review"] == second.needs_review and tags["gate.champion"] == f"v{first.version}"
@@ -178,8 +213,9 @@ def test_min_confidence_promotes_a_clear_improvement_not_a_noisy_one(server, tin
     assert "does not lie above zero (min_confidence 0.95)" in tiny.text
     assert client.get_model_version(name, tiny.version).tags["gate.confidence"] == "0.95"
 
-    compared, better = gate(client, name, Constant(tiny_config, clear, 1.0, tmp_path / "clear-model"), clear,
-                            "clear.dir", 0.95)
+    compared, better = gate(
+        client, name, Constant(tiny_config, clear, 1.0, tmp_path / "clear-model"), clear, "clear.dir", 0.95
+    )
     assert compared.bootstrap.low > 0.5 and better.promoted
     assert "95% interval +0." in better.text
 
@@ -201,6 +237,7 @@ def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, t
                 outcomes.append(register(client, model_uri, name, compared(client, value, LONG_VERSION, name)))
             except Exception as error:  # handed to the test thread
                 errors.append(error)
+
         threads = [threading.Thread(target=finish, args=pair) for pair in zip(models, round_values)]
         for thread in threads:
             thread.start()

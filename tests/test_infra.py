@@ -43,8 +43,15 @@ LIBRARY_ENV = {
 # Read by the images' own entrypoints (postgres, minio, mc).
 IMAGE_ENV = {"POSTGRES_USER", "POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
 # What a process that runs the pipeline (flows, or `mmim train` as a Ray driver) needs on a cluster.
-PIPELINE_ENV = {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "MMIM_SITE_CONFIG", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+PIPELINE_ENV = {
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MMIM_SITE_CONFIG",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+}
 
 
 def documents(path: Path) -> list[dict]:
@@ -70,21 +77,33 @@ def containers(obj: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- code side: what it reads
 
+
 def env_read_by_code() -> set[str]:
     """Environment variables our Python reads (os.environ / os.getenv with a literal or a
     module-level string constant) and that prefect.yaml and the worker script expand."""
     names: set[str] = set()
-    for path in [*PROJECT.joinpath("mmim").rglob("*.py"), *PROJECT.joinpath("tasks").glob("*.py"),
-                 *PROJECT.joinpath("flows").glob("*.py")]:
+    for path in [
+        *PROJECT.joinpath("mmim").rglob("*.py"),
+        *PROJECT.joinpath("tasks").glob("*.py"),
+        *PROJECT.joinpath("flows").glob("*.py"),
+    ]:
         tree = ast.parse(path.read_text())
-        constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
-                     for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+        constants = {
+            t.id: n.value.value
+            for n in tree.body
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)
+        }
         for node in ast.walk(tree):
             key = None
             if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
                 key = node.slice
-            elif isinstance(node, ast.Call) and ast.unparse(node.func) in (
-                    "os.environ.get", "os.getenv", "os.environ.setdefault") and node.args:
+            elif (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func) in ("os.environ.get", "os.getenv", "os.environ.setdefault")
+                and node.args
+            ):
                 key = node.args[0]
             if isinstance(key, ast.Constant) and isinstance(key.value, str):
                 names.add(key.value)
@@ -98,19 +117,29 @@ def env_read_by_code() -> set[str]:
 def test_the_code_reads_what_the_infra_is_built_around():
     read = env_read_by_code()
     # the scan works: these are read by mmim/, prefect.yaml and the worker script
-    assert {"MLFLOW_TRACKING_URI", "MMIM_SITE_CONFIG", "AWS_ENDPOINT_URL", "MMIM_PROJECT_DIR",
-            "RAY_HEAD", "DVC_REMOTE_URL"} <= read
+    assert {
+        "MLFLOW_TRACKING_URI",
+        "MMIM_SITE_CONFIG",
+        "AWS_ENDPOINT_URL",
+        "MMIM_PROJECT_DIR",
+        "RAY_HEAD",
+        "DVC_REMOTE_URL",
+    } <= read
 
 
 # ---------------------------------------------------------------- Kubernetes
+
 
 @pytest.mark.parametrize("path,obj", k8s_objects(), ids=lambda v: v.name if isinstance(v, Path) else v["kind"])
 def test_kubernetes_objects_match_their_schemas(path, obj):
     if obj["kind"] in ("RayCluster", "RayJob"):
         jsonschema.Draft202012Validator({"$ref": f"#/$defs/{obj['kind']}", **KUBERAY_SCHEMA}).validate(obj)
         for template in pod_templates(obj):  # the pod templates inside, as Kubernetes would check them
-            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                                          "template": template}, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(
+                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+                K8S_VERSION,
+                strict=True,
+            )
     else:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -118,8 +147,10 @@ def test_kubernetes_objects_match_their_schemas(path, obj):
 def test_kuberay_schema_rejects_what_kuberay_would():
     (cluster,) = [obj for _, obj in k8s_objects() if obj["kind"] == "RayCluster"]
     validator = jsonschema.Draft202012Validator({"$ref": "#/$defs/RayCluster", **KUBERAY_SCHEMA})
-    typo = {**cluster, "spec": {**cluster["spec"], "workerGroupSpecs": [
-        {**cluster["spec"]["workerGroupSpecs"][0], "maxReplica": 8}]}}
+    typo = {
+        **cluster,
+        "spec": {**cluster["spec"], "workerGroupSpecs": [{**cluster["spec"]["workerGroupSpecs"][0], "maxReplica": 8}]},
+    }
     assert not validator.is_valid(typo)
     assert not validator.is_valid({**cluster, "apiVersion": "ray.io/v1alpha1"})
 
@@ -141,7 +172,7 @@ def test_ray_cluster_and_job_fit_together():
 def test_ray_job_entrypoint_is_a_valid_mmim_command():
     (job,) = [obj for _, obj in k8s_objects() if obj["kind"] == "RayJob"]
     command = shlex.split(job["spec"]["entrypoint"])
-    command = command[command.index("python"):]
+    command = command[command.index("python") :]
     assert command[:3] == ["python", "-m", "mmim.cli"]
     args = build_parser().parse_args(command[3:])
     config = load_config(PROJECT / args.config, args.set)  # every --set key exists, every value is valid
@@ -203,8 +234,9 @@ def test_compose_references_resolve():
     for name, service in SERVICES.items():
         for dependency, condition in service.get("depends_on", {}).items():
             assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
-            expected = "service_completed_successfully" if SERVICES[dependency].get("restart") == "no" \
-                else "service_healthy"
+            expected = (
+                "service_completed_successfully" if SERVICES[dependency].get("restart") == "no" else "service_healthy"
+            )
             assert condition["condition"] == expected, f"{name} -> {dependency}"
             if expected == "service_healthy":
                 assert "healthcheck" in SERVICES[dependency], f"{dependency} has no healthcheck"
@@ -229,8 +261,11 @@ def test_compose_references_resolve():
 def test_compose_secrets_come_from_the_env_file():
     text = (INFRA / "compose.yaml").read_text()
     used = set(re.findall(r"(?<!\$)\$\{(\w+)\}", text))
-    example = {line.split("=", 1)[0] for line in (INFRA / ".env.example").read_text().splitlines()
-               if line and not line.startswith("#")}
+    example = {
+        line.split("=", 1)[0]
+        for line in (INFRA / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert used == example
     assert "/infra/.env" in (PROJECT / ".gitignore").read_text().splitlines()  # never committed
 
@@ -247,7 +282,9 @@ def test_compose_env_is_what_the_code_reads():
     site = worker["MMIM_SITE_CONFIG"].replace("/workspace/", "")
     assert (PROJECT / site).is_file()
     for ray_node in ("ray-head", "ray-worker"):
-        assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(service_env(ray_node))
+        assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(
+            service_env(ray_node)
+        )
     # the databases the servers use are the ones postgres creates
     created = set(re.findall(r"CREATE DATABASE (\w+)", (INFRA / "postgres" / "create-databases.sql").read_text()))
     mlflow_db = next(a for a in SERVICES["mlflow"]["command"] if a.startswith("--backend-store-uri"))
@@ -256,8 +293,11 @@ def test_compose_env_is_what_the_code_reads():
 
 
 def test_dockerfiles_pin_their_base_and_run_as_a_user():
-    torch_pin = next(d for d in tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
-                     if d.startswith("torch=="))
+    torch_pin = next(
+        d
+        for d in tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("torch==")
+    )
     for dockerfile in (INFRA / "docker").glob("*.Dockerfile"):
         text = dockerfile.read_text()
         (base,) = re.findall(r"^FROM (\S+)", text, re.MULTILINE)

@@ -36,15 +36,32 @@ def ray_head(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ray-head")
     token = secrets.token_hex(32)
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python`
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python`
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+    }
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "ray-head.log", "w")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 120
     while True:  # the job server answers once the dashboard is up
@@ -78,9 +95,17 @@ def mmim(*args: str, env: dict) -> subprocess.CompletedProcess:
 def test_submitted_job_ships_the_project_and_trains(ray_head, tiny_encoder, tiny_store, tmp_path):
     address, token, env = ray_head
     output = tmp_path / "job-run"
-    overrides = [f"model.text_encoder={tiny_encoder}", "model.text_pretrained=false", f"data.store={tiny_store}",
-                 "train.epochs=1", "train.batch_size=16", "train.num_threads=1", "ray.num_workers=1",
-                 f"ray.storage_path={tmp_path / 'ray'}", f"output_dir={output}"]
+    overrides = [
+        f"model.text_encoder={tiny_encoder}",
+        "model.text_pretrained=false",
+        f"data.store={tiny_store}",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "train.num_threads=1",
+        "ray.num_workers=1",
+        f"ray.storage_path={tmp_path / 'ray'}",
+        f"output_dir={output}",
+    ]
     submitted = mmim("train", *[arg for o in overrides for arg in ("--set", o)], "--submit", address, env=env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.split("submitted Ray job ")[1].split()[0]

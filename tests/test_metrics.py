@@ -50,8 +50,7 @@ def test_constant_input_gives_zero_correlation_not_nan():
 def test_weighted_f1_matches_sklearn_on_random_labels():
     rng = np.random.default_rng(3)
     truth, predicted = rng.random(200) > 0.3, rng.random(200) > 0.5
-    assert weighted_f1(truth, predicted) == pytest.approx(
-        f1_score(truth, predicted, average="weighted"))
+    assert weighted_f1(truth, predicted) == pytest.approx(f1_score(truth, predicted, average="weighted"))
 
 
 @pytest.mark.parametrize("predictions, truths", [([np.nan, 1.0], [1.0, 1.0]), ([1.0], [1.0, 2.0]), ([], [])])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmim.config import ModelConfig
 from mmim.checkpoint import read_official_weights
+from mmim.config import ModelConfig
 from mmim.errors import MMIMInputError
 from mmim.model import MMILB, build_model, gaussian_entropy_term, load_official_state_dict
 
@@ -15,18 +15,31 @@ from mmim.model import MMILB, build_model, gaussian_entropy_term, load_official_
 OFFICIAL_KEYS = [
     "text_enc.bertmodel.embeddings.word_embeddings.weight",
     "text_enc.bertmodel.pooler.dense.weight",
-    "visual_enc.rnn.weight_ih_l0", "visual_enc.rnn.weight_hh_l0", "visual_enc.rnn.bias_ih_l0",
-    "visual_enc.linear_1.weight", "acoustic_enc.rnn.weight_ih_l0", "acoustic_enc.linear_1.bias",
-    "mi_tv.mlp_mu.0.weight", "mi_tv.mlp_mu.2.weight", "mi_tv.mlp_logvar.0.weight",
-    "mi_tv.mlp_logvar.2.bias", "mi_tv.entropy_prj.0.weight", "mi_ta.entropy_prj.0.bias",
-    "cpc_zt.net.weight", "cpc_zv.net.bias", "cpc_za.net.weight",
-    "fusion_prj.linear_1.weight", "fusion_prj.linear_2.weight", "fusion_prj.linear_3.bias",
+    "visual_enc.rnn.weight_ih_l0",
+    "visual_enc.rnn.weight_hh_l0",
+    "visual_enc.rnn.bias_ih_l0",
+    "visual_enc.linear_1.weight",
+    "acoustic_enc.rnn.weight_ih_l0",
+    "acoustic_enc.linear_1.bias",
+    "mi_tv.mlp_mu.0.weight",
+    "mi_tv.mlp_mu.2.weight",
+    "mi_tv.mlp_logvar.0.weight",
+    "mi_tv.mlp_logvar.2.bias",
+    "mi_tv.entropy_prj.0.weight",
+    "mi_ta.entropy_prj.0.bias",
+    "cpc_zt.net.weight",
+    "cpc_zv.net.bias",
+    "cpc_za.net.weight",
+    "fusion_prj.linear_1.weight",
+    "fusion_prj.linear_2.weight",
+    "fusion_prj.linear_3.bias",
 ]
 
 
 def model_config(tiny_encoder, **overrides) -> ModelConfig:
-    return ModelConfig(text_encoder=tiny_encoder, text_pretrained=False, audio_dim=5, vision_dim=20,
-                       max_tokens=50, **overrides)
+    return ModelConfig(
+        text_encoder=tiny_encoder, text_pretrained=False, audio_dim=5, vision_dim=20, max_tokens=50, **overrides
+    )
 
 
 def raw_inputs(batch=8, seed=0):
@@ -37,15 +50,19 @@ def raw_inputs(batch=8, seed=0):
         "input_ids": torch.randint(5, 40, (batch, 7), generator=g),
         "attention_mask": torch.ones(batch, 7, dtype=torch.long),
         "token_type_ids": torch.zeros(batch, 7, dtype=torch.long),
-        "audio": torch.randn(batch, int(lengths_a.max()), 5, generator=g), "audio_lengths": lengths_a,
-        "vision": torch.randn(batch, int(lengths_v.max()), 20, generator=g), "vision_lengths": lengths_v,
+        "audio": torch.randn(batch, int(lengths_a.max()), 5, generator=g),
+        "audio_lengths": lengths_a,
+        "vision": torch.randn(batch, int(lengths_v.max()), 20, generator=g),
+        "vision_lengths": lengths_v,
     }
 
 
 def official_state_dict(tiny_encoder, path, **overrides):
     """A state dict as the reference code saves it: official names, plus the legacy BERT buffer."""
     torch.manual_seed(7)
-    state = {k: v.clone().contiguous() for k, v in build_model(model_config(tiny_encoder, **overrides)).state_dict().items()}
+    state = {
+        k: v.clone().contiguous() for k, v in build_model(model_config(tiny_encoder, **overrides)).state_dict().items()
+    }
     state["text_enc.bertmodel.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
     save_file(state, str(path))
     return load_file(str(path))
@@ -137,6 +154,7 @@ class _Payload:
 
     def __reduce__(self):
         import os
+
         return (os.system, (f"touch {self.marker}",))
 
 

@@ -59,8 +59,10 @@ def write_dataset(root: Path, rows: list[dict], clips: dict[str, Path] = {}) -> 
 
 def face_clips(directory: Path, count: int, first_seed: int = 10) -> list[Path]:
     """`count` distinct 1 s face clips (distinct content: the cache keys files by content)."""
-    return [write_face_clip(directory / f"face{seed}.mp4", seconds=1.0, label=0.5, seed=seed)
-            for seed in range(first_seed, first_seed + count)]
+    return [
+        write_face_clip(directory / f"face{seed}.mp4", seconds=1.0, label=0.5, seed=seed)
+        for seed in range(first_seed, first_seed + count)
+    ]
 
 
 def good_rows(files: list[Path], start: int = 0) -> tuple[list[dict], dict[str, Path]]:
@@ -68,13 +70,21 @@ def good_rows(files: list[Path], start: int = 0) -> tuple[list[dict], dict[str, 
     rows, clips = [], {}
     for index, path in enumerate(files, start=start):
         video = f"v{index}"
-        rows.append({"video_id": video, "clip_id": "1", "text": "a really good movie", "label": "1.5",
-                     "mode": ("train", "valid", "test")[index % 3]})
+        rows.append(
+            {
+                "video_id": video,
+                "clip_id": "1",
+                "text": "a really good movie",
+                "label": "1.5",
+                "mode": ("train", "valid", "test")[index % 3],
+            }
+        )
         clips[f"{video}/1.mp4"] = path
     return rows, clips
 
 
 # ---------------------------------------------------------------- one clip
+
 
 def test_faces_are_found_in_a_face_clip_and_never_in_a_blank_one(media, extractor):
     face, blank = extractor(media / "face.mp4"), extractor(media / "blank.mp4")
@@ -111,16 +121,18 @@ def test_hostile_media_is_refused_with_a_reason(media, tmp_path):
     playlist.write_text("#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n")
     whole = faststart_copy(media / "face.mp4", tmp_path / "whole.mp4").read_bytes()
     cut = tmp_path / "cut.mp4"
-    cut.write_bytes(whole[:len(whole) // 2])  # opens, says 2 s, holds half of that
+    cut.write_bytes(whole[: len(whole) // 2])  # opens, says 2 s, holds half of that
     silent = write_face_clip(tmp_path / "silent.mp4", seconds=1.0, audio=False)
     face = media / "face.mp4"  # 2 s
-    cases = [(playlist, SETTINGS, None, "unsupported format"),
-             (cut, SETTINGS, None, "truncated"),
-             (silent, SETTINGS, None, "no audio stream"),
-             (face, SETTINGS, (1.5, 5.0), "span outside the file"),
-             (face, SETTINGS, (1.0, 1.05), "zero-length clip"),
-             (face, ExtractorSettings(max_seconds=1.5), None, "too long"),
-             (face, ExtractorSettings(max_pixels=320 * 100), None, "frames too large")]
+    cases = [
+        (playlist, SETTINGS, None, "unsupported format"),
+        (cut, SETTINGS, None, "truncated"),
+        (silent, SETTINGS, None, "no audio stream"),
+        (face, SETTINGS, (1.5, 5.0), "span outside the file"),
+        (face, SETTINGS, (1.0, 1.05), "zero-length clip"),
+        (face, ExtractorSettings(max_seconds=1.5), None, "too long"),
+        (face, ExtractorSettings(max_pixels=320 * 100), None, "frames too large"),
+    ]
     for path, settings, span, reason in cases:
         with pytest.raises(MediaError) as refused:
             ClipExtractor(settings)(path, *(span or ()))
@@ -141,12 +153,18 @@ def test_a_crashed_or_hung_extractor_process_costs_one_clip(media):
 
 # ---------------------------------------------------------------- a dataset
 
+
 def test_splits_come_from_mode_else_the_video_else_a_stable_hash(media, tmp_path):
-    rows = [{"video_id": "a", "clip_id": "1", "text": "x", "label": "0", "mode": "test"},
-            {"video_id": "a", "clip_id": "2", "text": "x", "label": "0"},  # a's other clip: test
-            {"video_id": "b", "clip_id": "1", "text": "x", "label": "0"}]  # hashed
-    root = write_dataset(tmp_path / "d", rows, {"a/1.wav": media / "voice.wav", "a/2.wav": media / "voice.wav",
-                                                "b/1.wav": media / "voice.wav"})
+    rows = [
+        {"video_id": "a", "clip_id": "1", "text": "x", "label": "0", "mode": "test"},
+        {"video_id": "a", "clip_id": "2", "text": "x", "label": "0"},  # a's other clip: test
+        {"video_id": "b", "clip_id": "1", "text": "x", "label": "0"},
+    ]  # hashed
+    root = write_dataset(
+        tmp_path / "d",
+        rows,
+        {"a/1.wav": media / "voice.wav", "a/2.wav": media / "voice.wav", "b/1.wav": media / "voice.wav"},
+    )
     clips, rejected = read_dataset(root)
     assert not rejected and [clip.split for clip in clips] == ["test", "test", hash_split("b")]
     # more data never moves a video: b keeps its split when other videos arrive
@@ -161,16 +179,27 @@ def test_extraction_is_incremental_and_skips_bad_clips_by_reason(media, tmp_path
     rows, clips = good_rows(files[:3])
     truncated = tmp_path / "made" / "cut.mp4"
     truncated.write_bytes((media / "face.mp4").read_bytes()[:20_000])
-    rows += [{"video_id": "v0", "clip_id": "cut", "text": "fine", "label": "1", "mode": "train"},
-             {"video_id": "v0", "clip_id": "voice", "text": "fine", "label": "-1", "mode": "train"},
-             {"video_id": "v0", "clip_id": "gone", "text": "fine", "label": "0", "mode": "train"},
-             {"video_id": "v1", "clip_id": "2", "text": "again", "label": "abc", "mode": "valid"}]
+    rows += [
+        {"video_id": "v0", "clip_id": "cut", "text": "fine", "label": "1", "mode": "train"},
+        {"video_id": "v0", "clip_id": "voice", "text": "fine", "label": "-1", "mode": "train"},
+        {"video_id": "v0", "clip_id": "gone", "text": "fine", "label": "0", "mode": "train"},
+        {"video_id": "v1", "clip_id": "2", "text": "again", "label": "abc", "mode": "valid"},
+    ]
     clips |= {"v0/cut.mp4": truncated, "v0/voice.wav": media / "voice.wav"}
     root = write_dataset(tmp_path / "data", rows, clips)
 
     def run(**options):
-        return extract_recordings(root, tmp_path / "store", tiny_encoder, SETTINGS, cache_dir=tmp_path / "cache",
-                                  max_tokens=16, workers=0, overwrite=True, **options)
+        return extract_recordings(
+            root,
+            tmp_path / "store",
+            tiny_encoder,
+            SETTINGS,
+            cache_dir=tmp_path / "cache",
+            max_tokens=16,
+            workers=0,
+            overwrite=True,
+            **options,
+        )
 
     first = run()
     assert (first.extracted, first.cached) == (4, 0)  # 3 faces and the audio-only file; the cut file failed
@@ -187,9 +216,23 @@ def test_extraction_is_incremental_and_skips_bad_clips_by_reason(media, tmp_path
     assert run().extracted == 3  # only the new clips
 
     # --on-error fail: exit 2 naming the file and clip, and no store
-    code, _, err = run_mmim("extract", "--source", "recordings", "--input", str(root), "--out",
-                            str(tmp_path / "strict"), "--encoder", tiny_encoder, "--cache", str(tmp_path / "cache"),
-                            "--workers", "0", "--on-error", "fail")
+    code, _, err = run_mmim(
+        "extract",
+        "--source",
+        "recordings",
+        "--input",
+        str(root),
+        "--out",
+        str(tmp_path / "strict"),
+        "--encoder",
+        tiny_encoder,
+        "--cache",
+        str(tmp_path / "cache"),
+        "--workers",
+        "0",
+        "--on-error",
+        "fail",
+    )
     assert code == 2 and "label.csv line" in err and "(--on-error fail; no store written)" in err
     assert not (tmp_path / "strict").exists()
 
@@ -205,8 +248,9 @@ def test_ray_data_workers_give_the_in_process_features(ray_cluster, media, extra
     files = face_clips(tmp_path / "made", 3) + [media / "blank.mp4"]
     rows, clips = good_rows(files)
     root = write_dataset(tmp_path / "data", rows, clips)
-    summary = extract_recordings(root, tmp_path / "store", tiny_encoder, SETTINGS, cache_dir=tmp_path / "cache",
-                                 max_tokens=16, workers=2)
+    summary = extract_recordings(
+        root, tmp_path / "store", tiny_encoder, SETTINGS, cache_dir=tmp_path / "cache", max_tokens=16, workers=2
+    )
     assert summary.extracted == 4 and not summary.skipped
     store = FeatureStore(tmp_path / "store")
     for name in ("train", "valid", "test"):
@@ -218,17 +262,33 @@ def test_ray_data_workers_give_the_in_process_features(ray_cluster, media, extra
 
 # ---------------------------------------------------------------- serving a recording
 
+
 def test_a_served_model_scores_a_base64_recording_like_predict(media, tmp_path, tiny_config, monkeypatch):
     files = face_clips(tmp_path / "made", 6)
     root = write_dataset(tmp_path / "data", *good_rows(files))
-    extract_recordings(root, tmp_path / "store", tiny_config.model.text_encoder, SETTINGS,
-                       cache_dir=tmp_path / "cache", max_tokens=16, workers=0)
+    extract_recordings(
+        root,
+        tmp_path / "store",
+        tiny_config.model.text_encoder,
+        SETTINGS,
+        cache_dir=tmp_path / "cache",
+        max_tokens=16,
+        workers=0,
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    config = tiny_config.model_copy(update={
-        "data": tiny_config.data.model_copy(update={"store": str(tmp_path / "store")}),
-        "train": tiny_config.train.model_copy(update={"epochs": 1, "batch_size": 2}),
-        "tracking": tiny_config.tracking.model_copy(update={
-            "enabled": True, "artifact_location": str(tmp_path / "artifacts"), "registered_model": "mmim-rec"})})
+    config = tiny_config.model_copy(
+        update={
+            "data": tiny_config.data.model_copy(update={"store": str(tmp_path / "store")}),
+            "train": tiny_config.train.model_copy(update={"epochs": 1, "batch_size": 2}),
+            "tracking": tiny_config.tracking.model_copy(
+                update={
+                    "enabled": True,
+                    "artifact_location": str(tmp_path / "artifacts"),
+                    "registered_model": "mmim-rec",
+                }
+            ),
+        }
+    )
     fitted, checkpoint = train(config)
     epochs = [flat_metrics(record) for record in fitted.history]
     run, _ = track_and_register(config, epochs, epochs[-1], checkpoint)
@@ -239,16 +299,19 @@ def test_a_served_model_scores_a_base64_recording_like_predict(media, tmp_path, 
     predicted = json.loads(out)[0]["score"]
 
     port = free_port()
-    server = start([str(Path(sys.executable).parent / "mmim"), "serve", "--model", model, "--port", str(port)],
-                   f"http://127.0.0.1:{port}/ping")
+    server = start(
+        [str(Path(sys.executable).parent / "mmim"), "serve", "--model", model, "--port", str(port)],
+        f"http://127.0.0.1:{port}/ping",
+    )
     try:
         recording = base64.b64encode((media / "face.mp4").read_bytes()).decode()
         body = {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, recording]]}}
         assert invocations(port, body) == pytest.approx([predicted], abs=1e-5)
         # a path is not read on the server's side
         with pytest.raises(Exception, match="400"):
-            invocations(port, {"dataframe_split": {"columns": ["text", "recording"],
-                                                   "data": [[text, str(media / "face.mp4")]]}})
+            invocations(
+                port, {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, str(media / "face.mp4")]]}}
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)

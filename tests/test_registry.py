@@ -29,8 +29,13 @@ def compared(client, value, data=DATA, name=NAME):
     figure recorded on that data: the same model on the same data scores the same)."""
     champion = champion_version(client, name)
     theirs = None if champion is None else figure(client.get_model_version(name, champion), "MAE", data)
-    return HeadToHead(data_version=data, metric="MAE", challenger={"valid": {"MAE": value}}, champion_version=champion,
-                      champion=None if theirs is None else {"valid": {"MAE": theirs}})
+    return HeadToHead(
+        data_version=data,
+        metric="MAE",
+        challenger={"valid": {"MAE": value}},
+        champion_version=champion,
+        champion=None if theirs is None else {"valid": {"MAE": theirs}},
+    )
 
 
 def registered(client, value):
@@ -48,14 +53,21 @@ def test_a_persons_choice_stands_until_a_newer_challenger_beats_it(client):
     promote(client, NAME, "1")  # a person prefers v1, knowing v2's figure
     third = registered(client, 0.6)  # v3: worse than v1; v2 (older than the choice) must not come back
     assert champion(client) == "1" and not third.promoted
-    assert third.text == (f"kept champion v1, chosen by {getpass.getuser()}: MAE 0.6000 does not beat its 0.5000 "
-                          f"on data {DATA} by margin 0.0")
+    assert third.text == (
+        f"kept champion v1, chosen by {getpass.getuser()}: MAE 0.6000 does not beat its 0.5000 "
+        f"on data {DATA} by margin 0.0"
+    )
     fourth = registered(client, 0.45)  # v4 beats the chosen champion: gating moves on, to v4, not v2
     assert fourth.promoted and champion(client) == "4"
     assert rollback(client, NAME) == "1" and champion(client) == "1"  # back to the person's choice
     moves = champion_moves(client, NAME)
     assert [move.split(":")[0] for move in moves] == [
-        "v1 by gating", "v2 by gating", "v1 by person", "v4 by gating", "v1 by person"]
+        "v1 by gating",
+        "v2 by gating",
+        "v1 by person",
+        "v4 by gating",
+        "v1 by person",
+    ]
     assert moves[3] == f"v4 by gating: MAE 0.4500 beats v1's 0.5000 on data {DATA}"
     tags = client.get_registered_model(NAME).tags
     assert tags["champion_set_by"] == f"person:{getpass.getuser()}" and int(tags["champion_set_at"]) > 0

@@ -43,8 +43,9 @@ def test_predict_accepts_the_shipped_example(tiny_config, tmp_path):
     # the example has the dims of the demo's synthetic store; the test store is synthetic too
     assert (store.dims["audio"], store.dims["vision"]) == (AUDIO_DIM, VISION_DIM)
     config = bind_store(tiny_config, store)
-    checkpoint = save_checkpoint(tmp_path / "untrained", build_model(config.model), config,
-                                 load_tokenizer(config.model.text_encoder))
+    checkpoint = save_checkpoint(
+        tmp_path / "untrained", build_model(config.model), config, load_tokenizer(config.model.text_encoder)
+    )
     code, out, err = run_mmim("predict", "--checkpoint", str(checkpoint), "--input", str(EXAMPLE))
     assert code == 0, err
     predictions = json.loads(out)
@@ -57,8 +58,11 @@ def test_an_unreachable_registry_is_one_line(command, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
     code, _, err = run_mmim(*command, "models:/mmim-synthetic@champion")
     assert code == 1 and "Traceback" not in err  # a service that does not answer: exit 1
-    assert err.strip().splitlines()[-1].startswith(
-        "error: models:/mmim-synthetic@champion: tracking server http://127.0.0.1:")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("error: models:/mmim-synthetic@champion: tracking server http://127.0.0.1:")
+    )
 
 
 @pytest.mark.parametrize("command", [["list"], ["rollback"], ["promote", "--version", "1"]])
@@ -75,16 +79,20 @@ def test_registry_commands_fail_fast_when_mlflow_does_not_answer(command, monkey
 
 # ---------------------------------------------------------------- caps on a request, and hostile JSON
 
+
 @pytest.fixture
 def untrained_checkpoint(tiny_config, tmp_path) -> Path:
     config = bind_store(tiny_config, FeatureStore(tiny_config.data.store))
-    return save_checkpoint(tmp_path / "untrained", build_model(config.model), config,
-                           load_tokenizer(config.model.text_encoder))
+    return save_checkpoint(
+        tmp_path / "untrained", build_model(config.model), config, load_tokenizer(config.model.text_encoder)
+    )
 
 
 def utterances(count: int = 1, frames: int = 3) -> list[dict]:
-    return [{"text": "the movie was good", "audio": [[0.5] * AUDIO_DIM] * frames,
-             "vision": [[0.5] * VISION_DIM] * frames} for _ in range(count)]
+    return [
+        {"text": "the movie was good", "audio": [[0.5] * AUDIO_DIM] * frames, "vision": [[0.5] * VISION_DIM] * frames}
+        for _ in range(count)
+    ]
 
 
 OVER_THE_CAPS = [  # (utterances, the error) for predict, the pyfunc and the server alike

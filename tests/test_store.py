@@ -26,10 +26,13 @@ def source_split(n, offset=0, audio_dim=5, vision_dim=20, seed=0):
         ids=[f"vid{offset + i}_{i}" for i in range(n)],
         texts=[WORDS[i % len(WORDS)] for i in range(n)],
         labels=np.linspace(-3, 3, n).astype(np.float32),
-        audio=SequenceList([rng.normal(size=(1 + (i * 7) % 13, audio_dim)).astype(np.float32)
-                            for i in range(n)], audio_dim),
-        vision=SequenceList([rng.normal(size=(1 + (i * 5) % 11, vision_dim)).astype(np.float32)
-                             for i in range(n)], vision_dim))
+        audio=SequenceList(
+            [rng.normal(size=(1 + (i * 7) % 13, audio_dim)).astype(np.float32) for i in range(n)], audio_dim
+        ),
+        vision=SequenceList(
+            [rng.normal(size=(1 + (i * 5) % 11, vision_dim)).astype(np.float32) for i in range(n)], vision_dim
+        ),
+    )
 
 
 def all_splits():
@@ -41,8 +44,16 @@ def write(tmp_path, tiny_encoder):
     tokenizer = load_tokenizer(tiny_encoder)
 
     def write(splits=None, name="store", **options):
-        return write_store(tmp_path / name, splits or all_splits(), tokenizer, text_encoder=tiny_encoder,
-                           max_tokens=50, source="test", **options)
+        return write_store(
+            tmp_path / name,
+            splits or all_splits(),
+            tokenizer,
+            text_encoder=tiny_encoder,
+            max_tokens=50,
+            source="test",
+            **options,
+        )
+
     write.tokenizer = tokenizer
     return write
 
@@ -87,8 +98,11 @@ def test_padded_sources_front_and_back(write):
 def test_nonfinite_fail_policy_names_example(write, tmp_path):
     splits = all_splits()
     splits["train"].audio.sequences[3][0, 1] = -np.inf
-    with pytest.raises(MMIMInputError, match=r"test.pkl: split train, example 'vid3_3' \(index 3\), "
-                                             r"field audio: 1 NaN/inf values"):
+    with pytest.raises(
+        MMIMInputError,
+        match=r"test.pkl: split train, example 'vid3_3' \(index 3\), "
+        r"field audio: 1 NaN/inf values",
+    ):
         write(splits, nonfinite="fail")
     assert list(tmp_path.iterdir()) == []
 
@@ -110,23 +124,28 @@ def test_collate_pads_each_batch_to_its_own_longest(write):
     assert batch.audio_lengths.tolist() == audio_lengths
     assert batch.input_ids.shape[1] == int(batch.attention_mask.sum(1).max()) < 50
     short = int(np.argmin(audio_lengths))
-    assert (batch.audio[short, audio_lengths[short]:] == 0).all()
-    np.testing.assert_array_equal(batch.audio[short, :audio_lengths[short]].numpy(),
-                                  splits["train"].audio[short])
+    assert (batch.audio[short, audio_lengths[short] :] == 0).all()
+    np.testing.assert_array_equal(batch.audio[short, : audio_lengths[short]].numpy(), splits["train"].audio[short])
 
 
 def _set_vision(splits):
     splits["valid"].vision = SequenceList([np.zeros((4, 19), np.float32)] * 4, 19)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_set_vision, "test.pkl: split valid, field vision: dim 19, but split train has 20"),
-    (lambda s: s.pop("valid"), r"test.pkl: missing split\(s\) valid"),
-    (lambda s: s["test"].ids.__setitem__(1, "vid0_0"), r"duplicate id 'vid0_0' \(split test, also in split train\)"),
-    (lambda s: s["train"].labels.__setitem__(0, 3.5), r"example 'vid0_0' \(index 0\), field labels: 3.5 is not"),
-    (lambda s: s["train"].labels.__setitem__(1, np.nan), "field labels: nan is not a finite score"),
-    (lambda s: s["train"].texts.pop(), "split train: texts has 9 entries for 10 ids"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_set_vision, "test.pkl: split valid, field vision: dim 19, but split train has 20"),
+        (lambda s: s.pop("valid"), r"test.pkl: missing split\(s\) valid"),
+        (
+            lambda s: s["test"].ids.__setitem__(1, "vid0_0"),
+            r"duplicate id 'vid0_0' \(split test, also in split train\)",
+        ),
+        (lambda s: s["train"].labels.__setitem__(0, 3.5), r"example 'vid0_0' \(index 0\), field labels: 3.5 is not"),
+        (lambda s: s["train"].labels.__setitem__(1, np.nan), "field labels: nan is not a finite score"),
+        (lambda s: s["train"].texts.pop(), "split train: texts has 9 entries for 10 ids"),
+    ],
+)
 def test_write_rejects_bad_splits_and_leaves_nothing(write, tmp_path, damage, message):
     splits = all_splits()
     damage(splits)
@@ -181,6 +200,7 @@ def test_existing_store_is_not_overwritten_by_default(write):
 
 # ---------------------------------------------------------------- integrity of the manifest
 
+
 def edit_manifest(root, edit):
     path = root / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -198,11 +218,18 @@ def test_emptied_checksums_do_not_switch_the_check_off(write):
     root = write().root
     flip_a_byte(root / "train" / "labels.npy")
     edit_manifest(root, lambda m: m["splits"]["train"]["sha256"].clear())
-    with pytest.raises(MMIMInputError, match=r"train/input_ids.npy: no checksum in manifest.json "
-                                             r"\(splits.train.sha256\)"):
+    with pytest.raises(
+        MMIMInputError,
+        match=r"train/input_ids.npy: no checksum in manifest.json "
+        r"\(splits.train.sha256\)",
+    ):
         FeatureStore(root)
-    edit_manifest(root, lambda m: m["splits"]["train"]["sha256"].update(
-        {name: sha256_of(root / "train" / name) for name in ("input_ids.npy", "attention_mask.npy")}))
+    edit_manifest(
+        root,
+        lambda m: m["splits"]["train"]["sha256"].update(
+            {name: sha256_of(root / "train" / name) for name in ("input_ids.npy", "attention_mask.npy")}
+        ),
+    )
     with pytest.raises(MMIMInputError, match="train/token_type_ids.npy: no checksum"):
         FeatureStore(root)
 
@@ -236,8 +263,11 @@ def test_token_id_outside_the_vocabulary_is_named(write, token):
     root = write().root
     assert json.loads((root / "manifest.json").read_text())["vocab_size"] == len(write.tokenizer)
     rewrite_array(root, "input_ids.npy", lambda ids: ids.__setitem__((2, 1), token))
-    with pytest.raises(MMIMInputError, match=rf"train/input_ids.npy: token id {token} at row 2 outside "
-                                             rf"\[0, {len(write.tokenizer) - 1}\] \(vocab_size"):
+    with pytest.raises(
+        MMIMInputError,
+        match=rf"train/input_ids.npy: token id {token} at row 2 outside "
+        rf"\[0, {len(write.tokenizer) - 1}\] \(vocab_size",
+    ):
         FeatureStore(root)
     # A store written before vocab_size was recorded opens as before: the range is unknown.
     edit_manifest(root, lambda m: m.pop("vocab_size"))
@@ -245,6 +275,7 @@ def test_token_id_outside_the_vocabulary_is_named(write, token):
 
 
 # ---------------------------------------------------------------- --out and --overwrite
+
 
 def extract_synthetic(capsys, out, encoder, *extra):
     code = main(["extract", "--source", "synthetic", "--out", str(out), "--encoder", encoder, *extra])
@@ -302,17 +333,19 @@ def _in_a_read_only_directory(tmp_path, monkeypatch):
     (tmp_path / "read-only").mkdir(mode=0o555)
     if os.geteuid() == 0:  # root writes anywhere: make access() answer as for anyone else
         real_access = os.access
-        monkeypatch.setattr(os, "access",
-                            lambda path, mode: Path(path).name != "read-only" and real_access(path, mode))
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "read-only" and real_access(path, mode))
     return tmp_path / "read-only" / "out"
 
 
-@pytest.mark.parametrize("place, message", [
-    (_file, "exists and is not a directory"),
-    (_link_to_a_store, "is a symbolic link; refusing to replace it"),
-    (_under_a_file, "is a file, not a directory"),
-    (_in_a_read_only_directory, "cannot write in"),
-])
+@pytest.mark.parametrize(
+    "place, message",
+    [
+        (_file, "exists and is not a directory"),
+        (_link_to_a_store, "is a symbolic link; refusing to replace it"),
+        (_under_a_file, "is a file, not a directory"),
+        (_in_a_read_only_directory, "cannot write in"),
+    ],
+)
 def test_bad_out_is_one_line_and_exit_2(tmp_path, tiny_encoder, capsys, monkeypatch, write, place, message):
     write(name="store")
     out = place(tmp_path, monkeypatch)
@@ -322,8 +355,9 @@ def test_bad_out_is_one_line_and_exit_2(tmp_path, tiny_encoder, capsys, monkeypa
 
 
 @pytest.mark.parametrize("existing", ["store", "empty directory"])
-def test_overwrite_replaces_a_store_or_an_empty_directory(tmp_path, tiny_encoder, capsys, write,
-                                                          small_synthetic, existing):
+def test_overwrite_replaces_a_store_or_an_empty_directory(
+    tmp_path, tiny_encoder, capsys, write, small_synthetic, existing
+):
     out = tmp_path / "d"
     write(name="d") if existing == "store" else out.mkdir()
     code, err = extract_synthetic(capsys, out, tiny_encoder, "--overwrite")

@@ -31,8 +31,21 @@ def tracking(monkeypatch, aws_env, bucket):
     backend, artifacts = postgres_database("mlflow"), f"s3://{bucket}/mlflow"
     port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    server = start([mlflow_cli, "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
-                    "--port", str(port), "--workers", "1"], f"http://127.0.0.1:{port}/health")
+    server = start(
+        [
+            mlflow_cli,
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        f"http://127.0.0.1:{port}/health",
+    )
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri, artifacts
@@ -41,11 +54,15 @@ def tracking(monkeypatch, aws_env, bucket):
 
 
 def tracked_config(tiny_config, tmp_path, artifacts, name, **train):
-    return tiny_config.model_copy(update={
-        "tracking": tiny_config.tracking.model_copy(update={
-            "enabled": True, "artifact_location": artifacts, "experiment": "mmim-test"}),
-        "train": tiny_config.train.model_copy(update=train),
-        "output_dir": str(tmp_path / name)})
+    return tiny_config.model_copy(
+        update={
+            "tracking": tiny_config.tracking.model_copy(
+                update={"enabled": True, "artifact_location": artifacts, "experiment": "mmim-test"}
+            ),
+            "train": tiny_config.train.model_copy(update=train),
+            "output_dir": str(tmp_path / name),
+        }
+    )
 
 
 def train_and_track(config):
@@ -79,8 +96,9 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
     assert list(predicted.columns) == ["score", "polarity", "class7"] and np.isfinite(predicted["score"]).all()
 
     # a deliberately worse run: learning rates so small that nothing is learnt
-    worse = tracked_config(tiny_config, tmp_path, artifacts, "worse", epochs=1, lr_main=1e-9, lr_bert=1e-9,
-                           lr_mmilb=1e-9)
+    worse = tracked_config(
+        tiny_config, tmp_path, artifacts, "worse", epochs=1, lr_main=1e-9, lr_bert=1e-9, lr_mmilb=1e-9
+    )
     _, second = train_and_track(worse)
     assert not second.promoted and second.champion_version == decision.version
     versions = {v["version"]: v for v in describe(client, name)}
@@ -96,9 +114,11 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
 
     # bad requests: clear errors, not torch stack traces
     # (a missing column is caught by the logged signature before the model runs)
-    for broken, message in [(frame.drop(columns=["vision"]), "missing inputs ['vision']"),
-                            (frame.assign(text=["", "ok"]), "utterance 0, field text: empty"),
-                            (frame.assign(audio=[[[0.0] * 3]] * 2), "utterance 0, field audio: shape (1, 3)")]:
+    for broken, message in [
+        (frame.drop(columns=["vision"]), "missing inputs ['vision']"),
+        (frame.assign(text=["", "ok"]), "utterance 0, field text: empty"),
+        (frame.assign(audio=[[[0.0] * 3]] * 2), "utterance 0, field audio: shape (1, 3)"),
+    ]:
         with pytest.raises(MlflowException, match=re.escape(message)):
             champion.predict(broken)
 
@@ -107,8 +127,20 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
     from tests.test_serving import EXAMPLE, run_mmim
 
     champion_uri, port = f"models:/{name}@champion", free_port()
-    server = start([str(Path(sys.executable).parent / "mmim"), "serve", "--model", champion_uri, "--port", str(port),
-                    "--max-request-mb", "0.5"], f"http://127.0.0.1:{port}/ping", env={"PATH": "/usr/bin:/bin"})
+    server = start(
+        [
+            str(Path(sys.executable).parent / "mmim"),
+            "serve",
+            "--model",
+            champion_uri,
+            "--port",
+            str(port),
+            "--max-request-mb",
+            "0.5",
+        ],
+        f"http://127.0.0.1:{port}/ping",
+        env={"PATH": "/usr/bin:/bin"},
+    )
     try:
         served = invocations(port, {"dataframe_split": frame.to_dict(orient="split")})
         assert served == pytest.approx(predicted["score"].tolist(), abs=1e-5)
@@ -117,19 +149,25 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         code, out, err = run_mmim("predict", "--checkpoint", champion_uri, "--input", str(EXAMPLE))
         assert code == 0 and [p["score"] for p in json.loads(out)] == pytest.approx(served, abs=1e-5), err
         # hostile bodies are refused before MLflow parses them (it would answer 500 to the first)
-        for body, status, message in [(b"[" * 100_000, 400, "nested deeper than 32"),
-                                      (b" " * 600_000, 413, "request body over 524288 bytes")]:
+        for body, status, message in [
+            (b"[" * 100_000, 400, "nested deeper than 32"),
+            (b" " * 600_000, 413, "request body over 524288 bytes"),
+        ]:
             with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(urllib.request.Request(
-                    f"http://127.0.0.1:{port}/invocations", data=body,
-                    headers={"Content-Type": "application/json"}), timeout=60)
+                urllib.request.urlopen(
+                    urllib.request.Request(
+                        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+                    ),
+                    timeout=60,
+                )
             assert refused.value.code == status and message in json.loads(refused.value.read())["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)
     # evaluate shares predict's way to a logged model; here by its run
-    code, out, err = run_mmim("evaluate", "--checkpoint", f"runs:/{run.run_id}/model", "--store", good.data.store,
-                              "--split", "test")
+    code, out, err = run_mmim(
+        "evaluate", "--checkpoint", f"runs:/{run.run_id}/model", "--store", good.data.store, "--split", "test"
+    )
     assert code == 0 and "MAE" in out, err
     # a model the registry does not have: one line naming it, exit 2, before any server starts
     for command in (["serve", "--model"], ["predict", "--input", str(EXAMPLE), "--checkpoint"]):
@@ -140,7 +178,10 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
 
 def invocations(port: int, body: dict) -> list[float]:
     """The scores a model server on 127.0.0.1:`port` answers to a POST /invocations."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     return [row["score"] for row in answer["predictions"]]

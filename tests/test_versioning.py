@@ -11,9 +11,18 @@ import yaml
 from configobj import ConfigObj
 
 from mmim.errors import MMIMInputError, ServiceUnavailableError
-from mmim.versioning import (data_version, ensure_store, fetch_store, input_fingerprint, pull, push, reproduce,
-                             store_path)
+from mmim.versioning import (
+    data_version,
+    ensure_store,
+    fetch_store,
+    input_fingerprint,
+    pull,
+    push,
+    reproduce,
+    store_path,
+)
 from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
+
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -56,8 +65,9 @@ def test_repro_leaves_dvc_lock_tracked_by_git(tmp_path):
     assert core.get("autostage") == "true"
     repo = make_dvc_project(tmp_path / "project", str(tmp_path / "dvc-remote"))
     reproduce("synthetic", repo)
-    status = subprocess.run(["git", "status", "--porcelain", "dvc.lock"], cwd=repo, capture_output=True, text=True,
-                            check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "dvc.lock"], cwd=repo, capture_output=True, text=True, check=True
+    )
     assert status.stdout.strip() == "A  dvc.lock"  # staged, nothing left to `git add`
 
 

@@ -35,8 +35,7 @@ def padded_sequences(array, lengths: np.ndarray | None, padding: str, where: str
         raise MMIMInputError(f"{where}: {len(lengths)} lengths for {len(array)} examples")
     bad = np.flatnonzero((lengths < 0) | (lengths > array.shape[1]))
     if bad.size:
-        raise MMIMInputError(f"{where}: length {lengths[bad[0]]} of example {bad[0]} "
-                             f"is outside [0, {array.shape[1]}]")
+        raise MMIMInputError(f"{where}: length {lengths[bad[0]]} of example {bad[0]} is outside [0, {array.shape[1]}]")
     return PaddedSequences(array, lengths, padding)
 
 

@@ -43,8 +43,9 @@ PAUSE_TOKENS = {"sp", "SP"}
 def _find(directory: Path, modality: str) -> Path:
     found = sorted({p for pattern in PATTERNS[modality] for p in directory.glob(pattern)})
     if len(found) != 1:
-        raise MMIMInputError(f"{directory}: expected one {modality} .csd file "
-                             f"({' or '.join(PATTERNS[modality])}), found {len(found)}")
+        raise MMIMInputError(
+            f"{directory}: expected one {modality} .csd file ({' or '.join(PATTERNS[modality])}), found {len(found)}"
+        )
     return found[0]
 
 
@@ -86,6 +87,7 @@ class _Sequence:
         """HDF5 can make an object of this file read another file (external links, external
         storage, virtual datasets): bytes of any local file would end up in the store. A .csd
         file holds its data itself, so only plain (hard) links and contiguous data pass."""
+
         def problem(name: str, link) -> str | None:  # a message stops the visit
             if not isinstance(link, h5py.HardLink):
                 return f"/{name} is a {type(link).__name__}"
@@ -116,8 +118,9 @@ class _Sequence:
             if features.ndim != 2 or features.shape[1] == 0:
                 raise MMIMInputError(f"{where}, features: shape {features.shape}, expected (frames, dim)")
         if intervals.ndim != 2 or intervals.shape != (len(features), 2):
-            raise MMIMInputError(f"{self.path}: video {video_id!r}: intervals {intervals.shape} "
-                                 f"do not match features {features.shape}")
+            raise MMIMInputError(
+                f"{self.path}: video {video_id!r}: intervals {intervals.shape} do not match features {features.shape}"
+            )
         return features, intervals
 
     def close(self) -> None:
@@ -153,13 +156,19 @@ def read_csd(input_path: str | Path, folds: str | Path | None = None) -> dict[st
                     audio.append(audio_frames[_inside(audio_intervals, start, end)].astype(np.float32))
                     vision.append(vision_frames[_inside(vision_intervals, start, end)].astype(np.float32))
             if not ids:  # no SequenceList (nor its dim) can be made of nothing
-                raise MMIMInputError(f"{sequences['labels'].path}: split {name} has no examples (no labelled "
-                                     f"segments in its {len(fold_ids[name])} fold video(s))")
+                raise MMIMInputError(
+                    f"{sequences['labels'].path}: split {name} has no examples (no labelled "
+                    f"segments in its {len(fold_ids[name])} fold video(s))"
+                )
             origin = ", ".join(str(s.path) for s in sequences.values())
             splits[name] = SourceSplit(
-                origin=origin, ids=ids, texts=texts, labels=np.asarray(labels, dtype=np.float32),
+                origin=origin,
+                ids=ids,
+                texts=texts,
+                labels=np.asarray(labels, dtype=np.float32),
                 audio=SequenceList(audio, _dim(audio, sequences["audio"].path)),
-                vision=SequenceList(vision, _dim(vision, sequences["vision"].path)))
+                vision=SequenceList(vision, _dim(vision, sequences["vision"].path)),
+            )
         return splits
     finally:
         for sequence in sequences.values():

@@ -39,12 +39,16 @@ def read_mmsa(input_path: str | Path) -> dict[str, SourceSplit]:
     for name in SPLITS:
         raw = split_dict(data, name, str(path), REQUIRED)
         where = f"{path}: split {name}"
-        sequences = {modality: padded_sequences(raw[modality], raw.get(f"{modality}_lengths"), "back",
-                                                f"{where}, field {modality}")
-                     for modality in ("audio", "vision")}
+        sequences = {
+            modality: padded_sequences(
+                raw[modality], raw.get(f"{modality}_lengths"), "back", f"{where}, field {modality}"
+            )
+            for modality in ("audio", "vision")
+        }
         ids = [as_text(value).replace("$_$", "_") for value in np.asarray(raw["id"]).reshape(-1)]
         texts = [as_text(value) for value in np.asarray(raw["raw_text"]).reshape(-1)]
         labels = sentiment_labels(raw["regression_labels"], f"{where}, field regression_labels")
-        splits[name] = SourceSplit(origin=str(path), ids=ids, texts=texts, labels=labels,
-                                   audio=sequences["audio"], vision=sequences["vision"])
+        splits[name] = SourceSplit(
+            origin=str(path), ids=ids, texts=texts, labels=labels, audio=sequences["audio"], vision=sequences["vision"]
+        )
     return splits

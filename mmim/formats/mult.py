@@ -47,8 +47,10 @@ def find_files(input_path: Path, labels: Path | None) -> tuple[Path, Path]:
     if labels is None:
         candidates = sorted(input_path.parent.glob("*label*.csv"))
         if len(candidates) != 1:
-            raise MMIMInputError(f"{input_path.parent}: expected exactly one *label*.csv beside "
-                                 f"{input_path.name}, found {len(candidates)} (pass --labels)")
+            raise MMIMInputError(
+                f"{input_path.parent}: expected exactly one *label*.csv beside "
+                f"{input_path.name}, found {len(candidates)} (pass --labels)"
+            )
         labels = candidates[0]
     return input_path, labels
 
@@ -87,46 +89,62 @@ def example_ids(raw, where: str) -> list[str]:
     return ids
 
 
-def match_rows(ids: list[str], rows: list[tuple[str, str, str]], csv_path: Path,
-               pickle_path: Path) -> tuple[list[str], list[str]]:
+def match_rows(
+    ids: list[str], rows: list[tuple[str, str, str]], csv_path: Path, pickle_path: Path
+) -> tuple[list[str], list[str]]:
     """(ids, texts) for the pickle's examples, in order, from the CSV rows."""
     by_id = {f"{video}_{clip}": text for video, clip, text in rows}
     if any(example_id in by_id for example_id in ids):
         for index, example_id in enumerate(ids):
             if example_id not in by_id:
-                raise MMIMInputError(f"{pickle_path}: example {example_id!r} (index {index} over all "
-                                     f"splits) has no row in {csv_path}")
+                raise MMIMInputError(
+                    f"{pickle_path}: example {example_id!r} (index {index} over all splits) has no row in {csv_path}"
+                )
         return ids, [by_id[example_id] for example_id in ids]
     # No id names a clip: match by row order, checking the video ids the pickle carries.
     if len(rows) != len(ids):
-        raise MMIMInputError(f"{pickle_path}: ids do not name clips and {csv_path} has {len(rows)} rows "
-                             f"for {len(ids)} examples; cannot match words to examples")
+        raise MMIMInputError(
+            f"{pickle_path}: ids do not name clips and {csv_path} has {len(rows)} rows "
+            f"for {len(ids)} examples; cannot match words to examples"
+        )
     for index, (example_id, (video, _clip, _text)) in enumerate(zip(ids, rows)):
         if video not in example_id:
-            raise MMIMInputError(f"{pickle_path}: example {index} is {example_id!r} but row {index + 2} of "
-                                 f"{csv_path} is video {video!r}; pickle and CSV disagree")
+            raise MMIMInputError(
+                f"{pickle_path}: example {index} is {example_id!r} but row {index + 2} of "
+                f"{csv_path} is video {video!r}; pickle and CSV disagree"
+            )
     return [f"{video}_{clip}" for video, clip, _ in rows], [text for _, _, text in rows]
 
 
 def read_mult(input_path: str | Path, labels: str | Path | None = None) -> dict[str, SourceSplit]:
     pickle_path, csv_path = find_files(Path(input_path), Path(labels) if labels else None)
     data = load_untrusted_pickle(pickle_path)
-    splits_raw = {name: split_dict(data, name, str(pickle_path), ("audio", "vision", "labels", "id"))
-                  for name in SPLITS}
-    raw_ids = {name: example_ids(raw["id"], f"{pickle_path}: split {name}, field id")
-               for name, raw in splits_raw.items()}
-    all_ids, all_texts = match_rows([i for name in SPLITS for i in raw_ids[name]], read_label_csv(csv_path),
-                                    csv_path, pickle_path)
+    splits_raw = {
+        name: split_dict(data, name, str(pickle_path), ("audio", "vision", "labels", "id")) for name in SPLITS
+    }
+    raw_ids = {
+        name: example_ids(raw["id"], f"{pickle_path}: split {name}, field id") for name, raw in splits_raw.items()
+    }
+    all_ids, all_texts = match_rows(
+        [i for name in SPLITS for i in raw_ids[name]], read_label_csv(csv_path), csv_path, pickle_path
+    )
     splits, start = {}, 0
     for name, raw in splits_raw.items():
         stop = start + len(raw_ids[name])
         ids, texts, start = all_ids[start:stop], all_texts[start:stop], stop
         where = f"{pickle_path}: split {name}"
-        sequences = {modality: padded_sequences(raw[modality], None, "front", f"{where}, field {modality}")
-                     for modality in ("audio", "vision")}
-        splits[name] = SourceSplit(origin=str(pickle_path), ids=ids, texts=texts,
-                                   labels=sentiment_labels(raw["labels"], f"{where}, field labels"),
-                                   audio=sequences["audio"], vision=sequences["vision"])
+        sequences = {
+            modality: padded_sequences(raw[modality], None, "front", f"{where}, field {modality}")
+            for modality in ("audio", "vision")
+        }
+        splits[name] = SourceSplit(
+            origin=str(pickle_path),
+            ids=ids,
+            texts=texts,
+            labels=sentiment_labels(raw["labels"], f"{where}, field labels"),
+            audio=sequences["audio"],
+            vision=sequences["vision"],
+        )
     return splits
 
 
@@ -134,7 +152,7 @@ def _front_pad(sequences: Sequences) -> np.ndarray:
     frames = max(sequences.length(i) for i in range(len(sequences)))
     padded = np.zeros((len(sequences), frames, sequences.dim), dtype=np.float32)
     for row in range(len(sequences)):
-        padded[row, frames - sequences.length(row):] = sequences[row]
+        padded[row, frames - sequences.length(row) :] = sequences[row]
     return padded
 
 

@@ -49,15 +49,19 @@ class AudioFeatures:
 
     def __init__(self, feature_set: str = "eGeMAPSv02", rate: float = 100.0):
         if feature_set not in FEATURE_SETS:
-            raise MMIMInputError(f"extraction.recordings.audio_features {feature_set!r}: "
-                                 f"expected one of {', '.join(FEATURE_SETS)}")
+            raise MMIMInputError(
+                f"extraction.recordings.audio_features {feature_set!r}: expected one of {', '.join(FEATURE_SETS)}"
+            )
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= MAX_RATE:
-            raise MMIMInputError(f"extraction.recordings.audio_rate {rate!r}: "
-                                 f"expected frames per second in (0, {MAX_RATE:g}]")
+            raise MMIMInputError(
+                f"extraction.recordings.audio_rate {rate!r}: expected frames per second in (0, {MAX_RATE:g}]"
+            )
         self.feature_set = feature_set
         self.rate = float(rate)
-        self._smile = opensmile.Smile(feature_set=getattr(opensmile.FeatureSet, feature_set),
-                                      feature_level=opensmile.FeatureLevel.LowLevelDescriptors)
+        self._smile = opensmile.Smile(
+            feature_set=getattr(opensmile.FeatureSet, feature_set),
+            feature_level=opensmile.FeatureLevel.LowLevelDescriptors,
+        )
         self.names: list[str] = list(self._smile.feature_names)
         self.dim = len(self.names)
         log.debug("openSMILE %s: %d LLDs at %g frames/s", feature_set, self.dim, self.rate)

@@ -63,8 +63,7 @@ class FeatureCache:
         atomic_write(self.root / HASHES_FILE, json.dumps(self._hashes))
 
     def key(self, clip: Clip) -> str:
-        material = json.dumps([self.content_hash(clip.path), clip.start, clip.end, self._settings,
-                               EXTRACTOR_VERSION])
+        material = json.dumps([self.content_hash(clip.path), clip.start, clip.end, self._settings, EXTRACTOR_VERSION])
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -77,8 +76,10 @@ class FeatureCache:
                 features = ClipFeatures(saved["audio"], saved["vision"])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             return None
-        valid = all(array.dtype == np.float32 and array.ndim == 2 and len(array) > 0
-                    for array in (features.audio, features.vision))
+        valid = all(
+            array.dtype == np.float32 and array.ndim == 2 and len(array) > 0
+            for array in (features.audio, features.vision)
+        )
         return features if valid else None
 
     def put(self, key: str, features: ClipFeatures) -> None:

@@ -83,8 +83,12 @@ EXTRACTOR_VERSION = _code_version()
 
 def describe_extractor(settings: ExtractorSettings) -> dict:
     """What the store's manifest (and so every model trained on it) records."""
-    return {"name": EXTRACTOR_NAME, "version": EXTRACTOR_VERSION, "settings": settings.features(),
-            "libraries": {library: version(library) for library in LIBRARIES}}
+    return {
+        "name": EXTRACTOR_NAME,
+        "version": EXTRACTOR_VERSION,
+        "settings": settings.features(),
+        "libraries": {library: version(library) for library in LIBRARIES},
+    }
 
 
 @dataclass
@@ -127,6 +131,7 @@ class ClipExtractor:
 # interpreter (not a fork of a parent with threads, such as a Ray worker) that imports
 # this module only (multiprocessing's spawn would import the parent's main script too,
 # which for the CLI costs seconds at every start and restart).
+
 
 def _next_request(requests: Connection) -> tuple | None:
     """The next clip to extract; None when asked to stop or when the parent is gone."""
@@ -192,8 +197,10 @@ class IsolatedExtractor:
             self._requests.send((str(path), start, end))
             if not self._answers.poll(self.settings.clip_timeout):
                 self.close(kill=True)
-                raise MediaError("timed out", f"no result after {self.settings.clip_timeout:g} s "
-                                              "(extraction.recordings.clip-timeout)")
+                raise MediaError(
+                    "timed out",
+                    f"no result after {self.settings.clip_timeout:g} s (extraction.recordings.clip-timeout)",
+                )
             answer = self._answers.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             code = self.close(kill=True)

@@ -53,8 +53,12 @@ log = logging.getLogger(__name__)
 FACE_LAYOUT: tuple[tuple[str, int, str], ...] = (
     ("face_found", 1, "1.0 when a face was found; otherwise the whole vector is 0"),
     ("box", 3, "face box centre x, centre y (fractions of frame width, height), box width / frame width"),
-    ("head_pose", 3, "yaw, pitch, roll in radians (yaw > 0: turned to the image's right, "
-                     "pitch > 0: chin up, roll > 0: tilted counter-clockwise in the image)"),
+    (
+        "head_pose",
+        3,
+        "yaw, pitch, roll in radians (yaw > 0: turned to the image's right, "
+        "pitch > 0: chin up, roll > 0: tilted counter-clockwise in the image)",
+    ),
     ("mouth_open", 1, "inner-lip gap (landmarks 62-66) / IOD"),
     ("mouth_width", 1, "mouth corner distance (48-54) / IOD"),
     ("lip_corner_raise", 1, "height of the mouth corners (48, 54) above the lip midpoints (51, 57) / IOD"),
@@ -78,14 +82,16 @@ POSE_POINTS = [30, 8, 36, 45, 48, 54]  # nose tip, chin, outer eye corners, mout
 # A generic adult face in millimetres, in camera axes for a frontal face (x to the
 # image's right, y down, z away from the camera) with the nose tip at the origin.
 # Rough anthropometric proportions; only the shape matters, not the size.
-POSE_MODEL = np.array([
-    [0.0, 0.0, 0.0],  # 30 nose tip
-    [0.0, 70.0, 20.0],  # 8 chin
-    [-45.0, -35.0, 35.0],  # 36 outer corner of the person's right eye
-    [45.0, -35.0, 35.0],  # 45 outer corner of the left eye
-    [-25.0, 30.0, 25.0],  # 48 right mouth corner
-    [25.0, 30.0, 25.0],  # 54 left mouth corner
-])
+POSE_MODEL = np.array(
+    [
+        [0.0, 0.0, 0.0],  # 30 nose tip
+        [0.0, 70.0, 20.0],  # 8 chin
+        [-45.0, -35.0, 35.0],  # 36 outer corner of the person's right eye
+        [45.0, -35.0, 35.0],  # 45 outer corner of the left eye
+        [-25.0, 30.0, 25.0],  # 48 right mouth corner
+        [25.0, 30.0, 25.0],  # 54 left mouth corner
+    ]
+)
 MODEL_EYE_SPAN = 90.0  # mm between the model's outer eye corners
 
 
@@ -129,13 +135,15 @@ class FaceGeometry:
         points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
         height, width = frame.shape[:2]
         face = face_coordinates(points)
-        return np.concatenate([
-            [1.0],
-            box_features(box, width, height),
-            head_pose(points, width, height),
-            expression_features(face),
-            face.ravel(),
-        ]).astype(np.float32)
+        return np.concatenate(
+            [
+                [1.0],
+                box_features(box, width, height),
+                head_pose(points, width, height),
+                expression_features(face),
+                face.ravel(),
+            ]
+        ).astype(np.float32)
 
 
 def box_features(box: dlib.rectangle, width: int, height: int) -> np.ndarray:
@@ -154,13 +162,18 @@ def head_pose(points: np.ndarray, width: int, height: int) -> np.ndarray:
     eye_span = np.linalg.norm(image_points[3] - image_points[2])
     depth = width * MODEL_EYE_SPAN / max(eye_span, 1.0)
     nose = image_points[0]
-    translation = np.array([[(nose[0] - width / 2) * depth / width],
-                            [(nose[1] - height / 2) * depth / width],
-                            [depth]])
+    translation = np.array([[(nose[0] - width / 2) * depth / width], [(nose[1] - height / 2) * depth / width], [depth]])
     rotation = np.zeros((3, 1))
-    _, rotation, translation = cv2.solvePnP(POSE_MODEL, image_points, camera, None, rotation,
-                                            translation, useExtrinsicGuess=True,
-                                            flags=cv2.SOLVEPNP_ITERATIVE)
+    _, rotation, translation = cv2.solvePnP(
+        POSE_MODEL,
+        image_points,
+        camera,
+        None,
+        rotation,
+        translation,
+        useExtrinsicGuess=True,
+        flags=cv2.SOLVEPNP_ITERATIVE,
+    )
     matrix, _ = cv2.Rodrigues(rotation)
     # Read the rotation as Rz(roll) @ Ry(yaw) @ Rx(pitch) in camera axes (y down, z away
     # from the camera). There yaw > 0 turns the face to the image's left, pitch > 0 tips
@@ -186,15 +199,17 @@ def expression_features(face: np.ndarray) -> np.ndarray:
     """mouth_open, mouth_width, lip_corner_raise, eye_open (2), brow_raise (2), from face coordinates."""
     corners_y = (face[48, 1] + face[54, 1]) / 2
     lips_y = (face[51, 1] + face[57, 1]) / 2
-    return np.array([
-        np.linalg.norm(face[62] - face[66]),
-        np.linalg.norm(face[48] - face[54]),
-        lips_y - corners_y,  # y points down, so corners above the lips make this positive
-        eye_aspect_ratio(face[RIGHT_EYE]),
-        eye_aspect_ratio(face[LEFT_EYE]),
-        face[RIGHT_EYE, 1].mean() - face[RIGHT_BROW, 1].mean(),
-        face[LEFT_EYE, 1].mean() - face[LEFT_BROW, 1].mean(),
-    ])
+    return np.array(
+        [
+            np.linalg.norm(face[62] - face[66]),
+            np.linalg.norm(face[48] - face[54]),
+            lips_y - corners_y,  # y points down, so corners above the lips make this positive
+            eye_aspect_ratio(face[RIGHT_EYE]),
+            eye_aspect_ratio(face[LEFT_EYE]),
+            face[RIGHT_EYE, 1].mean() - face[RIGHT_BROW, 1].mean(),
+            face[LEFT_EYE, 1].mean() - face[LEFT_BROW, 1].mean(),
+        ]
+    )
 
 
 def eye_aspect_ratio(eye: np.ndarray) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 
 from mmim.errors import MMIMInputError, ServiceUnavailableError, first_line
 from mmim.recordings.cache import FeatureCache
-from mmim.recordings.extractor import (ClipFeatures, ExtractorSettings, IsolatedExtractor, describe_extractor)
+from mmim.recordings.extractor import ClipFeatures, ExtractorSettings, IsolatedExtractor, describe_extractor
 from mmim.recordings.layout import LABELS_FILE, Clip, Rejected, read_dataset
 from mmim.recordings.media import MediaError
 from mmim.store import SPLITS
@@ -65,6 +65,7 @@ class _Outcome:
 
 # ---------------------------------------------------------------- extraction, here or on Ray
 
+
 def _extract_here(clips: list[Clip], settings: ExtractorSettings) -> Iterator[_Outcome]:
     with IsolatedExtractor(settings) as extract:
         for index, clip in enumerate(clips):
@@ -85,9 +86,15 @@ def _extract_row(extract: IsolatedExtractor, row: dict) -> dict:
     # Raw bytes with their shapes: arrays of any length travel through Arrow unchanged.
     audio = outcome.features.audio if outcome.features else np.zeros((0, 0), np.float32)
     vision = outcome.features.vision if outcome.features else np.zeros((0, 0), np.float32)
-    return {"index": outcome.index, "reason": outcome.reason, "detail": outcome.detail,
-            "audio": audio.tobytes(), "audio_shape": list(audio.shape),
-            "vision": vision.tobytes(), "vision_shape": list(vision.shape)}
+    return {
+        "index": outcome.index,
+        "reason": outcome.reason,
+        "detail": outcome.detail,
+        "audio": audio.tobytes(),
+        "audio_shape": list(audio.shape),
+        "vision": vision.tobytes(),
+        "vision_shape": list(vision.shape),
+    }
 
 
 def _actor_class(settings: ExtractorSettings) -> type:
@@ -123,13 +130,16 @@ def connect_ray(address: str | None) -> int:
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         except (ConnectionError, TimeoutError, RuntimeError) as error:
-            raise ServiceUnavailableError(f"Ray cluster {address or os.environ.get('RAY_ADDRESS', '(local)')} "
-                                          f"does not answer ({first_line(error)})") from None
+            raise ServiceUnavailableError(
+                f"Ray cluster {address or os.environ.get('RAY_ADDRESS', '(local)')} "
+                f"does not answer ({first_line(error)})"
+            ) from None
     return int(ray.cluster_resources().get("CPU", 1))
 
 
-def _extract_on_ray(clips: list[Clip], settings: ExtractorSettings, workers: int | None,
-                    address: str | None) -> Iterator[_Outcome]:
+def _extract_on_ray(
+    clips: list[Clip], settings: ExtractorSettings, workers: int | None, address: str | None
+) -> Iterator[_Outcome]:
     import ray
 
     cpus = connect_ray(address)
@@ -139,18 +149,26 @@ def _extract_on_ray(clips: list[Clip], settings: ExtractorSettings, workers: int
     context.print_on_execution_start = False
     if not log.isEnabledFor(logging.INFO):  # quiet here: Ray Data's notes on its own progress too
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-    items = [{"index": index, "path": str(clip.path.resolve()),
-              "start": np.nan if clip.start is None else clip.start,
-              "end": np.nan if clip.end is None else clip.end} for index, clip in enumerate(clips)]
+    items = [
+        {
+            "index": index,
+            "path": str(clip.path.resolve()),
+            "start": np.nan if clip.start is None else clip.start,
+            "end": np.nan if clip.end is None else clip.end,
+        }
+        for index, clip in enumerate(clips)
+    ]
     blocks = max(min(len(items), actors * 2), -(-len(items) // CLIPS_PER_BLOCK))
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map(
-        _actor_class(settings), compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+        _actor_class(settings), compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1
+    )
     log.info("extracting %d clips with %d Ray workers", len(clips), actors)
     for row in dataset.iter_rows():
         yield _from_row(row)
 
 
 # ---------------------------------------------------------------- the job
+
 
 def _skip_or_fail(rejected: Rejected, on_error: OnError) -> None:
     if on_error == "fail":
@@ -175,20 +193,31 @@ class CachedSequences:
     def __getitem__(self, index: int) -> np.ndarray:
         features = self.cache.get(self.keys[index])
         if features is None:
-            raise MMIMInputError(f"{self.cache.root}: the cached features of a clip vanished while the store "
-                                 "was written; run again")
+            raise MMIMInputError(
+                f"{self.cache.root}: the cached features of a clip vanished while the store was written; run again"
+            )
         return getattr(features, self.modality)
 
 
-def _source_split(name: str, clips: list[Clip], cache: FeatureCache, keys: dict[str, str],
-                  lengths: dict[str, tuple[int, int]], dims: dict[str, int], origin: str) -> SourceSplit:
+def _source_split(
+    name: str,
+    clips: list[Clip],
+    cache: FeatureCache,
+    keys: dict[str, str],
+    lengths: dict[str, tuple[int, int]],
+    dims: dict[str, int],
+    origin: str,
+) -> SourceSplit:
     members = [clip for clip in clips if clip.split == name]
     member_keys = [keys[clip.id] for clip in members]
     return SourceSplit(
-        origin=origin, ids=[clip.id for clip in members], texts=[clip.text for clip in members],
+        origin=origin,
+        ids=[clip.id for clip in members],
+        texts=[clip.text for clip in members],
         labels=np.array([clip.label for clip in members], dtype=np.float32),
         audio=CachedSequences(cache, member_keys, [lengths[c.id][0] for c in members], "audio", dims["audio"]),
-        vision=CachedSequences(cache, member_keys, [lengths[c.id][1] for c in members], "vision", dims["vision"]))
+        vision=CachedSequences(cache, member_keys, [lengths[c.id][1] for c in members], "vision", dims["vision"]),
+    )
 
 
 def _cached_lengths(cache: FeatureCache, clips: list[Clip], keys: dict[str, str]) -> dict[str, tuple[int, int]]:
@@ -201,11 +230,21 @@ def _cached_lengths(cache: FeatureCache, clips: list[Clip], keys: dict[str, str]
     return found
 
 
-def extract_recordings(input_dir: str | Path, out: str | Path, encoder: str, settings: ExtractorSettings, *,
-                       cache_dir: str | Path, max_tokens: int, nonfinite: NonFinitePolicy = "zero",
-                       on_error: OnError = "skip", overwrite: bool = False, workers: int | None = None,
-                       ray_address: str | None = None, progress: RecordingsProgress = RecordingsProgress()
-                       ) -> RecordingsSummary:
+def extract_recordings(
+    input_dir: str | Path,
+    out: str | Path,
+    encoder: str,
+    settings: ExtractorSettings,
+    *,
+    cache_dir: str | Path,
+    max_tokens: int,
+    nonfinite: NonFinitePolicy = "zero",
+    on_error: OnError = "skip",
+    overwrite: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    progress: RecordingsProgress = RecordingsProgress(),
+) -> RecordingsSummary:
     """Extract what the cache lacks (`workers`: Ray actors, None = the cluster's CPUs, 0 = here)
     and write the store at `out`."""
     input_dir = Path(input_dir)
@@ -227,8 +266,11 @@ def extract_recordings(input_dir: str | Path, out: str | Path, encoder: str, set
     progress.start(len(pending))
     outcomes: Iterable[_Outcome] = ()
     if pending:
-        outcomes = _extract_here(pending, settings) if workers == 0 else \
-            _extract_on_ray(pending, settings, workers, ray_address)
+        outcomes = (
+            _extract_here(pending, settings)
+            if workers == 0
+            else _extract_on_ray(pending, settings, workers, ray_address)
+        )
     for outcome in outcomes:
         clip = pending[outcome.index]
         if outcome.features is None:
@@ -242,16 +284,27 @@ def extract_recordings(input_dir: str | Path, out: str | Path, encoder: str, set
 
     usable = [clip for clip in clips if clip.id in lengths]
     if not usable:
-        raise MMIMInputError(f"{origin}: no usable clips "
-                             f"({len(skipped)} skipped: {', '.join(sorted({r.reason for r in skipped}))})")
+        raise MMIMInputError(
+            f"{origin}: no usable clips ({len(skipped)} skipped: {', '.join(sorted({r.reason for r in skipped}))})"
+        )
     first = cache.get(keys[usable[0].id])
     dims = {"audio": first.audio.shape[1], "vision": first.vision.shape[1]}
     splits = {name: _source_split(name, usable, cache, keys, lengths, dims, origin) for name in SPLITS}
     split_of = {clip.id: clip.split for clip in clips}
     dropped = [(split_of.get(rejected.clip_id, ""), rejected.clip_id, rejected.reason) for rejected in skipped]
-    summary = write_store(out, splits, tokenizer, text_encoder=encoder, max_tokens=max_tokens, source="recordings",
-                          nonfinite=nonfinite, overwrite=overwrite, dropped=dropped,
-                          manifest_extra={"extractor": describe_extractor(settings)})
+    summary = write_store(
+        out,
+        splits,
+        tokenizer,
+        text_encoder=encoder,
+        max_tokens=max_tokens,
+        source="recordings",
+        nonfinite=nonfinite,
+        overwrite=overwrite,
+        dropped=dropped,
+        manifest_extra={"extractor": describe_extractor(settings)},
+    )
     extracted = len(pending) - (len(clips) - len(usable))
-    return RecordingsSummary(summary, clips=rows, extracted=extracted, cached=len(clips) - len(pending),
-                             skipped=skipped)
+    return RecordingsSummary(
+        summary, clips=rows, extracted=extracted, cached=len(clips) - len(pending), skipped=skipped
+    )

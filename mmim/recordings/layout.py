@@ -110,8 +110,10 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
             reader = csv.DictReader(handle)
             missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
             if missing:
-                raise MMIMInputError(f"{path}: missing column(s) {', '.join(missing)} "
-                                     f"(expected {', '.join(REQUIRED_COLUMNS)}, mode[, start, end])")
+                raise MMIMInputError(
+                    f"{path}: missing column(s) {', '.join(missing)} "
+                    f"(expected {', '.join(REQUIRED_COLUMNS)}, mode[, start, end])"
+                )
             return list(reader)
     except FileNotFoundError:
         raise MMIMInputError(f"{path}: missing (a recordings dataset needs {LABELS_FILE} and {MEDIA_DIR}/)") from None
@@ -140,7 +142,9 @@ def read_dataset(root: str | Path) -> tuple[list[Clip], list[Rejected]]:
             rejected.append(Rejected(where, example_id, reason, detail))
             continue
         if clip.id in seen:
-            rejected.append(Rejected(where, example_id, "duplicate clip", "an earlier row has the same video and clip id"))
+            rejected.append(
+                Rejected(where, example_id, "duplicate clip", "an earlier row has the same video and clip id")
+            )
             continue
         seen.add(clip.id)
         clips.append(clip)
@@ -177,7 +181,9 @@ def _clip(root: Path, row: dict[str, str], video_id: str, clip_id: str, modes: d
     path = _media_file(root, video_id, clip_id, is_span=start is not None or end is not None)
     if path is None:
         whole = f" or {MEDIA_DIR}/{video_id}.<ext>" if start is not None or end is not None else ""
-        raise ValueError(f"missing file: no {MEDIA_DIR}/{video_id}/{clip_id}.<ext>{whole} "
-                         f"(ext: {', '.join(s.lstrip('.') for s in MEDIA_SUFFIXES)})")
+        raise ValueError(
+            f"missing file: no {MEDIA_DIR}/{video_id}/{clip_id}.<ext>{whole} "
+            f"(ext: {', '.join(s.lstrip('.') for s in MEDIA_SUFFIXES)})"
+        )
     split = mode or modes.get(video_id) or hash_split(video_id)
     return Clip(video_id, clip_id, row.get("text") or "", label, split, path, start, end)

@@ -89,8 +89,9 @@ def container_format(path: str | Path) -> str:
 def open_media(path: str | Path) -> av.container.InputContainer:
     form = container_format(path)
     try:
-        return av.open(str(path), format=form, metadata_errors="ignore",
-                       container_options={"protocol_whitelist": "file"})
+        return av.open(
+            str(path), format=form, metadata_errors="ignore", container_options={"protocol_whitelist": "file"}
+        )
     except av.FFmpegError as error:
         raise MediaError("unreadable media", _describe(error)) from None
     except OSError as error:
@@ -111,8 +112,9 @@ def declared_seconds(container: av.container.InputContainer) -> float | None:
     return None
 
 
-def clip_span(container: av.container.InputContainer, start: float | None, end: float | None,
-              limits: MediaLimits) -> Span:
+def clip_span(
+    container: av.container.InputContainer, start: float | None, end: float | None, limits: MediaLimits
+) -> Span:
     """The span to decode: checked against the file's declared duration and the caps."""
     declared = declared_seconds(container)
     if start is None and end is None:
@@ -128,8 +130,9 @@ def clip_span(container: av.container.InputContainer, start: float | None, end: 
     if span.seconds < MIN_SECONDS:
         raise MediaError("zero-length clip", f"{span.seconds:.3f} s; at least {MIN_SECONDS} s needed")
     if span.seconds > limits.max_seconds:
-        raise MediaError("too long", f"{span.seconds:.1f} s, more than extraction.recordings.max-seconds "
-                                       f"({limits.max_seconds:g} s)")
+        raise MediaError(
+            "too long", f"{span.seconds:.1f} s, more than extraction.recordings.max-seconds ({limits.max_seconds:g} s)"
+        )
     return span
 
 
@@ -160,7 +163,7 @@ def read_audio(path: str | Path, span: Span) -> np.ndarray:
                     before = round((span.start - position) * SAMPLE_RATE)  # samples preceding the span
                     position += len(samples) / SAMPLE_RATE
                     if before < len(samples):
-                        kept.append(samples[max(before, 0):])
+                        kept.append(samples[max(before, 0) :])
                         count += len(kept[-1])
                 if count >= wanted:
                     break  # never decode past the clip: a file's claims about its length are not trusted
@@ -170,13 +173,13 @@ def read_audio(path: str | Path, span: Span) -> np.ndarray:
             kept += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     clip = np.concatenate(kept)[:wanted] if kept else np.zeros(0, dtype=np.float32)
     if len(clip) < wanted - TRUNCATION_TOLERANCE * SAMPLE_RATE or len(clip) < MIN_SECONDS * SAMPLE_RATE:
-        raise MediaError("truncated", f"{len(clip) / SAMPLE_RATE:.2f} s of audio decoded, "
-                                        f"{span.seconds:.2f} s declared{stopped}")
+        raise MediaError(
+            "truncated", f"{len(clip) / SAMPLE_RATE:.2f} s of audio decoded, {span.seconds:.2f} s declared{stopped}"
+        )
     return np.ascontiguousarray(clip, dtype=np.float32)
 
 
-def sample_frames(path: str | Path, span: Span, fps: float, limits: MediaLimits
-                  ) -> Iterator[tuple[int, np.ndarray]]:
+def sample_frames(path: str | Path, span: Span, fps: float, limits: MediaLimits) -> Iterator[tuple[int, np.ndarray]]:
     """(step, RGB frame) for the first frame of each 1/fps step of the span that has one.
 
     Frames are scaled to at most `limits.width` wide; steps without a frame of their own
@@ -189,8 +192,11 @@ def sample_frames(path: str | Path, span: Span, fps: float, limits: MediaLimits
         stream = container.streams.video[0]
         declared = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
         if declared > limits.max_pixels:  # refused before a decoder allocates such frames
-            raise MediaError("frames too large", f"{stream.codec_context.width}x{stream.codec_context.height}, "
-                                                 f"more than extraction.recordings.max-pixels ({limits.max_pixels})")
+            raise MediaError(
+                "frames too large",
+                f"{stream.codec_context.width}x{stream.codec_context.height}, "
+                f"more than extraction.recordings.max-pixels ({limits.max_pixels})",
+            )
         _seek(container, stream, span.start)
         steps = max(1, round(span.seconds * fps))
         last_step, inside, most = -1, 0, span.seconds * MAX_SOURCE_FPS
@@ -215,8 +221,10 @@ def sample_frames(path: str | Path, span: Span, fps: float, limits: MediaLimits
 
 def _scaled_rgb(frame: av.VideoFrame, limits: MediaLimits) -> np.ndarray:
     if frame.width * frame.height > limits.max_pixels:
-        raise MediaError("frames too large", f"{frame.width}x{frame.height}, more than "
-                                              f"extraction.recordings.max-pixels ({limits.max_pixels})")
+        raise MediaError(
+            "frames too large",
+            f"{frame.width}x{frame.height}, more than extraction.recordings.max-pixels ({limits.max_pixels})",
+        )
     scale = min(1.0, limits.width / frame.width)
     width, height = max(2, round(frame.width * scale)), max(2, round(frame.height * scale))
     return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()

@@ -100,8 +100,12 @@ HARMONICS = (1.0, 0.5, 0.3, 0.18, 0.1)  # amplitudes of f0, 2 f0, ...
 # Sentences by rounded label, -3 .. 3; the words carry sign and strength. Commas and one
 # pair of quotes make label.csv exercise CSV quoting.
 SENTENCES = {
-    3: ("this was truly wonderful", "an absolutely brilliant film", "i loved every single minute",
-        'a real "must see", simply amazing'),
+    3: (
+        "this was truly wonderful",
+        "an absolutely brilliant film",
+        "i loved every single minute",
+        'a real "must see", simply amazing',
+    ),
     2: ("a really good movie", "i enjoyed it a lot", "the acting was great"),
     1: ("it was pretty nice", "a fairly good story", "i mostly liked it"),
     0: ("it was okay i guess", "the film runs about two hours", "nothing special, either way"),
@@ -145,8 +149,16 @@ class _Segment:
 # ---------------------------------------------------------------- public API
 
 
-def write_face_clip(path: str | os.PathLike, *, seconds: float = 2.0, label: float = 0.0, seed: int = 0,
-                    size: tuple[int, int] = (320, 240), fps: int = 25, audio: bool = True) -> Path:
+def write_face_clip(
+    path: str | os.PathLike,
+    *,
+    seconds: float = 2.0,
+    label: float = 0.0,
+    seed: int = 0,
+    size: tuple[int, int] = (320, 240),
+    fps: int = 25,
+    audio: bool = True,
+) -> Path:
     """A moving face (and a voice) whose expression and pitch follow `label` in [-3, 3].
 
     The container follows the suffix: .mp4 or .mkv hold H.264 (yuv420p) and AAC, .webm
@@ -158,8 +170,9 @@ def write_face_clip(path: str | os.PathLike, *, seconds: float = 2.0, label: flo
     return path
 
 
-def write_blank_clip(path: str | os.PathLike, *, seconds: float = 2.0, seed: int = 0,
-                     size: tuple[int, int] = (320, 240), fps: int = 25) -> Path:
+def write_blank_clip(
+    path: str | os.PathLike, *, seconds: float = 2.0, seed: int = 0, size: tuple[int, int] = (320, 240), fps: int = 25
+) -> Path:
     """A clip with no face, only the noisy background, and a neutral voice."""
     path = Path(path)
     _check_clip(seconds, 0.0)
@@ -167,8 +180,9 @@ def write_blank_clip(path: str | os.PathLike, *, seconds: float = 2.0, seed: int
     return path
 
 
-def write_voice(path: str | os.PathLike, *, seconds: float = 2.0, label: float = 0.0, seed: int = 0,
-                sample_rate: int = 16000) -> Path:
+def write_voice(
+    path: str | os.PathLike, *, seconds: float = 2.0, label: float = 0.0, seed: int = 0, sample_rate: int = 16000
+) -> Path:
     """Mono speech-like audio whose pitch follows `label`; .wav (16-bit PCM) or .flac."""
     path = Path(path)
     _check_clip(seconds, label)
@@ -182,8 +196,9 @@ def write_voice(path: str | os.PathLike, *, seconds: float = 2.0, label: float =
     return path
 
 
-def write_sample_dataset(out: str | os.PathLike, *, videos: int = 16, clips_per_video: int = 3,
-                         seed: int = 0) -> SampleSummary:
+def write_sample_dataset(
+    out: str | os.PathLike, *, videos: int = 16, clips_per_video: int = 3, seed: int = 0
+) -> SampleSummary:
     """The `recordings-sample` dataset: label.csv and Raw/ under `out`, a new or empty directory.
 
     `videos` videos (at least 6) of `clips_per_video` clips of 1.6-2.4 s each, at 320x240
@@ -199,11 +214,13 @@ def write_sample_dataset(out: str | os.PathLike, *, videos: int = 16, clips_per_
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MMIMInputError(f"{out}: already exists and is not an empty directory; "
-                             "the sample is written only into a new or empty one")
+        raise MMIMInputError(
+            f"{out}: already exists and is not an empty directory; the sample is written only into a new or empty one"
+        )
     if videos < 3 * MIN_VIDEOS_PER_SPLIT:
-        raise MMIMInputError(f"videos={videos}: the sample needs at least {3 * MIN_VIDEOS_PER_SPLIT} "
-                             f"({MIN_VIDEOS_PER_SPLIT} per split)")
+        raise MMIMInputError(
+            f"videos={videos}: the sample needs at least {3 * MIN_VIDEOS_PER_SPLIT} ({MIN_VIDEOS_PER_SPLIT} per split)"
+        )
     if clips_per_video < 1:
         raise MMIMInputError(f"clips_per_video={clips_per_video}: needs at least 1")
 
@@ -227,10 +244,19 @@ def write_sample_dataset(out: str | os.PathLike, *, videos: int = 16, clips_per_
 
     counts = {mode: sum(row["mode"] == mode for row in rows) for mode in ("train", "valid", "test")}
     counts["unassigned"] = sum(row["mode"] == "" for row in rows)
-    summary = SampleSummary(root=out, videos=videos, clips=len(rows), counts=counts, files=files,
-                            seconds=round(seconds, 3))
-    log.info("wrote %d clips of %d videos (%d files, %.1f s of media) to %s in %.1f s; rows per mode %s",
-             summary.clips, videos, files, seconds, out, time.perf_counter() - started, counts)
+    summary = SampleSummary(
+        root=out, videos=videos, clips=len(rows), counts=counts, files=files, seconds=round(seconds, 3)
+    )
+    log.info(
+        "wrote %d clips of %d videos (%d files, %.1f s of media) to %s in %.1f s; rows per mode %s",
+        summary.clips,
+        videos,
+        files,
+        seconds,
+        out,
+        time.perf_counter() - started,
+        counts,
+    )
     return summary
 
 
@@ -275,13 +301,25 @@ def _plan_videos(videos: int, clips_per_video: int, seed: int) -> list[_VideoPla
         for number in range(1, clips_per_video + 1):
             label = round(float(np.clip(tendencies[index] + rng.normal(0.0, 0.5), -3.0, 3.0)), 1)
             clip_seed = int(rng.integers(2**31))
-            clips.append(_ClipPlan(
-                clip_id=f"span{number}" if index in spans else str(number),
-                label=label, seconds=float(rng.choice(CLIP_SECONDS)),
-                text=_sentence(label, clip_seed), seed=clip_seed))
-        plans.append(_VideoPlan(video_id=video_id, mode=str(modes[index]), spans=index in spans,
-                                tendency=round(float(tendencies[index]), 1),
-                                seed=int(rng.integers(2**31)), clips=tuple(clips)))
+            clips.append(
+                _ClipPlan(
+                    clip_id=f"span{number}" if index in spans else str(number),
+                    label=label,
+                    seconds=float(rng.choice(CLIP_SECONDS)),
+                    text=_sentence(label, clip_seed),
+                    seed=clip_seed,
+                )
+            )
+        plans.append(
+            _VideoPlan(
+                video_id=video_id,
+                mode=str(modes[index]),
+                spans=index in spans,
+                tendency=round(float(tendencies[index]), 1),
+                seed=int(rng.integers(2**31)),
+                clips=tuple(clips),
+            )
+        )
     return plans
 
 
@@ -296,14 +334,28 @@ def _modes(videos: int) -> list[str]:
 
 def _write_video_clips(raw: Path, plan: _VideoPlan) -> tuple[list[dict[str, str]], int, float]:
     """A video's files under `raw` and its label.csv rows; returns (rows, files written, seconds)."""
+
     def row(clip: _ClipPlan, start: str = "", end: str = "") -> dict[str, str]:
-        return {"video_id": plan.video_id, "clip_id": clip.clip_id, "text": clip.text,
-                "label": f"{clip.label:.1f}", "mode": plan.mode, "start": start, "end": end}
+        return {
+            "video_id": plan.video_id,
+            "clip_id": clip.clip_id,
+            "text": clip.text,
+            "label": f"{clip.label:.1f}",
+            "mode": plan.mode,
+            "start": start,
+            "end": end,
+        }
 
     if not plan.spans:
         for clip in plan.clips:
-            write_face_clip(raw / plan.video_id / f"{clip.clip_id}.mp4", seconds=clip.seconds,
-                            label=clip.label, seed=clip.seed, size=DATASET_SIZE, fps=DATASET_FPS)
+            write_face_clip(
+                raw / plan.video_id / f"{clip.clip_id}.mp4",
+                seconds=clip.seconds,
+                label=clip.label,
+                seed=clip.seed,
+                size=DATASET_SIZE,
+                fps=DATASET_FPS,
+            )
         return [row(clip) for clip in plan.clips], len(plan.clips), sum(c.seconds for c in plan.clips)
 
     # One recording: talk at the video's tendency, then each clip, with talk between.
@@ -312,8 +364,15 @@ def _write_video_clips(raw: Path, plan: _VideoPlan) -> tuple[list[dict[str, str]
         segments += [_Segment(clip.seconds, clip.label), _Segment(SPAN_GAP, plan.tendency)]
         rows.append(row(clip, start=_seconds_text(cursor), end=_seconds_text(cursor + clip.seconds)))
         cursor += clip.seconds + SPAN_GAP
-    _write_video(raw / f"{plan.video_id}.mp4", segments, seed=plan.seed, size=DATASET_SIZE,
-                 fps=DATASET_FPS, face=True, audio=True)
+    _write_video(
+        raw / f"{plan.video_id}.mp4",
+        segments,
+        seed=plan.seed,
+        size=DATASET_SIZE,
+        fps=DATASET_FPS,
+        face=True,
+        audio=True,
+    )
     return rows, 1, cursor
 
 
@@ -338,12 +397,13 @@ def _head() -> tuple[np.ndarray, np.ndarray]:
     try:
         from skimage import data
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError("the sample face comes from scikit-image: "
-                                  "pip install 'mmim-pipeline[demo]'") from error
+        raise ModuleNotFoundError(
+            "the sample face comes from scikit-image: pip install 'mmim-pipeline[demo]'"
+        ) from error
     x0, y0, x1, y1 = CROP
     rgb = np.ascontiguousarray(data.astronaut()[y0:y1, x0:x1])
     (cx, cy), (rx, ry) = _in_crop(HEAD_ELLIPSE[0]), HEAD_ELLIPSE[1]
-    rows, cols = np.mgrid[0:rgb.shape[0], 0:rgb.shape[1]].astype(np.float32)
+    rows, cols = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]].astype(np.float32)
     inside = (((cols - cx) / rx) ** 2 + ((rows - cy) / ry) ** 2 <= 1.0).astype(np.float32)
     # A soft edge: a hard one would give the detector a strong contour that is not a face.
     alpha = cv2.GaussianBlur(inside, (0, 0), sigmaX=5.0)
@@ -366,7 +426,7 @@ def _expression(head: np.ndarray, label: float) -> np.ndarray:
     """
     if label == 0:
         return head
-    rows, cols = np.mgrid[0:head.shape[0], 0:head.shape[1]].astype(np.float32)
+    rows, cols = np.mgrid[0 : head.shape[0], 0 : head.shape[1]].astype(np.float32)
     mouth_x, mouth_y = _in_crop(MOUTH_CENTER)
     dx, dy = cols - mouth_x, rows - mouth_y
     weight = np.exp(-0.5 * ((dx / (1.3 * MOUTH_HALF_WIDTH)) ** 2 + (dy / 14.0) ** 2))
@@ -401,8 +461,9 @@ class _Motion:
         return float(dx), float(dy), float(roll), 1.0 + float(zoom)
 
 
-def _frames(segments: Sequence[_Segment], *, seed: int, size: tuple[int, int], fps: int,
-            face: bool) -> Iterator[np.ndarray]:
+def _frames(
+    segments: Sequence[_Segment], *, seed: int, size: tuple[int, int], fps: int, face: bool
+) -> Iterator[np.ndarray]:
     """RGB uint8 frames of the whole recording, the expression changing per segment."""
     rng = np.random.default_rng(seed)
     background = _background(rng, size)
@@ -435,10 +496,14 @@ def _frames(segments: Sequence[_Segment], *, seed: int, size: tuple[int, int], f
 def _voice(segments: Sequence[_Segment], *, seed: int, sample_rate: int) -> np.ndarray:
     """Mono float32 samples in [-1, 1]: pitch and glide follow each segment's label."""
     rng = np.random.default_rng(seed)
-    pitch = np.concatenate([
-        BASE_PITCH + PITCH_PER_POINT * s.label
-        + GLIDE_PER_POINT * s.label * np.linspace(-1.0, 1.0, _count(s.seconds, sample_rate))
-        for s in segments])
+    pitch = np.concatenate(
+        [
+            BASE_PITCH
+            + PITCH_PER_POINT * s.label
+            + GLIDE_PER_POINT * s.label * np.linspace(-1.0, 1.0, _count(s.seconds, sample_rate))
+            for s in segments
+        ]
+    )
     t = np.arange(len(pitch)) / sample_rate
     # A slow wobble so the pitch track is not a ruler line, as in real speech.
     pitch = pitch + 2.0 * np.sin(2 * np.pi * rng.uniform(0.5, 1.0) * t + rng.uniform(0, 2 * np.pi))
@@ -456,8 +521,9 @@ def _voice(segments: Sequence[_Segment], *, seed: int, sample_rate: int) -> np.n
 # ---------------------------------------------------------------- encoding
 
 
-def _write_video(path: Path, segments: Sequence[_Segment], *, seed: int, size: tuple[int, int], fps: int,
-                 face: bool, audio: bool) -> None:
+def _write_video(
+    path: Path, segments: Sequence[_Segment], *, seed: int, size: tuple[int, int], fps: int, face: bool, audio: bool
+) -> None:
     """Encode the segments one after another into `path` (codecs by its suffix)."""
     try:
         container_format, video_codec, audio_codec = VIDEO_FORMATS[path.suffix.lower()]
@@ -491,8 +557,9 @@ def _write_video(path: Path, segments: Sequence[_Segment], *, seed: int, size: t
 class _AudioTrack:
     """An audio stream and its samples, encoded a stretch at a time."""
 
-    def __init__(self, container: av.container.OutputContainer, codec: str, samples: np.ndarray,
-                 sample_rate: int) -> None:
+    def __init__(
+        self, container: av.container.OutputContainer, codec: str, samples: np.ndarray, sample_rate: int
+    ) -> None:
         self.container, self.samples, self.sample_rate = container, samples, sample_rate
         self.stream = container.add_stream(codec, rate=sample_rate)
         self.stream.layout = "mono"
@@ -505,7 +572,7 @@ class _AudioTrack:
         """Encode samples up to `end` in AUDIO_CHUNK frames (PyAV re-chunks for the codec)."""
         end = min(end, len(self.samples))
         while self.encoded < end:
-            chunk = self.samples[self.encoded:min(end, self.encoded + AUDIO_CHUNK)]
+            chunk = self.samples[self.encoded : min(end, self.encoded + AUDIO_CHUNK)]
             frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
             frame.sample_rate = self.sample_rate
             frame.pts = self.encoded

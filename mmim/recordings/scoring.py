@@ -29,15 +29,21 @@ log = logging.getLogger(__name__)
 def model_extractor(record: dict | None) -> IsolatedExtractor:
     """The extractor described by a model's `model.extractor` record."""
     if not record:
-        raise MMIMInputError("this model was trained on features from a community release, not on recordings: "
-                             "it scores audio and vision frames, not a recording")
+        raise MMIMInputError(
+            "this model was trained on features from a community release, not on recordings: "
+            "it scores audio and vision frames, not a recording"
+        )
     try:
         settings = ExtractorSettings.model_validate(record.get("settings", {}))
     except ValidationError as error:
         raise MMIMInputError(f"the model's extractor settings are invalid ({error.errors()[0]['msg']})") from None
     if record.get("version") != EXTRACTOR_VERSION:
-        log.warning("the model's features came from extractor version %s, this is %s: its features may differ "
-                    "slightly from those the model learned from", record.get("version"), EXTRACTOR_VERSION)
+        log.warning(
+            "the model's features came from extractor version %s, this is %s: its features may differ "
+            "slightly from those the model learned from",
+            record.get("version"),
+            EXTRACTOR_VERSION,
+        )
     return IsolatedExtractor(settings)
 
 
