@@ -45,8 +45,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mmim.cli import quiet_libraries
-from mmim.config import Config, load_config
-from mmim.distributed import check_ray_settings
+from mmim.config import Config, check_ray_settings, load_config
 from mmim.errors import MMIMInputError, first_line
 from mmim.metrics import METRIC_NAMES
 from mmim.recordings.layout import read_dataset

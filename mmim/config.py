@@ -228,3 +228,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def config_to_json(config: Config) -> str:
     return json.dumps(config.model_dump(), indent=2, sort_keys=True)
+
+
+def check_ray_settings(config: Config) -> None:
+    """Settings that Ray training cannot run with, reported before anything starts."""
+    if config.ray.num_workers < 1:
+        raise MMIMInputError("ray.num_workers: must be at least 1 for Ray training")
+    if not config.train.contrast:
+        raise MMIMInputError(
+            "train.contrast: false is not supported with Ray workers (DDP needs every "
+            "forward output in the loss); train it in one process (--workers 0)"
+        )
+    if config.train.batch_size % config.ray.num_workers:
+        raise MMIMInputError(
+            f"train.batch_size {config.train.batch_size} must be divisible by "
+            f"ray.num_workers {config.ray.num_workers} (it is the global batch)"
+        )

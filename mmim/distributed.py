@@ -60,10 +60,10 @@ from mmim.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from mmim.config import Config, config_from_dict
+from mmim.config import Config, check_ray_settings, config_from_dict
 from mmim.data import SplitDataset, make_loader
 from mmim.engine import Engine, ModelSelection, flat_metrics
-from mmim.errors import MMIMInputError, first_line
+from mmim.errors import first_line
 from mmim.files import atomic_directory
 from mmim.model import build_model
 from mmim.store import FeatureStore
@@ -248,22 +248,6 @@ def _storage(ray_config) -> tuple[str, object | None]:
         options.update(endpoint_override=endpoint_url.netloc, scheme=endpoint_url.scheme or "https")
     filesystem = fs.S3FileSystem(**{k: v for k, v in options.items() if v is not None})
     return f"{parsed.netloc}{parsed.path}".rstrip("/"), filesystem
-
-
-def check_ray_settings(config: Config) -> None:
-    """Settings that Ray training cannot run with, reported before anything starts."""
-    if config.ray.num_workers < 1:
-        raise MMIMInputError("ray.num_workers: must be at least 1 for Ray training")
-    if not config.train.contrast:
-        raise MMIMInputError(
-            "train.contrast: false is not supported with Ray workers (DDP needs every "
-            "forward output in the loss); train it in one process (--workers 0)"
-        )
-    if config.train.batch_size % config.ray.num_workers:
-        raise MMIMInputError(
-            f"train.batch_size {config.train.batch_size} must be divisible by "
-            f"ray.num_workers {config.ray.num_workers} (it is the global batch)"
-        )
 
 
 def check_config(config: Config) -> None:
