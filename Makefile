@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 comma := ,
 
-.PHONY: demo test benchmark reproduce-mosi reproduce-mosei clean
+.PHONY: demo test test-fast lint benchmark reproduce-mosi reproduce-mosei clean
 
 # One stamp per set of extras ("demo+test" installs .[demo,test]); re-made when
 # pyproject.toml changes. torch goes first, by its plain pin, so that pip takes the
@@ -22,8 +22,19 @@ $(VENV)/.installed-%: pyproject.toml
 demo: $(VENV)/.installed-demo
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.retrain --dataset synthetic --config configs/demo.yaml
 
-test: $(VENV)/.installed-demo+test
+# Everything: lint, types, and every test (service tests start a local Ray cluster, MLflow
+# servers, PostgreSQL/S3 clients, Prefect's harness). About 15 minutes on 2 cores.
+test: lint
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: the tests that start no service (about 2 minutes on 2 cores).
+test-fast: $(VENV)/.installed-demo+test
+	$(BIN)/python -m pytest -q -m "not service"
+
+lint: $(VENV)/.installed-demo+test
+	$(BIN)/ruff check mmim tasks flows tests benchmarks
+	$(BIN)/ruff format --check mmim tasks flows tests benchmarks
+	$(BIN)/mypy
 
 benchmark: $(VENV)/.installed-demo
 	$(BIN)/python benchmarks/train_step.py
