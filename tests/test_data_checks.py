@@ -10,8 +10,7 @@ from mmim.store import sha256_of
 from mmim.store_writer import write_store
 from mmim.synthetic import synthesize
 from mmim.text_encoder import load_tokenizer
-from tests.conftest import TINY_SIZES
-from tests.test_serving import run_mmim
+from tests.helpers import TINY_SIZES, run_mmim
 
 
 def store(root, encoder, splits):

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import PROJECT, free_port, make_dvc_project, postgres_database, start
+from tests.helpers import PROJECT, free_port, make_dvc_project, postgres_database, start
 
 BIN = Path(sys.executable).parent
 

@@ -27,7 +27,7 @@ from mmim.synthetic import synthesize
 from mmim.versioning import data_version
 from tasks import FeatureStoreRef, push_features
 from tasks.retries import is_transient
-from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
+from tests.helpers import PROJECT, dvc, free_port, make_dvc_project, run
 
 MODEL = "mmim-flowtest"
 STEPS = ["extract_features", "push_features", "check_data", "train", "evaluate", "register"]

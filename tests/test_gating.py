@@ -32,8 +32,7 @@ from mmim.synthetic import synthesize
 from mmim.text_encoder import load_tokenizer
 from mmim.tracking import PYFUNC_ENTRY, compare_with_champion
 from mmim.train import bind_store
-from tests.conftest import TINY_SIZES, free_port, start
-from tests.test_registry import compared
+from tests.helpers import TINY_SIZES, compared, free_port, start
 
 LONG_VERSION = "b18a22a3b9effafe5e7a9b919ea4b276.dir"  # as DVC names a store: the registry table folds it
 BASE = np.linspace(-0.5, 0.5, TINY_SIZES["valid"])  # validation labels of data v1: MAE of 0 is 0.2581

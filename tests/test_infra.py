@@ -17,7 +17,7 @@ import yaml
 
 from mmim.cli import build_parser
 from mmim.config import Config, load_config
-from tests.conftest import PROJECT
+from tests.helpers import PROJECT
 
 INFRA = PROJECT / "infra"
 K8S_VERSION = "1.33"

@@ -22,9 +22,7 @@ from mmim.recordings.sample import write_blank_clip, write_face_clip, write_voic
 from mmim.store import FeatureStore
 from mmim.tracking import track_and_register
 from mmim.train import train
-from tests.conftest import free_port, start
-from tests.test_serving import run_mmim
-from tests.test_tracking import invocations
+from tests.helpers import free_port, invocations, run_mmim, start
 
 SETTINGS = ExtractorSettings()  # the defaults: eGeMAPSv02 at 50 Hz, faces at 15 fps
 COLUMNS = ["video_id", "clip_id", "text", "label", "mode", "start", "end"]

@@ -7,8 +7,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mmim.gating import HeadToHead
-from mmim.registry import champion_moves, champion_version, figure, promote, register, rollback
+from mmim.registry import champion_moves, promote, register, rollback
+from tests.helpers import compared
 
 NAME = "mmim-gating"
 DATA = "v1.dir"
@@ -24,24 +24,10 @@ def client(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def compared(client, value, data=DATA, name=NAME):
-    """A challenger with validation MAE `value` on `data`, and the champion as scored there (its
-    figure recorded on that data: the same model on the same data scores the same)."""
-    champion = champion_version(client, name)
-    theirs = None if champion is None else figure(client.get_model_version(name, champion), "MAE", data)
-    return HeadToHead(
-        data_version=data,
-        metric="MAE",
-        challenger={"valid": {"MAE": value}},
-        champion_version=champion,
-        champion=None if theirs is None else {"valid": {"MAE": theirs}},
-    )
-
-
 def registered(client, value):
     """A new version with validation MAE `value` (a model without files: gating only reads tags)."""
     model = f"models:/{mlflow.create_external_model(name='candidate').model_id}"
-    return register(client, model, NAME, compared(client, value))
+    return register(client, model, NAME, compared(client, value, DATA, NAME))
 
 
 def champion(client):

@@ -4,7 +4,6 @@ Serving a registered model, and `predict`/`evaluate` from the registry, run agai
 real MLflow server in tests/test_tracking.py (they share its registered model).
 """
 
-import contextlib
 import io
 import json
 import sys
@@ -17,7 +16,6 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from mmim.checkpoint import save_checkpoint
-from mmim.cli import main
 from mmim.model import build_model
 from mmim.predict import MAX_FRAMES, MAX_INPUT_BYTES, MAX_UTTERANCES
 from mmim.serving import MMIMPyfunc
@@ -25,17 +23,7 @@ from mmim.store import FeatureStore
 from mmim.synthetic import AUDIO_DIM, VISION_DIM
 from mmim.text_encoder import load_tokenizer
 from mmim.train import bind_store
-from tests.conftest import free_port
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "utterances.json"
-
-
-def run_mmim(*argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `mmim ARGV` run in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
+from tests.helpers import EXAMPLE, free_port, run_mmim
 
 
 def test_predict_accepts_the_shipped_example(tiny_config, tmp_path):

@@ -21,7 +21,7 @@ from mmim.registry import describe, promote, rollback
 from mmim.store import FeatureStore
 from mmim.tracking import input_example, registered_model_name, track_and_register
 from mmim.train import train
-from tests.conftest import free_port, postgres_database, start
+from tests.helpers import EXAMPLE, free_port, invocations, postgres_database, run_mmim, start
 
 
 @pytest.fixture
@@ -124,8 +124,6 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
 
     # REST: `mmim serve`, the installed console script, without its environment on PATH,
     # answers like the in-process model
-    from tests.test_serving import EXAMPLE, run_mmim
-
     champion_uri, port = f"models:/{name}@champion", free_port()
     server = start(
         [
@@ -174,14 +172,3 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         code, _, err = run_mmim(*command, f"models:/{name}@nosuch")
         assert code == 2 and "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith(f"error: models:/{name}@nosuch: ")
-
-
-def invocations(port: int, body: dict) -> list[float]:
-    """The scores a model server on 127.0.0.1:`port` answers to a POST /invocations."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
-    return [row["score"] for row in answer["predictions"]]

@@ -21,7 +21,7 @@ from mmim.versioning import (
     reproduce,
     store_path,
 )
-from tests.conftest import PROJECT, dvc, free_port, make_dvc_project, run
+from tests.helpers import PROJECT, dvc, free_port, make_dvc_project, run
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -1,0 +1,171 @@
+"""Helpers shared by the tests: sizes, paths, server processes, a DVC project, the command line.
+
+Fixtures live in tests/conftest.py (pytest finds them there); everything a test imports by
+name lives here: `from tests.helpers import free_port, start`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmim.synthetic import INTENSIFIERS, NEGATIONS, NEGATIVE, NEUTRAL, POSITIVE, SUBJECTS
+
+PROJECT = Path(__file__).resolve().parents[1]
+EXAMPLE = PROJECT / "examples" / "utterances.json"  # the shipped `mmim predict` input
+TINY_SIZES = {"train": 96, "valid": 32, "test": 32}  # the tiny synthetic store's splits
+POSTGRES_URL = os.environ.get("MMIM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def tiny_vocabulary() -> list[str]:
+    """The WordPiece vocabulary of the tiny encoder: every word the synthetic sample uses."""
+    words = set(itertools.chain(POSITIVE, NEGATIVE, INTENSIFIERS, NEGATIONS, ["was", "and", "i"]))
+    for phrase in itertools.chain(SUBJECTS, NEUTRAL):
+        words.update(phrase.split())
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+
+
+# ---------------------------------------------------------------- the command line in this process
+
+
+def run_mmim(*argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `mmim ARGV` run in this process."""
+    from mmim.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+# ---------------------------------------------------------------- server processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited: {process.stderr.read().decode()[-2000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+def start(command: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a server process and wait until `url` answers."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uvicorn, gunicorn
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PATH": path, **(env or {})}
+    )
+    wait_for(url, process)
+    return process
+
+
+def invocations(port: int, body: dict) -> list[float]:
+    """The scores a model server on 127.0.0.1:`port` answers to a POST /invocations."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    return [row["score"] for row in answer["predictions"]]
+
+
+def postgres_database(prefix: str) -> str:
+    """A fresh database `<prefix>_<random>` on the local PostgreSQL, as a psycopg2 SQLAlchemy URL;
+    skipped (not under CI) when none answers."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(POSTGRES_URL, connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"PostgreSQL at {POSTGRES_URL} (MMIM_TEST_POSTGRES_URL) is required under CI: {error}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set MMIM_TEST_POSTGRES_URL): {error}")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    connection.close()
+    # SQLAlchemy's default PostgreSQL driver is psycopg 3; name psycopg2, which is installed.
+    return POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1) + f"/{name}"
+
+
+# ---------------------------------------------------------------- the model registry
+
+
+def compared(client, value: float, data: str, name: str, metric: str = "MAE"):
+    """A challenger with validation `metric` `value` on `data`, and the champion of `name` as
+    scored there (its figure recorded on that data: the same model on the same data scores the same)."""
+    from mmim.gating import HeadToHead
+    from mmim.registry import champion_version, figure
+
+    champion = champion_version(client, name)
+    theirs = None if champion is None else figure(client.get_model_version(name, champion), metric, data)
+    return HeadToHead(
+        data_version=data,
+        metric=metric,
+        challenger={"valid": {metric: value}},
+        champion_version=champion,
+        champion=None if theirs is None else {"valid": {metric: theirs}},
+    )
+
+
+# ---------------------------------------------------------------- a DVC project
+
+
+def run(*command, cwd):
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def dvc(*args, cwd):
+    run(str(Path(sys.executable).parent / "dvc"), *args, cwd=cwd)
+
+
+def make_dvc_project(repo: Path, remote_url: str, endpoint: str | None = None, encoder: str | None = None) -> Path:
+    """A git repository with the project's dvc.yaml/params.yaml (a small sample) and code, whose
+    default DVC remote is `remote_url`; `encoder` replaces the synthetic dataset's tokenizer."""
+    repo.mkdir(parents=True)
+    shutil.copytree(PROJECT / "mmim", repo / "mmim", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(PROJECT / name, repo / name)
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["synthetic"].update(train=40, valid=12, test=12)
+    if encoder:
+        params["datasets"]["synthetic"]["encoder"] = encoder
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run("git", "init", "-q", cwd=repo)
+    run("git", "config", "user.email", "ci@example.invalid", cwd=repo)
+    run("git", "config", "user.name", "ci", cwd=repo)
+    dvc("init", "-q", cwd=repo)
+    dvc("config", "core.analytics", "false", cwd=repo)
+    dvc("config", "core.autostage", "true", cwd=repo)  # as the project's .dvc/config
+    dvc("remote", "add", "-d", "default", remote_url, cwd=repo)
+    if endpoint:
+        dvc("remote", "modify", "default", "endpointurl", endpoint, cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "project", cwd=repo)
+    return repo
