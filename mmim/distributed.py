@@ -1,13 +1,15 @@
-"""Ray Train adapter: the same two-stage engine in every worker, under DDP.
+"""Ray Train adapter: the single process's setup and epoch loop in every worker, under DDP.
 
     driver: train_distributed(config, on_report)
               -> TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig)
               -> every epoch's report, as it arrives: on_report(metrics) (MLflow, a line)
               -> best checkpoint (lowest validation MAE), weights only, in OUTPUT_DIR/best
+              -> TrainingResult, as mmim.train.train returns
     worker: train_loop_per_worker
-              store (local, or fetched with DVC) -> model wrapped in DDP -> Engine
-              -> per epoch: DistributedSampler.set_epoch, stage 0 + 1, valid/test,
-                 ray.train.report(metrics, checkpoint from rank 0)
+              store (local, or fetched with DVC) -> mmim.train.setup_training (DDP when N > 1)
+              -> resume state from Ray's latest checkpoint, if any
+              -> mmim.engine.fit, whose epoch hook calls ray.train.report(metrics, checkpoint
+                 and resume state from rank 0)
 
 Choices, and why:
   - `train.batch_size` is the global batch: each of N workers takes batch_size / N,
@@ -17,13 +19,13 @@ Choices, and why:
     figures and the scheduler and early stopping agree without a broadcast.
   - Training means (loss, nce, lld, H) are averaged over all ranks; the entropy
     memory (previous batch's label groups) is per rank, i.e. of its own shard.
-  - Random numbers are reseeded at every epoch from (seed, epoch, rank): a run that
-    resumes from a checkpoint draws the same dropout masks and shuffles as one that
-    never stopped.
-  - Checkpoints (rank 0) are the ordinary mmim checkpoint plus the training state
-    (optimizers, scheduler, epoch, model selection), all safetensors + JSON. The
-    training state (twice the weights' size with Adam) stays in Ray's storage, where
-    resuming needs it; OUTPUT_DIR/best gets the weights only.
+  - Random numbers are reseeded at every epoch from (seed, epoch, rank) (in `fit`): a
+    run that resumes from a checkpoint draws the same dropout masks and shuffles as one
+    that never stopped.
+  - Checkpoints (rank 0) are the ordinary mmim checkpoint plus the resume state
+    (optimizers, scheduler, epoch, model selection), all safetensors + JSON, written and
+    read here. The resume state (twice the weights' size with Adam) stays in Ray's
+    storage, where resuming needs it; OUTPUT_DIR/best gets the weights only.
   - The driver sees every report. Ray's own record of them (`Result.metrics_dataframe`)
     keeps only the reports whose checkpoints survived `ray.keep_checkpoints`, so a
     callback in Ray's controller (a separate process on the driver's node) forwards each
@@ -33,12 +35,12 @@ Choices, and why:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -50,44 +52,30 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from mmim.checkpoint import (
-    load_training_state,
-    load_weights,
-    remove_training_state,
-    save_checkpoint,
-    save_training_state,
-)
+from mmim.checkpoint import load_weights
 from mmim.config import Config, check_ray_settings, config_from_dict
-from mmim.data import SplitDataset, make_loader
-from mmim.engine import Engine, ModelSelection, flat_metrics
-from mmim.errors import first_line
-from mmim.files import atomic_directory
-from mmim.model import build_model
+from mmim.engine import Engine, EpochRecord, ModelSelection, TrainingHooks, fit, flat_metrics
+from mmim.errors import DistributedTrainingError, MMIMInputError, first_line
+from mmim.files import atomic_directory, read_json
 from mmim.store import FeatureStore
-from mmim.text_encoder import load_tokenizer
-from mmim.train import BEST_CHECKPOINT, bind_store, prepare_output_dir
+from mmim.train import (
+    BEST_CHECKPOINT,
+    METRICS_FILE,
+    Training,
+    TrainingResult,
+    prepare_output_dir,
+    setup_training,
+    write_metrics,
+)
 from mmim.versioning import local_store
 
 log = logging.getLogger(__name__)
 
 SCORE = "valid_MAE"  # what CheckpointConfig keeps the best checkpoints by
 DRAIN_SECONDS = 0.5  # how often the driver collects the reports forwarded so far
-
-
-class DistributedTrainingError(RuntimeError):
-    """A Ray training run that failed for good (after `ray.max_failures` retries)."""
-
-
-@dataclass
-class DistributedResult:
-    best: dict[str, float]  # reported metrics of the epoch with the lowest validation MAE
-    last: dict[str, float]  # reported metrics of the last epoch
-    epochs: list[dict[str, float]]  # every epoch's report, by epoch (the last try of a redone epoch)
-    checkpoint: Path  # local copy of the best epoch's checkpoint (OUTPUT_DIR/best)
-    run_path: str  # where Ray keeps the run: every kept checkpoint, resumable by name
 
 
 def parameter_digest(model: torch.nn.Module) -> int:
@@ -104,67 +92,109 @@ def ranks_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
     return len({int(d.item()) for d in digests}) == 1
 
 
+TRAINING_TENSORS = "training_state.safetensors"
+TRAINING_STATE = "training_state.json"
+
+
+def save_training_state(directory: str | Path, engine: Engine, selection: ModelSelection, epoch: int) -> None:
+    """Optimizer and scheduler state, model selection and the epoch, beside a checkpoint.
+
+    Tensors (Adam moments and steps) go to safetensors, everything else to JSON.
+    """
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    optimizers = {}
+    for name, optimizer in engine.optimizers().items():
+        state = optimizer.state_dict()
+        keys = {}
+        for param_id, entries in state["state"].items():
+            keys[str(param_id)] = sorted(entries)
+            for key, value in entries.items():
+                tensors[f"{name}/{param_id}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        optimizers[name] = {"param_groups": state["param_groups"], "state_keys": keys}
+    save_file(tensors, str(directory / TRAINING_TENSORS))
+    (directory / TRAINING_STATE).write_text(
+        json.dumps(
+            {
+                "epoch": epoch,
+                "optimizers": optimizers,
+                "scheduler": engine.scheduler.state_dict(),
+                "selection": selection.state_dict(),
+            }
+        )
+    )
+
+
+def remove_training_state(directory: str | Path) -> None:
+    """Leave only what inference needs: drop the optimizer/scheduler state of a Ray checkpoint."""
+    for name in (TRAINING_TENSORS, TRAINING_STATE):
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
+def load_training_state(directory: str | Path, engine: Engine, selection: ModelSelection) -> int:
+    """Restore what `save_training_state` wrote; returns the epoch it was saved after."""
+    directory = Path(directory)
+    meta = read_json(directory / TRAINING_STATE)
+    try:
+        tensors = load_file(str(directory / TRAINING_TENSORS), device=str(engine.device))
+    except (SafetensorError, OSError) as error:
+        raise MMIMInputError(f"{directory / TRAINING_TENSORS}: corrupt or truncated ({error})") from None
+    for name, optimizer in engine.optimizers().items():
+        saved = meta["optimizers"][name]
+        state = {
+            int(param_id): {key: tensors[f"{name}/{param_id}/{key}"] for key in keys}
+            for param_id, keys in saved["state_keys"].items()
+        }
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    engine.scheduler.load_state_dict(meta["scheduler"])
+    selection.load_state_dict(meta["selection"])
+    return int(meta["epoch"])
+
+
+class ReportEpochs(TrainingHooks):
+    """A worker's end of each epoch: `ray.train.report` with rank 0's checkpoint and resume state."""
+
+    def __init__(self, training: Training, selection: ModelSelection, rank: int, world: int, resumed_from: int):
+        self.training, self.selection = training, selection
+        self.rank, self.world, self.resumed_from = rank, world, resumed_from
+
+    def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
+        training = self.training
+        metrics = {**flat_metrics(record), "improved": int(improved), "resumed_from": self.resumed_from}
+        # A health check worth its cost (one hash of the weights per epoch): DDP must keep
+        # every rank's weights identical.
+        metrics["ranks_in_sync"] = int(self.world == 1 or ranks_in_sync(training.model, training.engine.device))
+        with tempfile.TemporaryDirectory() as staging:
+            reported = None
+            if self.rank == 0:
+                directory = Path(staging) / "checkpoint"
+                training.save_checkpoint(directory, record)
+                save_training_state(directory, training.engine, self.selection, record.epoch)
+                reported = Checkpoint.from_directory(str(directory))
+            ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch_{record.epoch:03d}")
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """What every Ray Train worker runs."""
+    """What every Ray Train worker runs: the same setup and `fit` as one process, on its shard."""
     config = config_from_dict(loop_config["config"], "train_loop_config")
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)  # Ray sets 1 thread per worker CPU otherwise
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     store = FeatureStore(local_store(config.data), verify_checksums=config.data.verify_checksums)
-    config = bind_store(config, store)
-
-    torch.manual_seed(config.train.seed)  # the same initial weights everywhere (DDP also syncs them)
-    device = ray.train.torch.get_device()
-    model = build_model(config.model).to(device)
-    # find_unused_parameters: stage 0 leaves everything but the MMILB heads unused, and
-    # the BERT pooler is never used. One worker has nothing to synchronise: no wrapper.
-    ddp = None
-    if world > 1:
-        ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-        )
-    engine = Engine(model, config.train, device, ddp=ddp)
+    training = setup_training(config, store, rank, world, ray.train.torch.get_device())
     selection = ModelSelection(config.train.patience)
-    tokenizer = load_tokenizer(config.model.text_encoder)
 
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            load_weights(directory, model)
-            resumed_from = load_training_state(directory, engine, selection)
+            load_weights(directory, training.model)
+            resumed_from = load_training_state(directory, training.engine, selection)
         log.info("rank %d resumed after epoch %d", rank, resumed_from)
 
-    per_worker_batch = config.train.batch_size // world
-    sampler = DistributedSampler(
-        SplitDataset(store["train"]), num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed
-    )
-    train_loader = make_loader(store["train"], per_worker_batch, shuffle=False, sampler=sampler)
-    valid_loader = make_loader(store["valid"], per_worker_batch, shuffle=False)
-    test_loader = make_loader(store["test"], per_worker_batch, shuffle=False)
-
-    for epoch in range(resumed_from + 1, config.train.epochs + 1):
-        if selection.should_stop:
-            break
-        sampler.set_epoch(epoch)
-        torch.manual_seed(config.train.seed + 1000 * epoch + rank)
-        record = engine.run_epoch(epoch, train_loader, valid_loader, test_loader)
-        improved = selection.update(record)
-        metrics = {**flat_metrics(record), "improved": int(improved), "resumed_from": resumed_from}
-        # A health check worth its cost (one hash of the weights per epoch): DDP must keep
-        # every rank's weights identical.
-        metrics["ranks_in_sync"] = int(world == 1 or ranks_in_sync(model, device))
-        with tempfile.TemporaryDirectory() as staging:
-            reported = None
-            if rank == 0:
-                directory = Path(staging) / "checkpoint"
-                save_checkpoint(
-                    directory, model, config, tokenizer, {"epoch": epoch, "valid": record.valid, "test": record.test}
-                )
-                save_training_state(directory, engine, selection, epoch)
-                reported = Checkpoint.from_directory(str(directory))
-            ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch_{epoch:03d}")
+    hooks = ReportEpochs(training, selection, rank, world, resumed_from)
+    fit(training.engine, training.loaders, hooks, selection=selection, start_epoch=resumed_from + 1, rank=rank)
 
 
 @ray.remote(num_cpus=0)
@@ -297,7 +327,7 @@ def _reason(error: ray.train.TrainingFailedError) -> str:
 
 def train_distributed(
     config: Config, on_report: Callable[[dict], None] | None = None, overwrite: bool = False
-) -> DistributedResult:
+) -> TrainingResult:
     """Run Ray training; `on_report(metrics)` sees every epoch's report as it arrives (in a driver
     thread). The best epoch's weights are copied to OUTPUT_DIR/best, replacing an earlier run's
     only with `overwrite`."""
@@ -322,6 +352,8 @@ def train_distributed(
     with atomic_directory(destination) as staging:
         best_checkpoint.to_directory(str(staging))
         remove_training_state(staging)  # serving and evaluation need the weights only
-    return DistributedResult(
-        best=best_metrics, last=result.metrics, epochs=follower.epochs(), checkpoint=destination, run_path=result.path
-    )
+    epochs = follower.epochs()
+    stopped_early = int(epochs[-1]["epoch"]) < config.train.epochs if epochs else False
+    trained = TrainingResult(epochs, best_metrics, destination, stopped_early, ray_run=result.path)
+    write_metrics(Path(config.output_dir) / METRICS_FILE, trained)
+    return trained

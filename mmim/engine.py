@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from mmim.config import TrainConfig
 from mmim.errors import MMIMInputError
 from mmim.metrics import compute_metrics
 from mmim.model import MMIM
+from mmim.predict import predict_scores
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +109,17 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
 
 
 @dataclass
+class Loaders:
+    train: DataLoader
+    valid: DataLoader
+    test: DataLoader
+
+
+@dataclass
 class FitResult:
-    best_epoch: int
-    valid: dict[str, float]  # validation metrics of the selected epoch
-    test: dict[str, float]  # test metrics of the selected epoch
-    history: list[EpochRecord] = field(default_factory=list)
-    stopped_early: bool = False
-
-
-@torch.no_grad()
-def predict_scores(model: MMIM, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted scores, true labels) over a whole loader, in loader order."""
-    model.eval()
-    scores, labels = [], []
-    for batch in loader:
-        batch = batch.to(device)
-        scores.append(model(**batch.model_inputs()).score.float().cpu())
-        labels.append(batch.labels.cpu())
-    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    best: EpochRecord  # the selected epoch (lowest validation loss), possibly from before a resume
+    history: list[EpochRecord]  # the epochs this call trained
+    stopped_early: bool
 
 
 def evaluate(model: MMIM, loader: DataLoader, device: torch.device) -> dict[str, float]:
@@ -326,16 +320,39 @@ class Engine:
         return EpochRecord(epoch, stage0, stage1, lr, valid_metrics, test_metrics, time.perf_counter() - start)
 
 
+def reseed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Random numbers of an epoch from (seed, epoch, rank) alone: a run resumed after epoch k
+    draws the same dropout masks in epoch k + 1 as one that never stopped."""
+    torch.manual_seed(seed + 1000 * epoch + rank)
+
+
 def fit(
-    engine: Engine, train: DataLoader, valid: DataLoader, test: DataLoader, hooks: TrainingHooks | None = None
+    engine: Engine,
+    loaders: Loaders,
+    hooks: TrainingHooks | None = None,
+    *,
+    selection: ModelSelection | None = None,
+    start_epoch: int = 1,
+    rank: int = 0,
 ) -> FitResult:
-    """Train for `epochs` with early stopping; select the epoch on validation loss only."""
+    """Train from `start_epoch` to `train.epochs` with early stopping; select on validation loss only.
+
+    The one epoch loop of every path: `mmim train` in one process and every Ray worker (which
+    passes the selection and epoch it resumed from, and reports each epoch through `hooks`).
+    """
     hooks = hooks or TrainingHooks()
     config = engine.config
-    selection = ModelSelection(config.patience)
+    selection = selection or ModelSelection(config.patience)
     history: list[EpochRecord] = []
-    for epoch in range(1, config.epochs + 1):
-        record = engine.run_epoch(epoch, train, valid, test, hooks)
+    for epoch in range(start_epoch, config.epochs + 1):
+        if selection.should_stop:
+            log.info("early stop: no validation improvement for %d epochs", config.patience)
+            break
+        set_epoch = getattr(loaders.train.sampler, "set_epoch", None)
+        if set_epoch is not None:  # DistributedSampler: this epoch's shuffle
+            set_epoch(epoch)
+        reseed_epoch(config.seed, epoch, rank)
+        record = engine.run_epoch(epoch, loaders.train, loaders.valid, loaders.test, hooks)
         history.append(record)
         improved = selection.update(record)
         log.info(
@@ -347,8 +364,6 @@ def fit(
             " (best)" if improved else "",
         )
         hooks.on_epoch_end(record, improved)
-        if selection.should_stop:
-            log.info("early stop: no validation improvement for %d epochs", config.patience)
-            break
-    best = selection.best
-    return FitResult(best.epoch, best.valid, best.test, history, stopped_early=len(history) < config.epochs)
+    if selection.best is None:
+        raise MMIMInputError(f"train.epochs {config.epochs}: no epoch to train after epoch {start_epoch - 1}")
+    return FitResult(selection.best, history, stopped_early=selection.should_stop)

@@ -21,6 +21,10 @@ class ServiceUnavailableError(Exception):
     """A remote service did not answer (refused, timed out, unreachable); worth retrying."""
 
 
+class DistributedTrainingError(RuntimeError):
+    """A Ray training run that failed for good (after `ray.max_failures` retries)."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (its class name when it has none), for one-line reports."""
     text = str(error).strip()

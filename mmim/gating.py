@@ -27,8 +27,8 @@ from pydantic import BaseModel
 
 from mmim.errors import MMIMInputError, first_line
 from mmim.metrics import compute_metrics, pearson
+from mmim.mlflow_server import local_checkpoint
 from mmim.predict import predict_checkpoint
-from mmim.serving import local_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,12 @@ def head_to_head(
     *,
     resamples: int = 1000,
     confidence: float | None = None,
+    challenger_scores: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> HeadToHead:
     """Score the challenger's checkpoint and the champion (a model URI, None when there is no
-    champion) on the valid and test splits of `store`, whose data version is `data_version`."""
-    ours = predict_checkpoint(challenger, store)
+    champion) on the valid and test splits of `store`, whose data version is `data_version`.
+    `challenger_scores`: the challenger's (predictions, labels) per split, when already computed."""
+    ours = challenger_scores or predict_checkpoint(challenger, store)
     result = HeadToHead(
         data_version=data_version,
         metric=metric,

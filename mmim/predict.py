@@ -11,16 +11,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from mmim.checkpoint import load_checkpoint
 from mmim.data import Batch, make_loader, pad_sequences
-from mmim.engine import predict_scores
 from mmim.errors import MMIMInputError
 from mmim.metrics import compute_metrics
 from mmim.model import MMIM
-from mmim.store import FeatureStore
+from mmim.store import FeatureStore, bind_store
 from mmim.text_encoder import DEFAULT_MAX_TOKENS, tokenize
-from mmim.train import bind_store
+
+
+@torch.no_grad()
+def predict_scores(model: MMIM, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted scores, true labels) over a whole loader, in loader order."""
+    model.eval()
+    scores, labels = [], []
+    for batch in loader:
+        batch = batch.to(device)
+        scores.append(model(**batch.model_inputs()).score.float().cpu())
+        labels.append(batch.labels.cpu())
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
 
 def sentiment_classes(score: float) -> dict[str, Any]:

@@ -14,9 +14,9 @@ Output: a table with `score` (sentiment in [-3, 3]), `polarity` (the Acc-2 class
 The model is logged as "model from code" (`mmim/pyfunc_entry.py`), so nothing is
 pickled; loading it needs the `mmim` package and the logged checkpoint only.
 
-The command line reaches registered models through the helpers below:
+The command line reaches registered models through the helpers below (and
+mmim.mlflow_server.local_checkpoint, the checkpoint inside a registered model):
     check_model(uri)          the URI resolves to an MLflow model, or a one-line error
-    local_checkpoint(spec)    a checkpoint directory, or the one inside a registered model
     serve_command(uri, ...)   `mlflow models serve` from this environment
 """
 
@@ -27,16 +27,13 @@ import binascii
 import logging
 import os
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature, infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, Schema
@@ -133,13 +130,6 @@ def model_signature(example: pd.DataFrame, recordings: bool) -> ModelSignature:
 
 # ---------------------------------------------------------------- registered models, for the CLI
 
-MODEL_URI_SCHEMES = ("models:/", "runs:/")
-
-
-def is_model_uri(spec: str) -> bool:
-    """Whether `spec` names an MLflow model (models:/..., runs:/...) rather than a directory."""
-    return spec.startswith(MODEL_URI_SCHEMES)
-
 
 def check_model(uri: str) -> None:
     """Raise a one-line error unless `uri` (models:/<name>@<alias>, a path, ...) is an MLflow model."""
@@ -147,35 +137,6 @@ def check_model(uri: str) -> None:
         files = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri())
     if "MLmodel" not in {Path(file.path).name for file in files}:
         raise MMIMInputError(f"{uri}: not an MLflow model (no MLmodel file there)")
-
-
-def _checkpoint_in(model_dir: Path, uri: str) -> Path:
-    """The checkpoint directory inside a downloaded mmim pyfunc model (its artifact "checkpoint")."""
-    try:
-        flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
-    except (OSError, MlflowException):
-        raise MMIMInputError(f"{uri}: not an MLflow model (no readable MLmodel file)") from None
-    path = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
-    if path is None:
-        raise MMIMInputError(f'{uri}: not an mmim model (its MLmodel has no "checkpoint" artifact)')
-    return model_dir / path
-
-
-@contextmanager
-def local_checkpoint(spec: str) -> Iterator[Path]:
-    """A checkpoint directory: `spec` itself, or, for an MLflow model URI (models:/<name>@<alias>,
-    models:/<name>/<version>, runs:/<run id>/model), the checkpoint the model carries, downloaded
-    to a temporary directory that is removed afterwards."""
-    if not is_model_uri(spec):
-        yield Path(spec)
-        return
-    log.info("downloading the checkpoint of %s", spec)
-    with tempfile.TemporaryDirectory(prefix="mmim-model-") as workdir:
-        with answering(spec):
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=spec, dst_path=workdir, tracking_uri=tracking_uri()
-            )
-        yield _checkpoint_in(Path(local), spec)
 
 
 def serve_command(uri: str, host: str, port: int, max_request_bytes: int) -> tuple[list[str], dict[str, str]]:

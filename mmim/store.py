@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmim.config import Config
 from mmim.errors import MMIMInputError
 from mmim.files import read_json
 
@@ -228,3 +229,33 @@ def _check_range(path: Path, array: np.ndarray, what: str, low: float, high: flo
         row = int(np.flatnonzero(outside.reshape(len(array), -1).any(axis=1))[0])
         value = array[row] if array.ndim == 1 else array[row][outside[row]][0]
         raise MMIMInputError(f"{path}: {what} {value} at row {row} outside [{low}, {high}]{why}")
+
+
+def bind_store(config: Config, store: FeatureStore) -> Config:
+    """The config with the store's input dims and token cap; refuse a store tokenized for another encoder."""
+    if store.text_encoder != config.model.text_encoder:
+        raise MMIMInputError(
+            f"model.text_encoder {config.model.text_encoder!r} does not match the tokenizer of "
+            f"data.store {str(store.root)!r} ({store.text_encoder!r}); re-extract or change the config"
+        )
+    stored = {
+        "audio_dim": store.dims["audio"],
+        "vision_dim": store.dims["vision"],
+        "max_tokens": store.max_tokens,
+        "extractor": store.extractor,
+    }
+    for field, value in stored.items():
+        configured = getattr(config.model, field)
+        if configured is not None and configured != value:
+            raise MMIMInputError(
+                f"model.{field} is {_shown(configured)} but data.store {str(store.root)!r} has "
+                f"{_shown(value)} (leave it out: it comes from the store)"
+            )
+    return config.model_copy(update={"model": config.model.model_copy(update=stored)})
+
+
+def _shown(value):
+    """A setting for an error message: an extractor record by its name, version and settings."""
+    if isinstance(value, dict) and "version" in value:
+        return f"extractor {value.get('name')} {value['version']} {value.get('settings')}"
+    return value

@@ -15,6 +15,7 @@ gate       the run's model and the registry's champion scored on the run's data
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -37,17 +38,16 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from mmim.checkpoint import load_checkpoint  # noqa: E402
 from mmim.config import Config  # noqa: E402
-from mmim.data import make_loader  # noqa: E402
 from mmim.data_checks import LabelProfile  # noqa: E402
-from mmim.engine import predict_scores  # noqa: E402
 from mmim.errors import MMIMInputError, first_line  # noqa: E402
 from mmim.gating import HeadToHead, head_to_head  # noqa: E402
-from mmim.mlflow_server import tracking_uri  # noqa: E402
+from mmim.mlflow_server import dataset_name, registered_model_name, tracking_uri  # noqa: E402
+from mmim.predict import predict_checkpoint  # noqa: E402
 from mmim.registry import Decision, champion_version, register  # noqa: E402
 from mmim.serving import model_signature  # noqa: E402
 from mmim.store import FeatureStore  # noqa: E402
+from mmim.train import TrainingResult  # noqa: E402
 from mmim.versioning import STORES_DIR, data_version, local_store  # noqa: E402
 
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview; with it, on the runs.
@@ -64,14 +64,6 @@ class TrackedRun:
     model_uri: str  # models:/m-... (MLflow 3's logged model)
     experiment_id: str
     data_version: str  # of the store it trained on
-
-
-def dataset_name(config: Config) -> str:
-    return config.data.dvc_dataset or Path(config.data.store).name
-
-
-def registered_model_name(config: Config) -> str:
-    return config.tracking.registered_model or f"mmim-{dataset_name(config)}"
 
 
 def flatten(config: Config) -> dict[str, str]:
@@ -129,7 +121,7 @@ def ensure_experiment(config: Config) -> str:
     )
 
 
-def _plots(directory: Path, epochs: list[dict], predictions: np.ndarray, truths: np.ndarray) -> None:
+def _learning_curves(path: Path, epochs: list[dict]) -> None:
     steps = [int(e["epoch"]) for e in epochs]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].plot(steps, [e["stage1_loss"] for e in epochs], marker="o", label="stage 1 loss")
@@ -140,8 +132,11 @@ def _plots(directory: Path, epochs: list[dict], predictions: np.ndarray, truths:
     axes[1].set_xlabel("epoch")
     axes[1].legend()
     figure.tight_layout()
-    figure.savefig(directory / "learning_curves.png", dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _test_scatter(path: Path, predictions: np.ndarray, truths: np.ndarray) -> None:
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.scatter(truths, predictions, s=6, alpha=0.5)
     axis.plot([-3, 3], [-3, 3], color="grey", linewidth=1)
@@ -149,7 +144,7 @@ def _plots(directory: Path, epochs: list[dict], predictions: np.ndarray, truths:
     axis.set_ylabel("predicted")
     axis.set_title("test split, selected epoch")
     figure.tight_layout()
-    figure.savefig(directory / "test_scatter.png", dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
@@ -168,31 +163,46 @@ def input_example(store: FeatureStore, texts: list[str]) -> pd.DataFrame:
 class TrainingRun:
     """One MLflow run per training job, open from before the first epoch to the logged model.
 
-    Created by the driver before training starts, so the run's duration is the training's
+    Started by the driver before training starts, so the run's duration is the training's
     and the UI shows each epoch as it is reported; `tracked_run` marks it FAILED when
-    training raises. All writes name the run id (no active-run state), so `log_epoch` may
-    be called from another thread of the driver (Ray reports arrive on one).
+    training raises. The model is logged after training, possibly by another process that
+    attaches to the run by id (the pipeline's log_model step). All writes name the run id
+    (no active-run state), so `log_epoch` may be called from another thread of the driver
+    (Ray reports arrive on one).
     """
 
-    def __init__(self, config: Config, *, data_version: str | None = None, tags: dict[str, str] | None = None):
-        self.config = config
+    def __init__(self, config: Config, run_id: str, experiment_id: str, data_version: str):
+        self.config, self.run_id, self.experiment_id, self.data_version = config, run_id, experiment_id, data_version
         self.store = FeatureStore(local_store(config.data), verify_checksums=False)
-        self.experiment_id = ensure_experiment(config)
         self.client = MlflowClient(tracking_uri())
-        self.data_version = data_version or store_data_version(config) or self.store.content_version
+
+    @classmethod
+    def start(cls, config: Config, *, data_version: str | None = None, tags: dict[str, str] | None = None):
+        """A new run: tags, the flattened config as params, the data's label profile."""
+        store = FeatureStore(local_store(config.data), verify_checksums=False)
+        experiment_id = ensure_experiment(config)
+        data_version = data_version or store_data_version(config) or store.content_version
         tags = {
             **(tags or {}),
             "git_commit": git_commit(),
-            "data_version": self.data_version,
-            "source_format": self.store.manifest.get("source", "unknown"),
+            "data_version": data_version,
+            "source_format": store.manifest.get("source", "unknown"),
             "text_encoder": config.model.text_encoder,
             "ray_workers": str(config.ray.num_workers),
             "gpus": str(config.ray.num_workers if config.ray.use_gpu else 0),
             "dataset": dataset_name(config),
         }
-        self.run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
-        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
-        self.client.log_dict(self.run_id, LabelProfile.of(self.store, self.data_version).model_dump(), DATA_PROFILE)
+        client = MlflowClient(tracking_uri())
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(config).items()])
+        client.log_dict(run_id, LabelProfile.of(store, data_version).model_dump(), DATA_PROFILE)
+        return cls(config, run_id, experiment_id, data_version)
+
+    @classmethod
+    def attach(cls, config: Config, run_id: str) -> TrainingRun:
+        """A run `start` created, e.g. in the process that trained."""
+        run = MlflowClient(tracking_uri()).get_run(run_id)
+        return cls(config, run_id, run.info.experiment_id, run.data.tags["data_version"])
 
     def log_epoch(self, metrics: dict) -> None:
         """An epoch's flat metrics (a Ray report or `flat_metrics(record)`), at step = epoch."""
@@ -207,29 +217,25 @@ class TrainingRun:
             ],
         )
 
-    def finish(self, epochs: list[dict], selected: dict, checkpoint: Path) -> TrackedRun:
-        """Log the selected epoch's figures, the plots, the config and the pyfunc model. (Logging a
-        model needs MLflow's active-run API, which marks the run FINISHED as it lets go of it;
-        `tracked_run` still sets the final status, FAILED if anything after this raises.)"""
+    def log_model(self, result: TrainingResult) -> TrackedRun:
+        """Log the selected epoch's figures, the learning curves, the config and the pyfunc model.
+        (Logging a model needs MLflow's active-run API, which marks the run FINISHED as it lets go
+        of it; `tracked_run` still sets the final status, FAILED if anything after this raises.)"""
         self.client.log_batch(
             self.run_id,
             metrics=[
                 Metric(f"selected_{_metric_name(k)}", float(v), int(time.time() * 1000), 0)
-                for k, v in selected.items()
+                for k, v in result.best.items()
                 if k.startswith(("valid_", "test_"))
             ],
         )
-        model, _, _ = load_checkpoint(checkpoint)
-        predictions, truths = predict_scores(
-            model, make_loader(self.store["test"], 64, shuffle=False), next(model.parameters()).device
-        )
-        epochs = sorted(epochs, key=lambda e: e["epoch"])
+        epochs = sorted(result.epochs, key=lambda e: e["epoch"])
         with tempfile.TemporaryDirectory() as workdir:
             work = Path(workdir)
             (work / "config.json").write_text(json.dumps(self.config.model_dump(), indent=2))
-            (work / "metrics.json").write_text(json.dumps({"epochs": epochs, "selected": selected}, indent=2))
-            _plots(work, epochs, predictions, truths)
-            for name in ("config.json", "metrics.json", "learning_curves.png", "test_scatter.png"):
+            (work / "metrics.json").write_text(json.dumps({"epochs": epochs, "selected": result.best}, indent=2))
+            _learning_curves(work / "learning_curves.png", epochs)
+            for name in ("config.json", "metrics.json", "learning_curves.png"):
                 self.client.log_artifact(self.run_id, str(work / name))
         example = input_example(self.store, ["the movie was very good", "the plot was not great"])
         signature = model_signature(example, recordings=self.store.extractor is not None)
@@ -238,7 +244,7 @@ class TrainingRun:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_ENTRY),
-                artifacts={"checkpoint": str(checkpoint)},
+                artifacts={"checkpoint": str(result.checkpoint)},
                 signature=signature,
                 input_example=example,
                 pip_requirements=["mmim-pipeline"],
@@ -250,17 +256,23 @@ class TrainingRun:
 
 
 @contextmanager
-def tracked_run(
-    config: Config, *, data_version: str | None = None, tags: dict[str, str] | None = None
-) -> Iterator[TrainingRun]:
-    """A `TrainingRun` that ends FINISHED when the block completes, FAILED when it raises."""
-    run = TrainingRun(config, data_version=data_version, tags=tags)
+def ending(run: TrainingRun, *, finished: bool = True) -> Iterator[TrainingRun]:
+    """`run`, marked FAILED when the block raises; FINISHED when it completes, unless not
+    `finished` (the model is still to be logged, by `attach`ing later)."""
     try:
         yield run
     except BaseException:
         run.end("FAILED")
         raise
-    run.end("FINISHED")
+    if finished:
+        run.end("FINISHED")
+
+
+def tracked_run(
+    config: Config, *, data_version: str | None = None, tags: dict[str, str] | None = None, finished: bool = True
+) -> contextlib.AbstractContextManager[TrainingRun]:
+    """A new `TrainingRun` for the block (see `ending`)."""
+    return ending(TrainingRun.start(config, data_version=data_version, tags=tags), finished=finished)
 
 
 def _metric_name(key: str) -> str:
@@ -293,22 +305,28 @@ def champion_profile(model_name: str) -> LabelProfile | None:
 
 
 def track_and_register(
-    config: Config, epochs: list[dict], selected: dict, checkpoint: Path, data_version: str | None = None
+    config: Config, result: TrainingResult, data_version: str | None = None
 ) -> tuple[TrackedRun, Decision]:
     """Log a finished training and register its model, gating `champion` head to head."""
     with tracked_run(config, data_version=data_version) as run:
-        for epoch in epochs:
+        for epoch in result.epochs:
             run.log_epoch(epoch)
-        tracked = run.finish(epochs, selected, checkpoint)
-    return tracked, register_run(config, tracked, checkpoint)
+        tracked = run.log_model(result)
+    return tracked, register_run(config, tracked, result.checkpoint)
 
 
 def compare_with_champion(
     config: Config, run_id: str, checkpoint: Path, store: str | Path, data_version: str, name: str, champion: str | None
 ) -> HeadToHead:
     """Score `checkpoint` and version `champion` of `name` (None: no champion) on `store` (data
-    version `data_version`) and record both on the run: tags gate.*, metrics eval_* and champion_*."""
+    version `data_version`) and record both on the run: tags gate.*, metrics eval_* and champion_*,
+    and test_scatter.png (the only time the run's model is scored on test after training)."""
     client = MlflowClient(tracking_uri())
+    ours = predict_checkpoint(checkpoint, store)
+    with tempfile.TemporaryDirectory() as workdir:
+        scatter = Path(workdir) / "test_scatter.png"
+        _test_scatter(scatter, *ours["test"])
+        client.log_artifact(run_id, str(scatter))
     compared = head_to_head(
         checkpoint,
         store,
@@ -318,6 +336,7 @@ def compare_with_champion(
         champion,
         resamples=config.tracking.bootstrap_resamples,
         confidence=config.tracking.min_confidence,
+        challenger_scores=ours,
     )
     now = int(time.time() * 1000)
     figures = [(f"eval_{split}", values) for split, values in compared.challenger.items()]

@@ -1,59 +1,38 @@
-"""Single-process training on a feature store: what `mmim train` runs.
+"""Training on a feature store: the setup every path shares, and the single process.
 
-config -> open store (dims, tokenizer name) -> build model -> Engine.fit
-       -> OUTPUT_DIR/best/ (checkpoint of the selected epoch), OUTPUT_DIR/metrics.json
+    setup_training(config, store, rank, world, device)      one process, or one Ray worker
+      -> model (wrapped in DDP when world > 1), Engine, train/valid/test loaders, tokenizer
+    train(config)                                            `mmim train` without Ray
+      -> engine.fit -> OUTPUT_DIR/best/ (checkpoint of the selected epoch), OUTPUT_DIR/metrics.json
+      -> TrainingResult (mmim.distributed.train_distributed returns the same type)
+
+Both paths shuffle with a DistributedSampler (one replica here) and reseed every epoch
+from (seed, epoch, rank), so one Ray worker trains exactly what this process trains.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.checkpoint import save_checkpoint
 from mmim.config import Config
-from mmim.data import make_loader
-from mmim.engine import Engine, EpochRecord, FitResult, TrainingHooks, fit, seed_everything
+from mmim.data import SplitDataset, make_loader
+from mmim.engine import Engine, EpochRecord, FitResult, Loaders, TrainingHooks, fit, flat_metrics, seed_everything
 from mmim.errors import MMIMInputError
-from mmim.model import build_model
-from mmim.store import FeatureStore
+from mmim.model import MMIM, build_model
+from mmim.store import FeatureStore, bind_store
 from mmim.text_encoder import load_tokenizer
 
 BEST_CHECKPOINT = "best"
 METRICS_FILE = "metrics.json"
-
-
-def bind_store(config: Config, store: FeatureStore) -> Config:
-    """The config with the store's input dims and token cap; refuse a store tokenized for another encoder."""
-    if store.text_encoder != config.model.text_encoder:
-        raise MMIMInputError(
-            f"model.text_encoder {config.model.text_encoder!r} does not match the tokenizer of "
-            f"data.store {str(store.root)!r} ({store.text_encoder!r}); re-extract or change the config"
-        )
-    stored = {
-        "audio_dim": store.dims["audio"],
-        "vision_dim": store.dims["vision"],
-        "max_tokens": store.max_tokens,
-        "extractor": store.extractor,
-    }
-    for field, value in stored.items():
-        configured = getattr(config.model, field)
-        if configured is not None and configured != value:
-            raise MMIMInputError(
-                f"model.{field} is {_shown(configured)} but data.store {str(store.root)!r} has "
-                f"{_shown(value)} (leave it out: it comes from the store)"
-            )
-    return config.model_copy(update={"model": config.model.model_copy(update=stored)})
-
-
-def _shown(value):
-    """A setting for an error message: an extractor record by its name, version and settings."""
-    if isinstance(value, dict) and "version" in value:
-        return f"extractor {value.get('name')} {value['version']} {value.get('settings')}"
-    return value
 
 
 def prepare_output_dir(config: Config, overwrite: bool) -> Path:
@@ -83,12 +62,73 @@ def _describe(checkpoint: Path) -> str:
         return str(checkpoint)
 
 
+@dataclass
+class TrainingResult:
+    """What a training run produced, whichever path ran it."""
+
+    epochs: list[dict[str, float]]  # every epoch's flat metrics (mmim.engine.flat_metrics), by epoch
+    best: dict[str, float]  # the flat metrics of the selected epoch (lowest validation MAE)
+    checkpoint: Path  # the selected epoch's checkpoint: OUTPUT_DIR/best
+    stopped_early: bool
+    ray_run: str | None = None  # where Ray keeps the run's checkpoints (None: single process)
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.best["epoch"])
+
+
+@dataclass
+class Training:
+    """One process's share of a run, ready for `fit`."""
+
+    model: MMIM  # the plain model (under DDP, `engine.model` is the wrapper)
+    engine: Engine
+    loaders: Loaders
+    tokenizer: PreTrainedTokenizerBase
+    config: Config  # with the store's dims and token cap
+
+    def save_checkpoint(self, directory: Path, record: EpochRecord) -> None:
+        """The inference checkpoint of the model as it is after `record`'s epoch."""
+        metrics = {"epoch": record.epoch, "valid": record.valid, "test": record.test}
+        save_checkpoint(directory, self.model, self.config, self.tokenizer, metrics)
+
+
+def setup_training(
+    config: Config, store: FeatureStore, rank: int = 0, world: int = 1, device: torch.device | None = None
+) -> Training:
+    """Model, engine and loaders for rank `rank` of `world` processes (1: no DDP)."""
+    config = bind_store(config, store)
+    seed_everything(config.train.seed)  # the same initial weights on every rank (DDP also syncs them)
+    model = build_model(config.model)
+    ddp = None
+    if world > 1:
+        # find_unused_parameters: stage 0 leaves everything but the MMILB heads unused, and
+        # the BERT pooler is never used.
+        model = model.to(device)
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device is not None and device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    engine = Engine(model, config.train, device, ddp=ddp)
+    # train.batch_size is the global batch: each of `world` processes takes its share.
+    batch_size = config.train.batch_size // world
+    sampler = DistributedSampler(
+        SplitDataset(store["train"]), num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed
+    )
+    loaders = Loaders(
+        train=make_loader(store["train"], batch_size, shuffle=False, sampler=sampler),
+        valid=make_loader(store["valid"], batch_size, shuffle=False),
+        test=make_loader(store["test"], batch_size, shuffle=False),
+    )
+    return Training(model, engine, loaders, load_tokenizer(config.model.text_encoder), config)
+
+
 class _SaveBest(TrainingHooks):
     """Writes the checkpoint whenever validation improves, then calls the caller's hooks."""
 
-    def __init__(self, inner: TrainingHooks, engine: Engine, config: Config, tokenizer, directory: Path):
-        self.inner, self.engine, self.config = inner, engine, config
-        self.tokenizer, self.directory = tokenizer, directory
+    def __init__(self, inner: TrainingHooks, training: Training, directory: Path):
+        self.inner, self.training, self.directory = inner, training, directory
 
     def on_stage_start(self, epoch: int, stage: int, batches: int) -> None:
         self.inner.on_stage_start(epoch, stage, batches)
@@ -98,40 +138,33 @@ class _SaveBest(TrainingHooks):
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         if improved:
-            save_checkpoint(
-                self.directory,
-                self.engine.core,
-                self.config,
-                self.tokenizer,
-                {"epoch": record.epoch, "valid": record.valid, "test": record.test},
-            )
+            self.training.save_checkpoint(self.directory, record)
         self.inner.on_epoch_end(record, improved)
 
 
-def train(config: Config, hooks: TrainingHooks | None = None, overwrite: bool = False) -> tuple[FitResult, Path]:
-    """Train on `config.data.store`; returns the result and the best checkpoint's path.
-    `overwrite` lets the run replace an earlier run's checkpoint in OUTPUT_DIR."""
+def train(config: Config, hooks: TrainingHooks | None = None, overwrite: bool = False) -> TrainingResult:
+    """Train on `config.data.store` in this process. `overwrite` lets the run replace an
+    earlier run's checkpoint in OUTPUT_DIR."""
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     store = FeatureStore(config.data.store, verify_checksums=config.data.verify_checksums)
-    config = bind_store(config, store)
     output = prepare_output_dir(config, overwrite)
-    seed_everything(config.train.seed)
-    model = build_model(config.model)
-    tokenizer = load_tokenizer(config.model.text_encoder)
-    batch_size, seed = config.train.batch_size, config.train.seed
-    train_loader = make_loader(store["train"], batch_size, shuffle=True, seed=seed)
-    valid_loader = make_loader(store["valid"], batch_size, shuffle=False)
-    test_loader = make_loader(store["test"], batch_size, shuffle=False)
-    engine = Engine(model, config.train)
-    saver = _SaveBest(hooks or TrainingHooks(), engine, config, tokenizer, output / BEST_CHECKPOINT)
-    result = fit(engine, train_loader, valid_loader, test_loader, saver)
+    training = setup_training(config, store)
+    saver = _SaveBest(hooks or TrainingHooks(), training, output / BEST_CHECKPOINT)
+    fitted = fit(training.engine, training.loaders, saver)
+    result = result_of(fitted, output / BEST_CHECKPOINT)
     write_metrics(output / METRICS_FILE, result)
-    return result, output / BEST_CHECKPOINT
+    return result
 
 
-def write_metrics(path: Path, result: FitResult) -> None:
+def result_of(fitted: FitResult, checkpoint: Path) -> TrainingResult:
+    epochs = [flat_metrics(record) for record in fitted.history]
+    return TrainingResult(epochs, flat_metrics(fitted.best), checkpoint, fitted.stopped_early)
+
+
+def write_metrics(path: Path, result: TrainingResult) -> None:
+    """OUTPUT_DIR/metrics.json: every epoch and the selected one, written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(asdict(result), indent=2))
+    temporary.write_text(json.dumps({**asdict(result), "checkpoint": str(result.checkpoint)}, indent=2))
     temporary.replace(path)

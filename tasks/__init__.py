@@ -1,9 +1,11 @@
-"""Prefect tasks: thin wrappers that call `mmim` (see DESIGN.md, `flows -> tasks -> mmim`).
+"""Prefect tasks: thin wrappers that call `mmim` (imports run `flows -> tasks -> mmim`; the
+adapters that load Ray, MLflow or matplotlib are imported inside the task that needs them).
 
     extract_features   DVC reproduce of extract@<dataset>          -> FeatureStoreRef
     push_features      DVC push of the store to the remote         -> files sent
     check_data         leakage, lengths, drift vs the champion's   -> DataChecks (or the step fails)
-    train              Ray Train + MLflow run                      -> TrainedModel
+    train              Ray Train, every epoch logged to an MLflow run -> FinishedTraining
+    log_model          the selected checkpoint as the run's model  -> TrainedModel
     evaluate           the logged checkpoint and the champion,     -> HeadToHead
                        on valid/test of the same data version
     register           MLflow Model Registry, gated champion       -> Registration
@@ -16,16 +18,18 @@ does not answer (tasks/retries.py).
 from tasks.checks import DataChecks, check_data
 from tasks.features import FeatureStoreRef, extract_features, push_features
 from tasks.registration import Registration, register
-from tasks.training import TrainedModel, evaluate, train
+from tasks.training import FinishedTraining, TrainedModel, evaluate, log_model, train
 
 __all__ = [
     "DataChecks",
     "FeatureStoreRef",
     "Registration",
     "TrainedModel",
+    "FinishedTraining",
     "check_data",
     "evaluate",
     "extract_features",
+    "log_model",
     "push_features",
     "register",
     "train",

@@ -2,6 +2,7 @@
 
     extract_features   inputs of the DVC pipeline up to extract@<dataset> + code version
     train              data version + config digest + code version + MLflow server/experiment
+    log_model          MLflow run + MLflow server
     evaluate           MLflow run + data version + registered model name + bootstrap settings
                        (a run restored from the cache keeps the comparison it was gated on)
     register           MLflow run's model + registered model name + gating settings + MLflow server
@@ -100,6 +101,10 @@ def training_key(context, arguments: dict[str, Any]) -> str:
         tracking_server(),
         config.tracking.experiment,
     )
+
+
+def logging_key(context, arguments: dict[str, Any]) -> str:
+    return digest("log_model", arguments["training"].run_id, tracking_server())
 
 
 def evaluation_key(context, arguments: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ from pydantic import BaseModel
 
 from mmim.data_checks import check_store
 from mmim.errors import MMIMInputError
-from mmim.tracking import champion_profile
 from mmim.versioning import ensure_store
 from tasks.features import FeatureStoreRef
 from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
@@ -41,6 +40,8 @@ def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> 
     The report is the markdown artifact `data-checks-<dataset>`; a failed hard check fails
     the step, naming the check and the ids, before anything trains.
     """
+    from mmim.tracking import champion_profile  # MLflow, only when the step runs
+
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
     report = check_store(store, features.data_version, champion_profile(model_name))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from mmim import registry
 from mmim.gating import HeadToHead
 from mmim.mlflow_server import tracking_uri
 from tasks.caching import Origin, origin, registration_key
@@ -47,6 +45,10 @@ def register(
     trained: TrainedModel, compared: HeadToHead, model_name: str, margin: float, min_confidence: float | None
 ) -> Registration:
     """Register the run's model; `champion` moves only if it beats the champion on the same data."""
+    from mlflow import MlflowClient
+
+    from mmim import registry
+
     decision = registry.register(
         MlflowClient(tracking_uri()), trained.model_uri, model_name, compared, margin, min_confidence
     )
@@ -68,6 +70,10 @@ def register(
 
 def current_champion(model_name: str, metric: str, data_version: str) -> Champion | None:
     """The registry's `champion` of `model_name` as it is now (None when there is none)."""
+    from mlflow import MlflowClient
+
+    from mmim import registry
+
     client = MlflowClient(tracking_uri())
     version = registry.champion_version(client, model_name)
     if version is None:
@@ -80,4 +86,8 @@ def current_champion(model_name: str, metric: str, data_version: str) -> Champio
 
 def champion_to_compare(model_name: str) -> str | None:
     """The champion's version right before evaluation: the one the challenger is scored against."""
+    from mlflow import MlflowClient
+
+    from mmim import registry
+
     return registry.champion_version(MlflowClient(tracking_uri()), model_name)

@@ -8,7 +8,8 @@ training run that Ray already gave up on (`DistributedTrainingError`, after
 
 from __future__ import annotations
 
-from mlflow.exceptions import MlflowException
+import sys
+
 from prefect.tasks import exponential_backoff
 
 from mmim.errors import ServiceUnavailableError
@@ -20,6 +21,10 @@ BACKOFF = exponential_backoff(backoff_factor=10)  # 10 s, 20 s, 40 s (with jitte
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, (ServiceUnavailableError, ConnectionError, TimeoutError)):
         return True
+    if "mlflow" not in sys.modules:  # nothing raised an MlflowException without importing mlflow
+        return False
+    from mlflow.exceptions import MlflowException
+
     # MLflow reports an unreachable or failing server as an error with HTTP status >= 500
     # (after its own HTTP retries); 4xx statuses are requests that will fail again.
     return isinstance(error, MlflowException) and error.get_http_status_code() >= 500

@@ -1,4 +1,9 @@
-"""Training and evaluation as pipeline steps: Ray Train, tracked live in an MLflow run from the driver."""
+"""Training as pipeline steps: Ray Train tracked live in an MLflow run, then the model logged
+to that run, then the logged model scored against the registry's champion.
+
+Training and logging are two tasks so that an MLflow hiccup while the model is logged
+retries the logging, not the training.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,32 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from mmim.config import Config
-from mmim.distributed import train_distributed
 from mmim.engine import epoch_line
 from mmim.gating import HeadToHead
-from mmim.serving import local_checkpoint
-from mmim.tracking import compare_with_champion, tracked_run
-from mmim.train import BEST_CHECKPOINT
+from mmim.mlflow_server import local_checkpoint
+from mmim.train import BEST_CHECKPOINT, TrainingResult
 from mmim.versioning import ensure_store
-from tasks.caching import evaluation_key, training_key
+from tasks.caching import evaluation_key, logging_key, training_key
 from tasks.features import FeatureStoreRef
 from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
 
 # Training and the re-evaluation of its logged checkpoint run the same code on the same
 # weights; larger gaps mean the logged artifact is not what was trained (or another device).
 EVALUATION_TOLERANCE = 1e-3
+
+
+class FinishedTraining(BaseModel):
+    """A finished training, its MLflow run still open for the model."""
+
+    run_id: str  # the MLflow run, with every epoch logged
+    checkpoint: str  # local copy of the selected epoch's checkpoint (weights only): OUTPUT_DIR/best
+    epochs: list[dict[str, float]]  # every epoch's report
+    best: dict[str, float]  # the selected epoch's report (lowest validation MAE)
+    stopped_early: bool
+    ray_run: str | None  # where Ray keeps the run's checkpoints
+
+    def result(self) -> TrainingResult:
+        return TrainingResult(self.epochs, self.best, Path(self.checkpoint), self.stopped_early, self.ray_run)
 
 
 class TrainedModel(BaseModel):
@@ -31,6 +48,13 @@ class TrainedModel(BaseModel):
     checkpoint: str  # local copy of the selected epoch's checkpoint (weights only): OUTPUT_DIR/best
     epoch: int  # the selected epoch (lowest validation MAE)
     metrics: dict[str, float]  # valid_* and test_* of the selected epoch
+
+
+def run_config(config: Config, features: FeatureStoreRef, project_dir: str) -> Config:
+    """`config` pointed at the run's store, restored by DVC at its data version if missing."""
+    store = ensure_store(features.dataset, project_dir, features.data_version)
+    data = config.data.model_copy(update={"store": str(store.resolve()), "dvc_dataset": features.dataset})
+    return config.model_copy(update={"data": data})
 
 
 @task(
@@ -43,14 +67,14 @@ class TrainedModel(BaseModel):
 )
 def train(
     features: FeatureStoreRef, config: Config, project_dir: str, run_tags: dict[str, str] | None = None
-) -> TrainedModel:
-    """Ray Train on the store (RAY_ADDRESS names the cluster), tracked live in one MLflow run
-    (tagged with `run_tags`: the data checks' results)."""
+) -> FinishedTraining:
+    """Ray Train on the store (RAY_ADDRESS names the cluster), every epoch logged as it is
+    reported to a new MLflow run (tagged with `run_tags`: the data checks' results)."""
+    from mmim.distributed import train_distributed
+    from mmim.tracking import tracked_run
+
     log = get_run_logger()
-    store = ensure_store(features.dataset, project_dir, features.data_version)
-    config = config.model_copy(
-        update={"data": config.data.model_copy(update={"store": str(store.resolve()), "dvc_dataset": features.dataset})}
-    )
+    config = run_config(config, features, project_dir)
     log.info(
         "training on %s (%s) with %d Ray workers%s",
         features.dataset,
@@ -58,7 +82,8 @@ def train(
         config.ray.num_workers,
         " on GPUs" if config.ray.use_gpu else "",
     )
-    with tracked_run(config, data_version=features.data_version, tags=run_tags) as run:
+    # Left open when training succeeds: log_model attaches to it and ends it.
+    with tracked_run(config, data_version=features.data_version, tags=run_tags, finished=False) as run:
         log.info("MLflow run %s", run.run_id)
 
         def on_report(metrics: dict) -> None:
@@ -72,16 +97,39 @@ def train(
                 BEST_CHECKPOINT,
             )
         result = train_distributed(config, on_report, overwrite=True)
-        tracked = run.finish(result.epochs, result.best, result.checkpoint)
-    metrics = {k: float(v) for k, v in result.best.items() if k.startswith(("valid_", "test_"))}
-    log.info("selected epoch %d, valid MAE %.4f", int(result.best["epoch"]), metrics["valid_MAE"])
+    log.info("selected epoch %d, valid MAE %.4f", result.best_epoch, result.best["valid_MAE"])
+    return FinishedTraining(
+        run_id=run.run_id,
+        checkpoint=str(result.checkpoint),
+        epochs=result.epochs,
+        best=result.best,
+        stopped_early=result.stopped_early,
+        ray_run=result.ray_run,
+    )
+
+
+@task(
+    retries=ATTEMPTS,
+    retry_delay_seconds=BACKOFF,
+    retry_condition_fn=retry_if_transient,
+    cache_key_fn=logging_key,
+    result_serializer="json",
+    task_run_name="log_model[{features.dataset}]",
+)
+def log_model(training: FinishedTraining, features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
+    """Log the selected epoch's checkpoint as the run's pyfunc model, with its figures and plots."""
+    from mmim.tracking import TrainingRun, ending
+
+    config = run_config(config, features, project_dir)
+    with ending(TrainingRun.attach(config, training.run_id)) as run:
+        tracked = run.log_model(training.result())
     return TrainedModel(
         run_id=tracked.run_id,
         experiment_id=tracked.experiment_id,
         model_uri=tracked.model_uri,
-        checkpoint=str(result.checkpoint),
-        epoch=int(result.best["epoch"]),
-        metrics=metrics,
+        checkpoint=training.checkpoint,
+        epoch=int(training.best["epoch"]),
+        metrics={k: float(v) for k, v in training.best.items() if k.startswith(("valid_", "test_"))},
     )
 
 
@@ -106,6 +154,8 @@ def evaluate(
 
     The figures go back to the run (eval_*, champion_*, gate.*); registration gates on them.
     """
+    from mmim.tracking import compare_with_champion
+
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
     with local_checkpoint(trained.model_uri) as checkpoint:

@@ -1,20 +1,35 @@
-"""The two-stage engine: which parameters each stage steps, selection, determinism."""
+"""The two-stage engine: which parameters each stage steps, selection, determinism, resuming."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmim.checkpoint import load_weights
 from mmim.data import make_loader
-from mmim.engine import Engine, EpochRecord, TrainingHooks, fit, seed_everything, split_parameters
+from mmim.distributed import load_training_state, save_training_state
+from mmim.engine import (
+    Engine,
+    EpochRecord,
+    Loaders,
+    ModelSelection,
+    TrainingHooks,
+    fit,
+    seed_everything,
+    split_parameters,
+)
+from mmim.files import read_json
 from mmim.model import build_model
-from mmim.store import FeatureStore
+from mmim.predict import evaluate_checkpoint
+from mmim.store import FeatureStore, bind_store
 from mmim.store_writer import write_store
 from mmim.synthetic import synthesize
 from mmim.text_encoder import load_tokenizer
-from mmim.train import bind_store, train
-from tests.conftest import TINY_SIZES
+from mmim.train import setup_training, train
+from tests.helpers import TINY_SIZES
 
 
 def make_engine(config, **train_overrides):
@@ -122,22 +137,62 @@ class ScriptedEngine:
 def test_selection_on_validation_only_and_early_stopping(tiny_config):
     config = tiny_config.train.model_copy(update={"epochs": 10, "patience": 2})
     engine = ScriptedEngine(config, valid_losses=[0.9, 0.7, 0.8, 0.75, 0.6], test_losses=[0.9, 0.8, 0.5, 0.4, 0.3])
-    result = fit(engine, None, None, None)
+    result = fit(engine, Loaders(SimpleNamespace(sampler=None), None, None))
     # epochs 3 and 4 do not beat 0.7: patience 2 runs out after epoch 4, before 0.6 is seen
     assert result.stopped_early and len(result.history) == 4
-    assert result.best_epoch == 2
-    assert result.test["MAE"] == 0.8  # the test figure of the selected epoch, not the best test
+    assert result.best.epoch == 2
+    assert result.best.test["MAE"] == 0.8  # the test figure of the selected epoch, not the best test
 
 
-def test_seeded_training_is_bit_identical(tiny_config, tmp_path):
+def test_seeded_training_is_bit_identical_and_keeps_the_selected_epoch(tiny_config, tmp_path):
     runs = []
     for name in ("a", "b"):
         config = tiny_config.model_copy(update={"output_dir": str(tmp_path / name)})
-        result, checkpoint = train(config)
-        runs.append((result, load_file(str(checkpoint / "model.safetensors"))))
+        result = train(config)
+        runs.append((result, load_file(str(result.checkpoint / "model.safetensors"))))
     (first, weights_a), (second, weights_b) = runs
-    assert [r.stage1 for r in first.history] == [r.stage1 for r in second.history]
-    assert first.test == second.test
+    untimed = [[{k: v for k, v in e.items() if k != "seconds"} for e in run.epochs] for run in (first, second)]
+    assert untimed[0] == untimed[1]
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert first.best_epoch == min(first.history, key=lambda r: r.valid["loss"]).epoch
+    # the checkpoint holds the selected epoch's weights: they score what that epoch reported
+    assert read_json(first.checkpoint / "metrics.json")["epoch"] == first.best_epoch
+    scored = evaluate_checkpoint(first.checkpoint, tiny_config.data.store)
+    assert scored["valid"]["MAE"] == pytest.approx(first.best["valid_MAE"], abs=1e-6)
+    assert scored["test"]["MAE"] == pytest.approx(first.best["test_MAE"], abs=1e-6)
+
+
+class SaveAfter(TrainingHooks):
+    """What a Ray worker writes after an epoch: weights plus resume state (here after epoch 1 only)."""
+
+    def __init__(self, training, selection, directory):
+        self.training, self.selection, self.directory = training, selection, directory
+
+    def on_epoch_end(self, record, improved):
+        if record.epoch == 1:
+            self.training.save_checkpoint(self.directory, record)
+            save_training_state(self.directory, self.training.engine, self.selection, record.epoch)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"epochs": 3})})
+    store = FeatureStore(config.data.store)
+    whole = setup_training(config, store)
+    selection = ModelSelection(config.train.patience)
+    uninterrupted = fit(
+        whole.engine, whole.loaders, SaveAfter(whole, selection, tmp_path / "epoch1"), selection=selection
+    )
+
+    resumed = setup_training(config, store)  # a fresh process: new model, optimizers, scheduler
+    restored = ModelSelection(config.train.patience)
+    load_weights(tmp_path / "epoch1", resumed.model)
+    assert load_training_state(tmp_path / "epoch1", resumed.engine, restored) == 1
+    rest = fit(resumed.engine, resumed.loaders, selection=restored, start_epoch=2)
+
+    assert [r.epoch for r in rest.history] == [2, 3]
+    assert [r.stage1 for r in rest.history] == [r.stage1 for r in uninterrupted.history[1:]]
+    assert [r.valid for r in rest.history] == [r.valid for r in uninterrupted.history[1:]]
+    assert resumed.engine.learning_rates() == whole.engine.learning_rates()
+    assert rest.best.epoch == uninterrupted.best.epoch
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
