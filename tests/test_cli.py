@@ -40,7 +40,7 @@ def test_train_evaluate_predict(tiny_config, tmp_path, capsys):
     checkpoint = tmp_path / "run" / "best"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "text_encoder" / "tokenizer.json").is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["best_epoch"] == 1 and len(metrics["history"]) == 1
+    assert metrics["best"]["epoch"] == 1 and len(metrics["epochs"]) == 1
 
     code, out, _ = run_cli(
         capsys,

@@ -18,10 +18,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-import tasks.training
+import mmim.distributed
 from flows.retrain import RetrainSummary, main, retrain, summary_rows
-from mmim.distributed import DistributedTrainingError
-from mmim.errors import MMIMInputError, ServiceUnavailableError
+from mmim.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError
 from mmim.formats.mult import write_mult
 from mmim.synthetic import synthesize
 from mmim.versioning import data_version
@@ -30,7 +29,7 @@ from tasks.retries import is_transient
 from tests.helpers import PROJECT, dvc, free_port, make_dvc_project, run
 
 MODEL = "mmim-flowtest"
-STEPS = ["extract_features", "push_features", "check_data", "train", "evaluate", "register"]
+STEPS = ["extract_features", "push_features", "check_data", "train", "log_model", "evaluate", "register"]
 
 
 @dataclass
@@ -111,6 +110,7 @@ def rows(summary: dict) -> dict[str, str]:
     return dict(summary_rows(RetrainSummary.model_validate(summary)))
 
 
+@pytest.mark.service
 def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
     summary = pipeline.first
     assert pipeline.first_steps == dict.fromkeys(STEPS, "Completed")
@@ -143,6 +143,7 @@ def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
     assert Path(summary["checkpoint"]).is_dir()
 
 
+@pytest.mark.service
 def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
     versions_before = versions(pipeline)
@@ -154,12 +155,13 @@ def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
         "push_features": "Completed",
         "check_data": "Completed",
         "train": "Cached",
+        "log_model": "Cached",
         "evaluate": "Cached",
         "register": "Cached",
     }
     summary = state.result()
     assert summary["data_checks"]["previous_version"] == pipeline.first["data_version"]  # the champion's data
-    assert summary["cached_steps"] == ["extract_features", "train", "evaluate", "register"]
+    assert summary["cached_steps"] == ["extract_features", "train", "log_model", "evaluate", "register"]
     assert summary["run_id"] == pipeline.first["run_id"] and summary["files_pushed"] == 0
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
     assert versions(pipeline) == versions_before
@@ -170,6 +172,7 @@ def test_rerun_with_nothing_changed_hits_the_caches(pipeline):
     )
 
 
+@pytest.mark.service
 def test_cached_rerun_prints_what_it_restored_and_the_champion_now(pipeline, capfd):
     champion = pipeline.mlflow.get_model_version_by_alias(MODEL, "champion")
     code = main(["--project-dir", str(pipeline.project), "--config", "configs/flowtest.yaml"])
@@ -194,6 +197,7 @@ def test_cached_rerun_prints_what_it_restored_and_the_champion_now(pipeline, cap
     )
 
 
+@pytest.mark.service
 def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny_encoder, tmp_path):
     """Extraction is restored from the first checkout's cache: the store is not here, and
     the push must not report 0 files for a store that is missing (DVC rebuilds it)."""
@@ -208,6 +212,7 @@ def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny
         "push_features": "Completed",
         "check_data": "Completed",
         "train": "Cached",
+        "log_model": "Cached",
         "evaluate": "Cached",
         "register": "Cached",
     }
@@ -220,12 +225,13 @@ def test_fresh_clone_with_the_same_cache_pushes_to_its_own_remote(pipeline, tiny
     )
 
 
+@pytest.mark.service
 def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeypatch):
     def lost_worker(config, on_report, overwrite):
         on_report({"epoch": 1, "valid_MAE": 0.9, "stage1_loss": 1.0, "valid_Corr": 0.1, "seconds": 1.0})
         raise DistributedTrainingError("Ray training failed (ray.max_failures=0): worker died")
 
-    monkeypatch.setattr(tasks.training, "train_distributed", lost_worker)
+    monkeypatch.setattr(mmim.distributed, "train_distributed", lost_worker)  # what the task imports
     versions_before = versions(pipeline)
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
     # another config, so that training is not restored from the cache
@@ -245,6 +251,7 @@ def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeyp
     assert runs.iloc[0]["status"] == "FAILED" and runs.iloc[0]["metrics.valid_MAE"] == 0.9
 
 
+@pytest.mark.service
 def test_changed_params_re_extract_and_retrain(pipeline):
     params_file = pipeline.project / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
@@ -275,6 +282,7 @@ def test_changed_params_re_extract_and_retrain(pipeline):
     )
 
 
+@pytest.mark.service
 def test_a_video_in_train_and_test_fails_at_the_data_checks(pipeline):
     """A data version that leaks a video from train into test: the flow stops before training,
     naming the check and the video; nothing is trained or registered."""
@@ -301,6 +309,7 @@ def test_a_video_in_train_and_test_fails_at_the_data_checks(pipeline):
     assert "| videos | hard | FAILED |" in report.data
 
 
+@pytest.mark.service
 def test_unanswered_remote_is_retried_then_fails(pipeline, monkeypatch):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # credentials, but nobody listening
         monkeypatch.setenv(key, "testing")
@@ -334,6 +343,7 @@ def test_only_service_errors_are_transient():
     assert not is_transient(MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE))
 
 
+@pytest.mark.service
 def test_bad_settings_stop_the_flow_before_any_step(pipeline):
     state, steps = run_flow(pipeline.project, overrides=["train.batch_size=15"])  # not divisible by 2 workers
     assert state.is_failed() and "step load_config failed: train.batch_size 15" in state.message

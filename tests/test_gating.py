@@ -26,12 +26,11 @@ from mmim.cli import _registry_table, main
 from mmim.gating import paired_bootstrap
 from mmim.model import build_model
 from mmim.registry import champion_version, describe, figure, promote, register
-from mmim.store import FeatureStore
+from mmim.store import FeatureStore, bind_store
 from mmim.store_writer import write_store
 from mmim.synthetic import synthesize
 from mmim.text_encoder import load_tokenizer
 from mmim.tracking import PYFUNC_ENTRY, compare_with_champion
-from mmim.train import bind_store
 from tests.helpers import TINY_SIZES, compared, free_port, start
 
 LONG_VERSION = "b18a22a3b9effafe5e7a9b919ea4b276.dir"  # as DVC names a store: the registry table folds it
@@ -120,6 +119,7 @@ def mae(labels, constant):
     return float(np.mean(np.abs(np.asarray(labels, dtype=np.float32) - np.float32(constant))))
 
 
+@pytest.mark.service
 def test_the_gate_compares_both_models_on_the_new_data(server, tiny_config, tmp_path):
     client, name, encoder = server, "mmim-head-to-head", tiny_config.model.text_encoder
     v1 = data(tmp_path / "v1", encoder, BASE)
@@ -164,6 +164,7 @@ def test_the_gate_compares_both_models_on_the_new_data(server, tiny_config, tmp_
     assert third.needs_review is None
 
 
+@pytest.mark.service
 def test_a_champion_that_cannot_be_scored_is_kept_and_the_new_version_needs_review(server, tiny_config, tmp_path):
     client, name = server, "mmim-other-tokenizer"
     other = tmp_path / "other-bert"  # another vocabulary, another tokenizer
@@ -195,6 +196,7 @@ def test_a_champion_that_cannot_be_scored_is_kept_and_the_new_version_needs_revi
     assert champion_version(client, name) == second.version
 
 
+@pytest.mark.service
 def test_min_confidence_promotes_a_clear_improvement_not_a_noisy_one(server, tiny_config, tmp_path):
     client, name, encoder = server, "mmim-confidence", tiny_config.model.text_encoder
     signs = np.where(np.arange(TINY_SIZES["valid"]) < 17, 1.0, -1.0)  # 17 positive, 15 negative
@@ -219,6 +221,7 @@ def test_min_confidence_promotes_a_clear_improvement_not_a_noisy_one(server, tin
     assert "95% interval +0." in better.text
 
 
+@pytest.mark.service
 def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, tmp_path, capsys):
     client, name = server, "mmim-concurrent"
     base = Constant(tiny_config, Path(tiny_config.data.store), 0.0, tmp_path / "base")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import ray
 
-from mmim.engine import flat_metrics
 from mmim.recordings.extractor import ClipExtractor, ExtractorSettings, IsolatedExtractor
 from mmim.recordings.job import extract_recordings
 from mmim.recordings.layout import hash_split, read_dataset
@@ -242,6 +241,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.service
 def test_ray_data_workers_give_the_in_process_features(ray_cluster, media, extractor, tmp_path, tiny_encoder):
     files = face_clips(tmp_path / "made", 3) + [media / "blank.mp4"]
     rows, clips = good_rows(files)
@@ -261,6 +261,7 @@ def test_ray_data_workers_give_the_in_process_features(ray_cluster, media, extra
 # ---------------------------------------------------------------- serving a recording
 
 
+@pytest.mark.service
 def test_a_served_model_scores_a_base64_recording_like_predict(media, tmp_path, tiny_config, monkeypatch):
     files = face_clips(tmp_path / "made", 6)
     root = write_dataset(tmp_path / "data", *good_rows(files))
@@ -287,9 +288,7 @@ def test_a_served_model_scores_a_base64_recording_like_predict(media, tmp_path, 
             ),
         }
     )
-    fitted, checkpoint = train(config)
-    epochs = [flat_metrics(record) for record in fitted.history]
-    run, _ = track_and_register(config, epochs, epochs[-1], checkpoint)
+    run, _ = track_and_register(config, train(config))
 
     text, model = "a really good movie", f"runs:/{run.run_id}/model"
     code, out, err = run_mmim("predict", "--checkpoint", model, "--recording", str(media / "face.mp4"), "--text", text)

@@ -19,10 +19,9 @@ from mmim.checkpoint import save_checkpoint
 from mmim.model import build_model
 from mmim.predict import MAX_FRAMES, MAX_INPUT_BYTES, MAX_UTTERANCES
 from mmim.serving import MMIMPyfunc
-from mmim.store import FeatureStore
+from mmim.store import FeatureStore, bind_store
 from mmim.synthetic import AUDIO_DIM, VISION_DIM
 from mmim.text_encoder import load_tokenizer
-from mmim.train import bind_store
 from tests.helpers import EXAMPLE, free_port, run_mmim
 
 

@@ -16,12 +16,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmim.engine import flat_metrics
 from mmim.registry import describe, promote, rollback
 from mmim.store import FeatureStore
 from mmim.tracking import input_example, registered_model_name, track_and_register
 from mmim.train import train
 from tests.helpers import EXAMPLE, free_port, invocations, postgres_database, run_mmim, start
+
+pytestmark = pytest.mark.service  # an MLflow server on PostgreSQL and S3 (moto), `mmim serve`
 
 
 @pytest.fixture
@@ -66,9 +67,7 @@ def tracked_config(tiny_config, tmp_path, artifacts, name, **train):
 
 
 def train_and_track(config):
-    fitted, checkpoint = train(config)
-    epochs = [flat_metrics(record) for record in fitted.history]
-    return track_and_register(config, epochs, epochs[fitted.best_epoch - 1], checkpoint, data_version="abc.dir")
+    return track_and_register(config, train(config), data_version="abc.dir")
 
 
 def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tmp_path):
