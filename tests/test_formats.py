@@ -16,6 +16,7 @@ from mmim.cli import main
 from mmim.errors import MMIMInputError
 from mmim.extract import extract
 from mmim.store import FeatureStore
+from mmim.synthetic import synthesize, write_synthetic_raw
 from mmim.text_encoder import load_tokenizer, tokenize
 from mmim.untrusted_pickle import load_untrusted_pickle
 
@@ -110,6 +111,31 @@ def test_mult_round_trip(tmp_path, tiny_encoder, id_style):
     summary = extract("mult", source, tmp_path / "store", tiny_encoder)
     assert summary.counts == SPLIT_SIZES and summary.dims == {"audio": 5, "vision": 20}
     assert_store_matches(summary.root, examples, load_tokenizer(tiny_encoder))
+
+
+def test_the_synthetic_sample_has_the_release_schema_and_reads_back(tmp_path, tiny_encoder):
+    sizes = {"train": 6, "valid": 3, "test": 4}
+    source = write_synthetic_raw(tmp_path / "synthetic", seed=0, sizes=sizes)
+    written = load_untrusted_pickle(source / "synthetic_data_noalign.pkl")  # as the reader loads it
+    release = pickle.loads(
+        (write_mult_files(tmp_path / "mosi", ragged_examples()) / "mosi_data_noalign.pkl").read_bytes()
+    )
+    assert set(written) == set(release) == {"train", "valid", "test"}
+    for name, size in sizes.items():
+        split = written[name]
+        assert set(split) == set(release[name]) == {"text", "audio", "vision", "labels", "id"}
+        assert split["text"].shape == (size, 50, 300) and split["text"].dtype == np.float32  # GloVe words
+        for field, array in split.items():  # as many rows as examples, the release's ranks and kinds
+            assert len(array) == size, field
+            assert (array.ndim, array.dtype.kind) == (release[name][field].ndim, release[name][field].dtype.kind)
+
+    summary = extract("mult", source, tmp_path / "store", tiny_encoder)
+    assert summary.counts == sizes
+    store, tokenizer, splits = FeatureStore(summary.root), load_tokenizer(tiny_encoder), synthesize(0, sizes)
+    for name, split in splits.items():  # the words come from the label CSV, not from `text`
+        assert store[name].ids == split.ids
+        np.testing.assert_array_equal(store[name].input_ids, tokenize(tokenizer, split.texts, 50)["input_ids"])
+        np.testing.assert_allclose(store[name].labels, split.labels, rtol=0, atol=1e-6)
 
 
 def test_mmsa_round_trip_with_minus_inf(tmp_path, tiny_encoder):

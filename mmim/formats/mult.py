@@ -36,6 +36,11 @@ from mmim.untrusted_pickle import load_untrusted_pickle
 
 _BRACKETED = re.compile(r"^(?P<video>.+)\[(?P<clip>\d+)\]$")  # "video[3]"
 
+# The release's `text` field: per example, 50 words of 300-dim GloVe vectors. The reader never
+# uses it (the model tokenizes the raw sentences of the label CSV for its own text encoder), so
+# the writer fills it with zeros: the schema is the release's, the values carry nothing.
+GLOVE_WORDS, GLOVE_DIM = 50, 300
+
 
 def find_files(input_path: Path, labels: Path | None) -> tuple[Path, Path]:
     """(pickle, label CSV) from a file or a directory holding exactly one of each."""
@@ -157,9 +162,8 @@ def _front_pad(sequences: Sequences) -> np.ndarray:
 
 
 def write_mult(directory: str | Path, name: str, splits: dict[str, SourceSplit]) -> Path:
-    """Write splits in this format (`<name>_data_noalign.pkl` + `<name>-label.csv`).
-
-    Used for the synthetic sample. The GloVe `text` array is not written: nothing reads it.
+    """Write splits in this format (`<name>_data_noalign.pkl` + `<name>-label.csv`), with every
+    field of the release, `text` included (zeros: see GLOVE_WORDS). Used for the synthetic sample.
     """
     directory = Path(directory)
     with atomic_directory(directory) as staging:
@@ -167,6 +171,7 @@ def write_mult(directory: str | Path, name: str, splits: dict[str, SourceSplit])
         for split_name in SPLITS:
             split = splits[split_name]
             data[split_name] = {
+                "text": np.zeros((len(split.ids), GLOVE_WORDS, GLOVE_DIM), dtype=np.float32),
                 "audio": _front_pad(split.audio),
                 "vision": _front_pad(split.vision),
                 "labels": np.asarray(split.labels, dtype=np.float32).reshape(-1, 1, 1),
