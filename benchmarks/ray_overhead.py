@@ -72,12 +72,12 @@ def main() -> None:
         )
 
         def single_run(name: str) -> list[float]:
-            result, _ = train(
+            result = train(
                 base.model_copy(
                     update={"train": base.train.model_copy(update={"num_threads": 2}), "output_dir": str(work / name)}
                 )
             )
-            return [record.seconds for record in result.history]
+            return [epoch["seconds"] for epoch in result.epochs]
 
         alone_epochs = single_run("single-alone")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

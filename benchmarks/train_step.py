@@ -26,12 +26,12 @@ from transformers import BertConfig
 
 from mmim.config import Config
 from mmim.data import make_loader
-from mmim.engine import Engine, predict_scores, seed_everything
+from mmim.engine import Engine, seed_everything
 from mmim.model import build_model
-from mmim.store import FeatureStore
+from mmim.predict import predict_scores
+from mmim.store import FeatureStore, bind_store
 from mmim.synthetic import MOSI_SIZES, write_synthetic_store
 from mmim.text_encoder import resolve
-from mmim.train import bind_store
 
 TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -1,0 +1,65 @@
+"""The import contract: flows -> tasks -> mmim, and the core loads no service library.
+
+Each module is imported in a fresh interpreter, which then lists the packages it pulled in;
+an edge that runs sideways (the core importing Ray, `mmim predict` loading DVC, the flow
+loading Ray at import) shows up here as a package that should not be there.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import PROJECT
+
+SERVICES = ("ray", "mlflow", "dvc", "prefect", "matplotlib", "botocore")
+TRAINING = ("mmim.engine", "mmim.train", "mmim.distributed")
+
+CORE = ("mmim.config", "mmim.model", "mmim.engine", "mmim.metrics", "mmim.store", "mmim.data")
+
+# module -> what importing it must not load. A module's imports are checked with it: mmim.train
+# imports the whole core (asserted below), mmim.predict the checkpoint, flows.retrain every task.
+CONTRACT = {
+    # the core and the single-process training on it
+    "mmim.train": SERVICES,
+    # inference: predictions and the checkpoint never pull in training
+    "mmim.predict": SERVICES + TRAINING,
+    # serving is MLflow's, and nothing else's
+    "mmim.serving": ("ray", "dvc", "prefect", "matplotlib") + TRAINING,
+    # `mmim predict`, `mmim --help`: adapters load when a command needs them
+    "mmim.cli": SERVICES + ("mmim.distributed", "mmim.tracking", "mmim.versioning"),
+    # the pipeline: Prefect and DVC, but Ray, MLflow and plotting only inside the steps that use them
+    "flows.retrain": ("ray", "mlflow", "matplotlib", "mmim.distributed", "mmim.tracking", "mmim.registry"),
+}
+
+PROBE = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def loaded_by(module: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, module], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout
+    return set(json.loads(out))
+
+
+@pytest.mark.parametrize("module", sorted(CONTRACT))
+def test_import_contract(module):
+    loaded = loaded_by(module)
+    broken = sorted(name for name in CONTRACT[module] if name in loaded)
+    assert not broken, f"importing {module} loads {', '.join(broken)}"
+    if module == "mmim.train":
+        assert set(CORE) <= loaded  # so the core is checked with it
+    if module == "mmim.predict":
+        assert "mmim.checkpoint" in loaded
+    if module == "flows.retrain":
+        assert {"tasks.features", "tasks.checks", "tasks.training", "tasks.registration"} <= loaded
+
+
+def test_the_probe_sees_what_an_adapter_loads():
+    """The check can fail: the Ray adapter does load Ray."""
+    assert {"ray", "mmim.engine"} <= loaded_by("mmim.distributed")
