@@ -55,7 +55,7 @@ def test_train_evaluate_predict(tiny_config, tmp_path, capsys):
     assert code == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     # the checkpoint's own test metrics are reproduced by evaluate
-    assert evaluated["test"]["MAE"] == pytest.approx(metrics["test"]["MAE"], abs=1e-6)
+    assert evaluated["test"]["MAE"] == pytest.approx(metrics["best"]["test_MAE"], abs=1e-6)
 
     utterances = [
         {"text": "the movie was very good", "audio": np.zeros((4, 5)).tolist(), "vision": np.ones((3, 20)).tolist()},
