@@ -16,7 +16,7 @@ import ray
 import yaml
 
 from mmim.cli import build_parser
-from mmim.config import Config, load_config
+from mmim.config import load_config
 from tests.helpers import PROJECT
 
 INFRA = PROJECT / "infra"
@@ -214,10 +214,19 @@ def test_site_configs_are_valid_settings(site, tmp_path, monkeypatch):
         path = tmp_path / "site.yaml"
         path.write_text(config_map["data"]["site.yaml"])
     monkeypatch.setenv("MMIM_SITE_CONFIG", str(path))
-    config = load_config(PROJECT / "configs" / "mosi.yaml")
+    run = PROJECT / "configs" / "mosi.yaml"
+    config = load_config(run)
     assert config.ray.storage_path.startswith("s3://") and config.ray.s3_endpoint
     assert config.tracking.artifact_location.startswith("s3://")
-    assert isinstance(config, Config)
+    site_values, run_values = yaml.safe_load(path.read_text()), yaml.safe_load(run.read_text())
+    for section, values in site_values.items():  # every site setting arrives, as the site file has it
+        for key, value in values.items():
+            assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
+    for section, values in run_values.items():  # the run's own settings stand where the site says nothing
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if key not in site_values.get(section, {}):
+                    assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
 
 
 # ---------------------------------------------------------------- compose
