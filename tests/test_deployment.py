@@ -8,10 +8,13 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tests.helpers import PROJECT, free_port, make_dvc_project, postgres_database, start
+
+pytestmark = pytest.mark.service  # a Prefect server on PostgreSQL, a process worker
 
 BIN = Path(sys.executable).parent
 

@@ -20,6 +20,8 @@ import pytest
 
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.service  # a Ray head (`ray start --head`) and its job server
+
 BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -23,6 +23,8 @@ from mmim.versioning import (
 )
 from tests.helpers import PROJECT, dvc, free_port, make_dvc_project, run
 
+pytestmark = pytest.mark.service  # DVC remotes: S3 on moto, a local directory
+
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
