@@ -14,13 +14,7 @@ from transformers import BertConfig, BertTokenizer
 
 from mmim.config import Config
 from mmim.synthetic import write_synthetic_store
-from tests.helpers import (
-    TINY_SIZES,
-    free_port,
-    make_dvc_project,
-    run,  # noqa: F401  (tests/test_distributed.py imports it from here until it moves)
-    tiny_vocabulary,
-)
+from tests.helpers import TINY_SIZES, free_port, make_dvc_project, tiny_vocabulary
 
 # Prefect servers started by the tests (harness, `prefect server start`) are offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
