@@ -263,6 +263,33 @@ def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, t
         assert re.search(rf"│ +{row['version']} │ {re.escape(row['aliases'])} +│", table), row
 
 
+@pytest.mark.service
+def test_gating_on_corr_needs_a_higher_figure_by_more_than_the_margin(server, tiny_config):
+    client, name, data = server, "mmim-corr", "corr.dir"
+    tracking = tiny_config.tracking.model_copy(update={"metric": "Corr", "margin": 0.05})
+
+    def registered(value):
+        """A new version with validation Corr `value` on `data`, gated as the flow's register step does."""
+        model = f"models:/{mlflow.create_external_model(name='candidate').model_id}"
+        head_to_head = compared(client, value, data, name, metric=tracking.metric)
+        return register(client, model, name, head_to_head, tracking.margin, tracking.min_confidence)
+
+    first = registered(0.60)
+    assert first.promoted
+    lower = registered(0.40)  # a lower Corr is worse (with MAE, lower is better)
+    assert not lower.promoted and champion_version(client, name) == first.version
+    within = registered(0.64)  # higher, but by less than the margin
+    assert not within.promoted and champion_version(client, name) == first.version
+    assert within.text == (
+        f"kept champion v{first.version}: Corr 0.6400 does not beat its 0.6000 on data {data} by margin 0.05"
+    )
+    beyond = registered(0.66)  # higher by more than the margin
+    assert beyond.promoted and champion_version(client, name) == beyond.version
+    assert beyond.text == f"promoted to champion: Corr 0.6600 beats v{first.version}'s 0.6000 on data {data}"
+    tags = client.get_model_version(name, beyond.version).tags
+    assert float(tags[f"valid_Corr/{data}"]) == 0.66 and f"valid_MAE/{data}" not in tags
+
+
 def test_the_paired_bootstrap_is_seeded_and_resamples_both_models_together():
     truths = np.random.default_rng(1).normal(size=200)
     champion, challenger = truths + 0.5, truths + 0.4  # the challenger is better on every utterance
