@@ -261,4 +261,4 @@ def test_workers_fetch_the_store_with_dvc(ray_cluster, tiny_config, dvc_project,
         }
     )
     result = train_distributed(config)
-    assert result.last["epoch"] == 1 and result.last["ranks_in_sync"] == 1
+    assert result.epochs[-1]["epoch"] == 1 and result.epochs[-1]["ranks_in_sync"] == 1
