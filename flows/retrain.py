@@ -34,10 +34,10 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
-from prefect import Task, flow, get_run_logger
+from prefect import State, Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import PrefectConsoleHandler
 from pydantic import BaseModel
@@ -122,7 +122,9 @@ class Steps:
     def __call__(self, name: str, step: Task, *args: Any) -> Any:
         if self.refresh and step.cache_key_fn is not None:
             step = step.with_options(refresh_cache=True)
-        state = step(*args, return_state=True)
+        # Prefect's first __call__ overload (async tasks) matches any unparameterised Task; the
+        # pipeline's tasks are sync, and return_state=True gives their State.
+        state = cast(State, step(*args, return_state=True))
         if state.is_failed() or state.is_crashed() or state.is_cancelled():
             error = state.result(raise_on_failure=False)
             raise StepFailed(name, error if isinstance(error, BaseException) else RuntimeError(state.message))
@@ -212,8 +214,9 @@ def summary_table(summary: RetrainSummary) -> Table:
 
 def _checkpoint_here(summary: RetrainSummary) -> str | None:
     """The local checkpoint, if it is on this machine (a cached result may name another's)."""
-    found = summary.checkpoint and Path(summary.checkpoint).is_dir()
-    return _local(summary.checkpoint) if found else None
+    if summary.checkpoint and Path(summary.checkpoint).is_dir():
+        return _local(summary.checkpoint)
+    return None
 
 
 def _champion(champion: Champion | None) -> str:

@@ -26,10 +26,11 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -44,6 +45,9 @@ from mmim.store_writer import ExtractionSummary
 from mmim.synthetic import write_synthetic_raw
 from mmim.terminal import quiet_libraries
 from mmim.train import TrainingResult, prepare_output_dir, train
+
+if TYPE_CHECKING:  # imported when tracking is on: it loads MLflow
+    from mmim.tracking import TrainingRun
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -72,7 +76,7 @@ class ProgressHooks(TrainingHooks):
     def __init__(self, progress: Progress, on_epoch: Callable[[dict], None]) -> None:
         self.progress = progress
         self.on_epoch = on_epoch
-        self.task = None
+        self.task: TaskID | None = None
 
     def on_stage_start(self, epoch: int, stage: int, batches: int) -> None:
         if self.task is not None:
@@ -81,7 +85,8 @@ class ProgressHooks(TrainingHooks):
         self.task = self.progress.add_task(f"epoch {epoch} {label}", total=batches, loss=float("nan"))
 
     def on_batch_end(self, epoch: int, stage: int, loss: float) -> None:
-        self.progress.update(self.task, advance=1, loss=loss)
+        if self.task is not None:  # the engine starts a stage before its batches
+            self.progress.update(self.task, advance=1, loss=loss)
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         self.on_epoch({**flat_metrics(record), "improved": int(improved)})
@@ -121,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         stdout.print(f"submitted Ray job {job_id} to {args.submit}")
         return
     prepare_output_dir(config, args.overwrite)  # before an MLflow run exists for a training refused here
-    opened = contextlib.nullcontext()
+    opened: contextlib.AbstractContextManager[TrainingRun | None] = contextlib.nullcontext()
     if config.tracking.enabled:  # the MLflow run exists from before the first epoch
         from mmim.tracking import tracked_run
 

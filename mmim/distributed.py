@@ -228,7 +228,7 @@ class ReportFollower:
 
     def __init__(self, on_report: Callable[[dict], None] | None) -> None:
         self.on_report = on_report
-        self.inbox = ReportInbox.remote()
+        self.inbox = ReportInbox.remote()  # type: ignore[attr-defined]  # Ray types @ray.remote classes as the class
         self.reports: list[dict] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="mmim-reports", daemon=True)
@@ -300,7 +300,9 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
             use_gpu=ray_config.use_gpu,
             resources_per_worker=ray_config.resources_per_worker or None,
         ),
-        run_config=RunConfig(
+        # ray.train rebinds RunConfig to Train v2's class at import (UserCallback exists only in
+        # v2), but mypy reads the v1 one, which lacks worker_runtime_env and takes v1 callbacks.
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
@@ -308,7 +310,7 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
                 num_to_keep=ray_config.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=ray_config.max_failures),
-            callbacks=callbacks,
+            callbacks=callbacks,  # type: ignore[arg-type]
             worker_runtime_env={
                 "env_vars": {name: os.environ[name] for name in ray_config.forward_env if name in os.environ}
             },
@@ -347,6 +349,8 @@ def train_distributed(
             raise DistributedTrainingError(
                 f"Ray training failed (ray.max_failures={config.ray.max_failures}): {_reason(error)}"
             ) from None
+    if not result.best_checkpoints:
+        raise DistributedTrainingError("Ray training finished without reporting a checkpoint")
     best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda item: item[1][SCORE])
     destination = Path(config.output_dir) / BEST_CHECKPOINT
     with atomic_directory(destination) as staging:

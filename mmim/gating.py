@@ -130,7 +130,7 @@ def paired_bootstrap(
         gains = np.abs(champion - truths) - np.abs(challenger - truths)  # per utterance
         improvement, resampled = float(gains.mean()), gains[picks].mean(axis=1)
     else:  # Corr is not a mean over utterances: computed on each resample
-        improvement = pearson(challenger, truths) - pearson(champion, truths)
+        improvement = float(pearson(challenger, truths) - pearson(champion, truths))  # vectors: floats
         resampled = pearson(challenger[picks], truths[picks]) - pearson(champion[picks], truths[picks])
     tail = (1 - confidence) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])

@@ -72,3 +72,4 @@ def submit_training_job(
                     f"--submit {address}: the job server refused the job ({reason})"
                 ) from None
             time.sleep(SUBMIT_RETRY_SECONDS)
+    raise AssertionError("unreachable: the last attempt returns or raises")

@@ -68,7 +68,7 @@ def compute_metrics(predictions, truths) -> dict[str, float]:
     non0_truth, non0_pred = truths[nonzero] > 0, predictions[nonzero] > 0
     return {
         "MAE": float(np.mean(np.abs(predictions - truths))),
-        "Corr": pearson(predictions, truths),
+        "Corr": float(pearson(predictions, truths)),  # vectors: already a float
         "Acc-7": _rounded_accuracy(predictions, truths, 3.0),
         "Acc-5": _rounded_accuracy(predictions, truths, 2.0),
         "Acc-2_has0": float(np.mean(has0_truth == has0_pred)),

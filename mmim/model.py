@@ -136,7 +136,7 @@ class CPC(nn.Module):
     def __init__(self, x_size: int, y_size: int, n_layers: int = 1, activation: str = "Tanh"):
         super().__init__()
         if n_layers == 1:
-            self.net = nn.Linear(y_size, x_size)
+            self.net: nn.Module = nn.Linear(y_size, x_size)
         else:
             layers: list[nn.Module] = [nn.Linear(y_size, x_size), getattr(nn, activation)()]
             layers += [nn.Linear(x_size, x_size) for _ in range(n_layers - 1)]

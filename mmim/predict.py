@@ -78,6 +78,9 @@ def utterances_to_batch(utterances: list[dict[str, Any]], tokenizer, model: MMIM
         raise MMIMInputError("no utterances given")
     if len(utterances) > MAX_UTTERANCES:
         raise MMIMInputError(f"{len(utterances)} utterances, at most {MAX_UTTERANCES} per request")
+    audio_dim, vision_dim = model.config.audio_dim, model.config.vision_dim
+    if audio_dim is None or vision_dim is None:  # MMIM refuses to build without them
+        raise MMIMInputError("model.audio_dim / model.vision_dim: not set in the model's config")
     texts, audio, vision = [], [], []
     for index, utterance in enumerate(utterances):
         if not isinstance(utterance, dict):
@@ -89,8 +92,8 @@ def utterances_to_batch(utterances: list[dict[str, Any]], tokenizer, model: MMIM
         if not isinstance(text, str) or not text.strip():
             raise MMIMInputError(f"utterance {index}, field text: empty or not a string")
         texts.append(text)
-        audio.append(_frames(utterance["audio"], "audio", index, model.config.audio_dim))
-        vision.append(_frames(utterance["vision"], "vision", index, model.config.vision_dim))
+        audio.append(_frames(utterance["audio"], "audio", index, audio_dim))
+        vision.append(_frames(utterance["vision"], "vision", index, vision_dim))
     tokens = tokenize(tokenizer, texts, model.config.max_tokens or DEFAULT_MAX_TOKENS)
     width = int(tokens["attention_mask"].sum(axis=1).max())
     audio_tensor, audio_lengths = pad_sequences(audio)

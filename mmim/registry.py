@@ -121,12 +121,11 @@ def _scored(
     """Versions gating may pick on `data_version`: with a figure on it, not rolled back,
     registered after `since` (ms)."""
     versions = client.search_model_versions(f"name='{name}'")
+    tag = figure_tag(metric, data_version)
     return [
-        (v, figure(v, metric, data_version))
+        (v, float(v.tags[tag]))  # figure(v, metric, data_version), present
         for v in versions
-        if figure_tag(metric, data_version) in v.tags
-        and v.tags.get("rolled_back") != "true"
-        and int(v.creation_timestamp or 0) > since
+        if tag in v.tags and v.tags.get("rolled_back") != "true" and int(v.creation_timestamp or 0) > since
     ]
 
 
@@ -311,6 +310,8 @@ def _decision_text(
     theirs = figure(champion, metric, data)
     if review:
         reason = f"needs review: {review}"
+    elif theirs is None:  # register() passes a review (see _review) for this case
+        reason = f"it has no {metric} figure on data {data}"
     elif not _better(value, theirs, metric, margin):
         reason = f"{metric} {value:.4f} does not beat its {theirs:.4f} on data {data} by margin {margin}"
     elif compared.bootstrap is not None and compared.champion_version == str(champion.version):

@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pandas as pd
@@ -36,13 +37,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from mmim.checkpoint import load_checkpoint
 from mmim.errors import MMIMInputError
 from mmim.mlflow_server import answering, tracking_uri
 from mmim.predict import MAX_UTTERANCES, predict_utterances
 from mmim.serving_app import MAX_REQUEST_ENV, MODEL_ENV
+
+if TYPE_CHECKING:  # imported when a recording comes: it loads OpenCV, dlib, openSMILE
+    from mmim.recordings.extractor import IsolatedExtractor
 
 COLUMNS = ("text", "audio", "vision")
 RECORDING_COLUMN = "recording"
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 class MMIMPyfunc(PythonModel):
     def load_context(self, context) -> None:
         self.model, self.config, self.tokenizer = load_checkpoint(context.artifacts["checkpoint"])
-        self._extractor = None  # started with the first recording
+        self._extractor: IsolatedExtractor | None = None  # started with the first recording
         self._extractor_lock = threading.Lock()  # one clip at a time through its child process
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -123,7 +127,9 @@ def model_signature(example: pd.DataFrame, recordings: bool) -> ModelSignature:
     signature = infer_signature(example, output)
     if not recordings:
         return signature
-    columns = [ColSpec(column.type, column.name, required=column.name == "text") for column in signature.inputs.inputs]
+    columns: list[ColSpec | TensorSpec] = [
+        ColSpec(column.type, column.name, required=column.name == "text") for column in signature.inputs.inputs
+    ]
     columns.append(ColSpec(DataType.string, RECORDING_COLUMN, required=False))
     return ModelSignature(Schema(columns), signature.outputs)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -278,7 +278,7 @@ def write_store(
     nonfinite: NonFinitePolicy = "zero",
     overwrite: bool = False,
     advance: Callable[[], None] = lambda: None,
-    dropped: list[tuple[str, str, str]] = (),
+    dropped: Sequence[tuple[str, str, str]] = (),
     manifest_extra: dict | None = None,
 ) -> ExtractionSummary:
     """Validate and write a complete store atomically. `advance` is called per example and modality.

@@ -113,7 +113,7 @@ def setup_training(
     engine = Engine(model, config.train, device, ddp=ddp)
     # train.batch_size is the global batch: each of `world` processes takes its share.
     batch_size = config.train.batch_size // world
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(  # yields example indices
         SplitDataset(store["train"]), num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed
     )
     loaders = Loaders(

@@ -22,7 +22,7 @@ import math
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def _shape(value: Any) -> tuple[int, ...]:
     return value
 
 
-def _array_from_bytes(shape: Any, dtype: np.dtype, data: Any, order: str) -> np.ndarray:
+def _array_from_bytes(shape: Any, dtype: np.dtype, data: Any, order: Literal["C", "F"]) -> np.ndarray:
     """A read-only array over the pickle's raw bytes, whose length must match shape and dtype."""
     shape = _shape(shape)
     if dtype.hasobject:
@@ -93,7 +93,8 @@ class _ArraySpec:
         if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
             raise RefusedPickle("refused array state (not numpy's)")
         _, shape, dtype, fortran, data = state
-        dtype, order = _plain_dtype(dtype), "F" if fortran else "C"
+        dtype = _plain_dtype(dtype)
+        order: Literal["C", "F"] = "F" if fortran else "C"
         if dtype.hasobject:
             if not isinstance(data, list) or len(data) != math.prod(_shape(shape)):
                 raise RefusedPickle("refused object array whose elements do not match its shape")
@@ -188,9 +189,10 @@ def _materialize(value: Any, done: dict[int, Any]) -> Any:
             copy[_materialize(key, done)] = _materialize(item, done)
         return copy
     if isinstance(value, list):
-        copy = done[id(value)] = []
-        copy.extend(_materialize(item, done) for item in value)
-        return copy
+        elements: list[Any] = []
+        done[id(value)] = elements
+        elements.extend(_materialize(item, done) for item in value)
+        return elements
     if isinstance(value, (tuple, set, frozenset)):
         return type(value)(_materialize(item, done) for item in value)
     return value

@@ -12,13 +12,17 @@ Pickles are read with `mmim.untrusted_pickle` (numpy arrays and builtins only).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from mmim.errors import MMIMInputError
 from mmim.store_writer import PaddedSequences
 
 
-def padded_sequences(array, lengths: np.ndarray | None, padding: str, where: str) -> PaddedSequences:
+def padded_sequences(
+    array, lengths: np.ndarray | None, padding: Literal["front", "back"], where: str
+) -> PaddedSequences:
     """Check a padded (N, T, dim) array and its lengths, naming `where` on failure.
 
     Without lengths, they are read off the padding: the frames after the leading

@@ -52,7 +52,9 @@ class AudioFeatures:
             raise MMIMInputError(
                 f"extraction.recordings.audio_features {feature_set!r}: expected one of {', '.join(FEATURE_SETS)}"
             )
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= MAX_RATE:
+        # int and float are numbers.Real at run time; named too because mypy does not know that
+        # (to it, no float passes isinstance(rate, numbers.Real) and the rest is unreachable).
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, numbers.Real)) or not 0 < rate <= MAX_RATE:
             raise MMIMInputError(
                 f"extraction.recordings.audio_rate {rate!r}: expected frames per second in (0, {MAX_RATE:g}]"
             )

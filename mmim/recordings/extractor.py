@@ -190,18 +190,25 @@ class IsolatedExtractor:
             raise RuntimeError(f"the extractor process did not start in {self.START_TIMEOUT:g} s")
         self._answers.recv()  # ("ready", dims)
 
+    def _pipes(self) -> tuple[Connection, Connection]:
+        """(requests, answers): the running child's pipes."""
+        if self._requests is None or self._answers is None:  # _start sets them with the child
+            raise RuntimeError("the extractor process is not running")
+        return self._requests, self._answers
+
     def __call__(self, path: str | Path, start: float | None = None, end: float | None = None) -> ClipFeatures:
         if self._child is None:
             self._start()
+        requests, answers = self._pipes()
         try:
-            self._requests.send((str(path), start, end))
-            if not self._answers.poll(self.settings.clip_timeout):
+            requests.send((str(path), start, end))
+            if not answers.poll(self.settings.clip_timeout):
                 self.close(kill=True)
                 raise MediaError(
                     "timed out",
                     f"no result after {self.settings.clip_timeout:g} s (extraction.recordings.clip-timeout)",
                 )
-            answer = self._answers.recv()
+            answer = answers.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             code = self.close(kill=True)
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
@@ -215,13 +222,14 @@ class IsolatedExtractor:
         Returns its exit code (negative: the signal that ended it)."""
         if self._child is None:
             return None
-        if not kill:
+        if not kill and self._requests is not None:
             try:
                 self._requests.send(None)
             except OSError:
                 pass
-        self._requests.close()
-        self._answers.close()
+        for pipe in (self._requests, self._answers):
+            if pipe is not None:
+                pipe.close()
         if kill and self._child.poll() is None:
             self._child.kill()
         try:

@@ -159,11 +159,11 @@ def head_pose(points: np.ndarray, width: int, height: int) -> np.ndarray:
     # Start the fit from a frontal face at the distance its eye span implies: from its
     # default start (a linear solve on six points) the fit mostly ends in a face behind
     # the camera, upside down.
-    eye_span = np.linalg.norm(image_points[3] - image_points[2])
+    eye_span = float(np.linalg.norm(image_points[3] - image_points[2]))
     depth = width * MODEL_EYE_SPAN / max(eye_span, 1.0)
     nose = image_points[0]
     translation = np.array([[(nose[0] - width / 2) * depth / width], [(nose[1] - height / 2) * depth / width], [depth]])
-    rotation = np.zeros((3, 1))
+    rotation: np.ndarray = np.zeros((3, 1))
     _, rotation, translation = cv2.solvePnP(
         POSE_MODEL,
         image_points,
@@ -215,5 +215,5 @@ def expression_features(face: np.ndarray) -> np.ndarray:
 def eye_aspect_ratio(eye: np.ndarray) -> float:
     """Eye height over eye width from its six landmarks (corner, 2 upper, corner, 2 lower)."""
     height = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
-    width = np.linalg.norm(eye[0] - eye[3])
+    width = float(np.linalg.norm(eye[0] - eye[3]))
     return float(height / (2 * max(width, 1e-6)))

@@ -288,6 +288,8 @@ def extract_recordings(
             f"{origin}: no usable clips ({len(skipped)} skipped: {', '.join(sorted({r.reason for r in skipped}))})"
         )
     first = cache.get(keys[usable[0].id])
+    if first is None:  # removed or damaged since it was cached
+        raise MMIMInputError(f"{cache.root}: the cached features of a clip vanished during the extraction; run again")
     dims = {"audio": first.audio.shape[1], "vision": first.vision.shape[1]}
     splits = {name: _source_split(name, usable, cache, keys, lengths, dims, origin) for name in SPLITS}
     split_of = {clip.id: clip.split for clip in clips}

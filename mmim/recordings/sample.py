@@ -483,7 +483,7 @@ def _frames(
         t = index / fps
         segment = min(int(np.searchsorted(ends, t, side="right")), len(heads) - 1)
         dx, dy, roll, zoom = motion.at(t)
-        matrix = cv2.getRotationMatrix2D(face_center, roll, scale * zoom)
+        matrix: np.ndarray = cv2.getRotationMatrix2D(face_center, roll, scale * zoom)  # 2x3 float64
         matrix[:, 2] += (width / 2 + dx - face_center[0], height / 2 + dy - face_center[1])
         layer = cv2.warpAffine(heads[segment], matrix, size, flags=cv2.INTER_LINEAR)
         weight = cv2.warpAffine(alpha, matrix, size, flags=cv2.INTER_LINEAR)  # 0 outside the head
@@ -536,11 +536,14 @@ def _write_video(
     samples = _voice(segments, seed=seed, sample_rate=AUDIO_RATE) if audio else None
     with _atomic(path) as partial, _open_output(partial, container_format) as container:
         video = container.add_stream(video_codec, rate=fps)
+        if not isinstance(video, av.VideoStream):
+            raise TypeError(f"{video_codec} is not a video codec")
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.codec_context.thread_count = 1  # the same bytes on any machine (module docstring)
         video.codec_context.gop_size = fps  # a keyframe a second, as streamed video has: spans seek
-        video.options = VIDEO_OPTIONS[video_codec]
-        sound = _AudioTrack(container, audio_codec, samples, AUDIO_RATE) if audio else None
+        # PyAV's stub types Stream.options dict[str, object]; it is the codec context's dict[str, str].
+        video.options = VIDEO_OPTIONS[video_codec]  # type: ignore[assignment]
+        sound = _AudioTrack(container, audio_codec, samples, AUDIO_RATE) if samples is not None else None
         for index, rgb in enumerate(_frames(segments, seed=seed, size=size, fps=fps, face=face)):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = index
@@ -561,7 +564,10 @@ class _AudioTrack:
         self, container: av.container.OutputContainer, codec: str, samples: np.ndarray, sample_rate: int
     ) -> None:
         self.container, self.samples, self.sample_rate = container, samples, sample_rate
-        self.stream = container.add_stream(codec, rate=sample_rate)
+        stream = container.add_stream(codec, rate=sample_rate)
+        if not isinstance(stream, av.AudioStream):
+            raise TypeError(f"{codec} is not an audio codec")
+        self.stream = stream
         self.stream.layout = "mono"
         if codec == "aac":
             self.stream.bit_rate = 48000  # plenty for a 16 kHz mono voice
