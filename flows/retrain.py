@@ -165,6 +165,17 @@ def pipeline_config(project: Path, config: str, overrides: list[str]) -> Config:
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local tracking store
 
 
+def what_was_trained(trained: TrainedModel) -> dict[str, Any]:
+    """The summary's fields about the trained model: its run, model and checkpoint."""
+    return {
+        "run_id": trained.run_id,
+        "run_link": run_link(trained),
+        "model_uri": trained.model_uri,
+        "checkpoint": trained.checkpoint,
+        "selected_epoch": trained.epoch,
+    }
+
+
 def run_link(trained: TrainedModel) -> str:
     """The run's page: on the tracking server, or under `mlflow ui` for a local store."""
     uri = tracking_uri()
@@ -349,11 +360,7 @@ def retrain(
         extraction=features.origin,
         files_pushed=pushed,
         data_checks=checks,
-        run_id=trained.run_id,
-        run_link=run_link(trained),
-        model_uri=trained.model_uri,
-        checkpoint=trained.checkpoint,
-        selected_epoch=trained.epoch,
+        **what_was_trained(trained),
         evaluation=compared.challenger,
         registration=registration,
         champion=champion,

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -274,24 +274,33 @@ def cmd_extract(args: argparse.Namespace) -> None:
     if args.source == "recordings":
         _extract_recordings(args)
         return
-    columns = (TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("extract", total=None)
+    with _counter("extracting") as (progress, task):
         summary = extract(
             args.source,
             args.input,
             args.out,
             args.encoder,
-            max_tokens=args.max_tokens,
-            nonfinite=args.nonfinite,
             labels=args.labels,
             folds=args.folds,
             seed=args.seed,
-            overwrite=args.overwrite,
             on_start=lambda total: progress.update(task, total=total),
             advance=lambda: progress.advance(task),
+            **_store_options(args),
         )
     _print_store_summary(summary)
+
+
+def _store_options(args: argparse.Namespace) -> dict:
+    """What `mmim extract` passes to every source's store writer."""
+    return {"max_tokens": args.max_tokens, "nonfinite": args.nonfinite, "overwrite": args.overwrite}
+
+
+@contextlib.contextmanager
+def _counter(description: str) -> Iterator[tuple[Progress, TaskID]]:
+    """A transient progress bar with a count, on stderr: (progress, its task)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield progress, progress.add_task(description, total=None)
 
 
 # `mmim extract --source recordings` options -> ExtractorSettings fields (params.yaml extraction.recordings)
@@ -328,25 +337,21 @@ def _extract_recordings(args: argparse.Namespace) -> None:
     if args.workers is not None and args.workers < 0:
         raise MMIMInputError(f"--workers {args.workers}: must be 0 (in this process) or more")
     settings = _extractor_settings(args)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("reading clips", total=None)
+    with _counter("reading clips") as (progress, task):
         recordings = extract_recordings(
             args.input,
             args.out,
             args.encoder,
             settings,
             cache_dir=args.cache,
-            max_tokens=args.max_tokens,
-            nonfinite=args.nonfinite,
             on_error=args.on_error,
-            overwrite=args.overwrite,
             workers=args.workers,
             ray_address=args.ray_address,
             progress=RecordingsProgress(
                 start=lambda total: progress.update(task, description="extracting clips", total=total),
                 advance=lambda: progress.advance(task),
             ),
+            **_store_options(args),
         )
     reasons = Counter(rejected.reason for rejected in recordings.skipped)
     skipped = f"{len(recordings.skipped)} skipped" + (

@@ -186,24 +186,16 @@ class MMIM(nn.Module):
         text_dim = text_backbone.config.hidden_size
         self.bf16 = False  # set by the engine on GPU: autocast the encoders only
         self.text_enc = TextEncoder(text_backbone)
-        # As in the reference code, LSTM dropout (inside and after) is only used with >1 layer.
-        multi_layer = config.lstm_layers > 1
-        self.visual_enc = SequenceEncoder(
-            config.vision_dim,
-            config.vision_hidden,
-            config.vision_out,
-            config.lstm_layers,
-            config.dropout_vision if multi_layer else 0.0,
-            config.bidirectional,
-        )
-        self.acoustic_enc = SequenceEncoder(
-            config.audio_dim,
-            config.audio_hidden,
-            config.audio_out,
-            config.lstm_layers,
-            config.dropout_audio if multi_layer else 0.0,
-            config.bidirectional,
-        )
+
+        def lstm(in_size: int | None, hidden_size: int, out_size: int, dropout: float) -> SequenceEncoder:
+            if in_size is None:
+                raise MMIMInputError("model.audio_dim/vision_dim: unset (they come from the feature store)")
+            # As in the reference code, LSTM dropout (inside and after) is only used with >1 layer.
+            dropout = dropout if config.lstm_layers > 1 else 0.0
+            return SequenceEncoder(in_size, hidden_size, out_size, config.lstm_layers, dropout, config.bidirectional)
+
+        self.visual_enc = lstm(config.vision_dim, config.vision_hidden, config.vision_out, config.dropout_vision)
+        self.acoustic_enc = lstm(config.audio_dim, config.audio_hidden, config.audio_out, config.dropout_audio)
         self.mi_tv = MMILB(text_dim, config.vision_out, config.mmilb_activation)
         self.mi_ta = MMILB(text_dim, config.audio_out, config.mmilb_activation)
         if config.add_va:
@@ -222,16 +214,9 @@ class MMIM(nn.Module):
         return pairs
 
     def encode(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        token_type_ids: Tensor,
-        audio: Tensor,
-        audio_lengths: Tensor,
-        vision: Tensor,
-        vision_lengths: Tensor,
+        self, input_ids, attention_mask, token_type_ids, audio, audio_lengths, vision, vision_lengths
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The three unimodal vectors (t, a, v), always returned in fp32."""
+        """The three unimodal vectors (t, a, v), always returned in fp32 (inputs: as `forward` takes them)."""
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             text = self.text_enc(input_ids, attention_mask, token_type_ids)
             acoustic = self.acoustic_enc(audio, audio_lengths)

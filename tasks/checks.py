@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
@@ -12,7 +12,7 @@ from mmim.data_checks import check_store
 from mmim.errors import MMIMInputError
 from mmim.versioning import ensure_store
 from tasks.features import FeatureStoreRef
-from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+from tasks.retries import service_task
 
 
 class DataChecks(BaseModel):
@@ -28,12 +28,7 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())
 
 
-@task(
-    retries=ATTEMPTS,
-    retry_delay_seconds=BACKOFF,
-    retry_condition_fn=retry_if_transient,
-    task_run_name="check_data[{features.dataset}]",
-)
+@service_task("check_data[{features.dataset}]")
 def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> DataChecks:
     """The store's checks (mmim.data_checks), drift against the data the champion was trained on.
 

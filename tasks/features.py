@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from mmim.versioning import check_inputs, data_version, ensure_store, push, reproduce, stage_name, store_path
 from tasks.caching import Origin, extraction_key, origin
-from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+from tasks.retries import service_task
 
 
 class FeatureStoreRef(BaseModel):
@@ -33,12 +33,7 @@ def extract_features(dataset: str, project_dir: str) -> FeatureStoreRef:
     )
 
 
-@task(
-    retries=ATTEMPTS,
-    retry_delay_seconds=BACKOFF,
-    retry_condition_fn=retry_if_transient,
-    task_run_name="push_features[{features.dataset}]",
-)
+@service_task("push_features[{features.dataset}]")
 def push_features(features: FeatureStoreRef, project_dir: str, remote: str | None = None) -> int:
     """`dvc push` of the store and the inputs DVC tracks for it (the default remote unless named).
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import BaseModel
 
 from mmim.gating import HeadToHead
 from mmim.mlflow_server import tracking_uri
 from tasks.caching import Origin, origin, registration_key
-from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+from tasks.retries import service_task
 from tasks.training import TrainedModel
 
 
@@ -33,14 +33,7 @@ class Champion(BaseModel):
     value: float | None  # None: not measured on that data version
 
 
-@task(
-    retries=ATTEMPTS,
-    retry_delay_seconds=BACKOFF,
-    retry_condition_fn=retry_if_transient,
-    cache_key_fn=registration_key,
-    result_serializer="json",
-    task_run_name="register[{model_name}]",
-)
+@service_task("register[{model_name}]", registration_key)
 def register(
     trained: TrainedModel, compared: HeadToHead, model_name: str, margin: float, min_confidence: float | None
 ) -> Registration:

@@ -9,7 +9,10 @@ training run that Ray already gave up on (`DistributedTrainingError`, after
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
+from prefect import Task, task
 from prefect.tasks import exponential_backoff
 
 from mmim.errors import ServiceUnavailableError
@@ -37,3 +40,22 @@ def retry_if_transient(task, task_run, state) -> bool:
     except Exception as error:  # the task's exception, re-raised by the state
         return is_transient(error)
     return False
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def service_task(
+    task_run_name: str, cache_key_fn: Callable[..., str] | None = None
+) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """A step that talks to a service (DVC remote, MLflow, Ray): retried while the failure is
+    transient. With a cache key, its result is stored as JSON and restored for the same key."""
+    cached: dict[str, Any] = {"cache_key_fn": cache_key_fn, "result_serializer": "json"} if cache_key_fn else {}
+    return task(
+        retries=ATTEMPTS,
+        retry_delay_seconds=BACKOFF,
+        retry_condition_fn=retry_if_transient,
+        task_run_name=task_run_name,
+        **cached,
+    )

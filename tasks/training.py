@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import BaseModel
 
 from mmim.config import Config
@@ -20,7 +20,7 @@ from mmim.train import BEST_CHECKPOINT, TrainingResult
 from mmim.versioning import ensure_store
 from tasks.caching import evaluation_key, logging_key, training_key
 from tasks.features import FeatureStoreRef
-from tasks.retries import ATTEMPTS, BACKOFF, retry_if_transient
+from tasks.retries import service_task
 
 # Training and the re-evaluation of its logged checkpoint run the same code on the same
 # weights; larger gaps mean the logged artifact is not what was trained (or another device).
@@ -57,14 +57,7 @@ def run_config(config: Config, features: FeatureStoreRef, project_dir: str) -> C
     return config.model_copy(update={"data": data})
 
 
-@task(
-    retries=ATTEMPTS,
-    retry_delay_seconds=BACKOFF,
-    retry_condition_fn=retry_if_transient,
-    cache_key_fn=training_key,
-    result_serializer="json",
-    task_run_name="train[{features.dataset}]",
-)
+@service_task("train[{features.dataset}]", training_key)
 def train(
     features: FeatureStoreRef, config: Config, project_dir: str, run_tags: dict[str, str] | None = None
 ) -> FinishedTraining:
@@ -108,14 +101,7 @@ def train(
     )
 
 
-@task(
-    retries=ATTEMPTS,
-    retry_delay_seconds=BACKOFF,
-    retry_condition_fn=retry_if_transient,
-    cache_key_fn=logging_key,
-    result_serializer="json",
-    task_run_name="log_model[{features.dataset}]",
-)
+@service_task("log_model[{features.dataset}]", logging_key)
 def log_model(training: FinishedTraining, features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
     """Log the selected epoch's checkpoint as the run's pyfunc model, with its figures and plots."""
     from mmim.tracking import TrainingRun, ending
@@ -133,14 +119,7 @@ def log_model(training: FinishedTraining, features: FeatureStoreRef, config: Con
     )
 
 
-@task(
-    retries=ATTEMPTS,
-    retry_delay_seconds=BACKOFF,
-    retry_condition_fn=retry_if_transient,
-    cache_key_fn=evaluation_key,
-    result_serializer="json",
-    task_run_name="evaluate[{features.dataset}]",
-)
+@service_task("evaluate[{features.dataset}]", evaluation_key)
 def evaluate(
     trained: TrainedModel,
     features: FeatureStoreRef,
