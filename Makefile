@@ -32,8 +32,8 @@ test-fast: $(VENV)/.installed-demo+test
 	$(BIN)/python -m pytest -q -m "not service"
 
 lint: $(VENV)/.installed-demo+test
-	$(BIN)/ruff check mmim tasks flows tests benchmarks
-	$(BIN)/ruff format --check mmim tasks flows tests benchmarks
+	$(BIN)/ruff check mmim tasks flows tests benchmarks docs/generate_config_reference.py
+	$(BIN)/ruff format --check mmim tasks flows tests benchmarks docs/generate_config_reference.py
 	$(BIN)/mypy
 
 benchmark: $(VENV)/.installed-demo

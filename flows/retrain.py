@@ -22,7 +22,7 @@ step fails the flow with a message that names it; the steps after it, registrati
 included, never run.
 
 Here, with Prefect's ephemeral API:   python -m flows.retrain --dataset synthetic --config configs/demo.yaml
-On a schedule: prefect.yaml (see README, "The pipeline").
+On a schedule: prefect.yaml (docs/pipeline.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MMIM (MultiModal InfoMax, EMNLP 2021) for multimodal sentiment analysis.
 
-The public API (see README "Python API"):
+The public API (docs/training.md, "From Python"):
 
     from mmim import ModelConfig, build_model, load_official_state_dict, compute_metrics
     model = build_model(ModelConfig(text_encoder="bert-base-uncased", audio_dim=5, vision_dim=20))
@@ -8,7 +8,8 @@ The public API (see README "Python API"):
                 vision, vision_lengths, labels=labels, memory=previous.memory)
     out.score, out.lld, out.nce, out.entropy   # entropy is H in the paper
 
-The core (model, engine, metrics, store) needs only torch, numpy and transformers.
+The core (config, model, engine, metrics, store, data) loads none of Ray, MLflow, DVC, Prefect
+or matplotlib (tests/test_import_contract.py).
 """
 
 from importlib import import_module

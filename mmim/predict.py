@@ -42,7 +42,7 @@ def sentiment_classes(score: float) -> dict[str, Any]:
     }
 
 
-# Caps on one request (mmim predict, the pyfunc, the REST server; README, serving): the LSTMs
+# Caps on one request (mmim predict, the pyfunc, the REST server; docs/tracking.md): the LSTMs
 # take one step per frame and a batch is padded to its longest utterance, so the cost grows
 # with frames times utterances. The MulT and MMSA releases hold at most 500 frames per
 # utterance; a 60 s utterance of 100 Hz COVAREP audio (.csd) is 6,000.

@@ -110,7 +110,7 @@ def _require(repo_root: str | Path, stage: Stage, dependency: Dependency) -> Non
         return
     path = Path(repo_root) / dependency.def_path
     hint = (
-        f': put the {path.name} release there (README, "Datasets")'
+        f': put the {path.name} release there (docs/data.md, "Sources")'
         if dependency.def_path.startswith("data/raw/")
         else ""
     )

@@ -367,7 +367,7 @@ def bare_project(tmp_path_factory) -> Path:
             ["--dataset", "mosi"],
             (
                 "data/raw/mosi: missing (an input of stage extract@mosi): "
-                'put the mosi release there (README, "Datasets")'
+                'put the mosi release there (docs/data.md, "Sources")'
             ),
         ),
     ],
