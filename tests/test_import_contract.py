@@ -37,7 +37,8 @@ CONTRACT = {
 # child per module: each child starts from that state, imports its module and lists sys.modules.
 PROBE = """
 import importlib, json, os, sys
-import numpy, pydantic, rich, safetensors, torch, transformers, yaml  # allowed in every layer
+import numpy, pydantic, rich, safetensors, torch, torch.nn.parallel, torch.utils.data, yaml  # allowed
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel  # in every layer
 assert not {"ray", "mlflow", "dvc", "prefect", "matplotlib", "botocore", "mmim"} & set(sys.modules)
 loaded = {}
 for module in sys.argv[1:]:
