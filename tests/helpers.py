@@ -83,6 +83,15 @@ def start(command: list[str], url: str, env: dict | None = None) -> subprocess.P
     return process
 
 
+def start_mlflow_server(backend: str, *options: str) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on `backend` at a free loopback port, answering: (the process, its URI)."""
+    port = free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow, "server", "--backend-store-uri", backend, *options, "--host", "127.0.0.1", "--port", str(port)]
+    uri = f"http://127.0.0.1:{port}"
+    return start([*command, "--workers", "1"], f"{uri}/health"), uri
+
+
 def invocations(port: int, body: dict) -> list[float]:
     """The scores a model server on 127.0.0.1:`port` answers to a POST /invocations."""
     request = urllib.request.Request(

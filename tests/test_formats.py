@@ -521,38 +521,17 @@ def test_csd_split_without_segments_is_one_line(tmp_path, tiny_encoder, capsys):
 
 
 def test_extract_prints_one_line_unless_something_was_repaired(tmp_path, tiny_encoder, capsys):
+    def extract(source, store):
+        main(["extract", "--source", "mult", "--input", str(source), "--out", str(store), "--encoder", tiny_encoder])
+
     examples = ragged_examples()
     source = write_mult_files(tmp_path / "clean", examples)
-    main(
-        [
-            "extract",
-            "--source",
-            "mult",
-            "--input",
-            str(source),
-            "--out",
-            str(tmp_path / "clean-store"),
-            "--encoder",
-            tiny_encoder,
-        ]
-    )
+    extract(source, tmp_path / "clean-store")
     out = capsys.readouterr().out
     assert "train 4, valid 2, test 3 examples, dims audio 5, vision 20; nothing dropped, zeroed or padded" in out
     assert "NaN/inf zeroed" not in out
     examples["valid"][0]["audio"][0, 1] = np.nan
     source = write_mult_files(tmp_path / "with-nan", examples)
-    main(
-        [
-            "extract",
-            "--source",
-            "mult",
-            "--input",
-            str(source),
-            "--out",
-            str(tmp_path / "nan-store"),
-            "--encoder",
-            tiny_encoder,
-        ]
-    )
+    extract(source, tmp_path / "nan-store")
     out = capsys.readouterr().out
     assert "NaN/inf zeroed" in out and "nothing dropped" not in out  # the table, with its counts

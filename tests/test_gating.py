@@ -9,7 +9,6 @@ MAE = mean |label - c| on any split. The data versions differ only in their vali
 import io
 import re
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from mmim.store_writer import write_store
 from mmim.synthetic import synthesize
 from mmim.text_encoder import load_tokenizer
 from mmim.tracking import PYFUNC_ENTRY, compare_with_champion
-from tests.helpers import TINY_SIZES, compared, free_port, start
+from tests.helpers import TINY_SIZES, compared, start_mlflow_server
 
 LONG_VERSION = "b18a22a3b9effafe5e7a9b919ea4b276.dir"  # as DVC names a store: the registry table folds it
 BASE = np.linspace(-0.5, 0.5, TINY_SIZES["valid"])  # validation labels of data v1: MAE of 0 is 0.2581
@@ -41,25 +40,9 @@ BASE = np.linspace(-0.5, 0.5, TINY_SIZES["valid"])  # validation labels of data 
 def server(tmp_path_factory):
     """A tracking server for the module; every test registers its own model name."""
     root = tmp_path_factory.mktemp("gating")
-    port = free_port()
-    process = start(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        f"http://127.0.0.1:{port}/health",
+    process, uri = start_mlflow_server(
+        f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")
     )
-    uri = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)

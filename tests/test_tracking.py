@@ -20,7 +20,7 @@ from mmim.registry import describe, promote, rollback
 from mmim.store import FeatureStore
 from mmim.tracking import input_example, registered_model_name, track_and_register
 from mmim.train import train
-from tests.helpers import EXAMPLE, free_port, invocations, postgres_database, run_mmim, start
+from tests.helpers import EXAMPLE, free_port, invocations, postgres_database, run_mmim, start, start_mlflow_server
 
 pytestmark = pytest.mark.service  # an MLflow server on PostgreSQL and S3 (moto), `mmim serve`
 
@@ -30,24 +30,7 @@ def tracking(monkeypatch, aws_env, bucket):
     """(tracking URI, artifact location) of a real MLflow server process."""
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", aws_env)
     backend, artifacts = postgres_database("mlflow"), f"s3://{bucket}/mlflow"
-    port = free_port()
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    server = start(
-        [
-            mlflow_cli,
-            "server",
-            "--backend-store-uri",
-            backend,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        f"http://127.0.0.1:{port}/health",
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = start_mlflow_server(backend)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri, artifacts
     server.terminate()
