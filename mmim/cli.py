@@ -82,11 +82,13 @@ class ProgressHooks(TrainingHooks):
         if self.task is not None:
             self.progress.remove_task(self.task)
         label = "stage 0 (MMILB lld)" if stage == 0 else "stage 1 (task + MI)"
-        self.task = self.progress.add_task(f"epoch {epoch} {label}", total=batches, loss=float("nan"))
+        self.task = self.progress.add_task(f"epoch {epoch} {label}", total=batches)
 
-    def on_batch_end(self, epoch: int, stage: int, loss: float) -> None:
+    def on_batch_end(self, epoch: int, stage: int) -> None:
+        # No loss here: reading it every batch would make the host wait for the GPU. The
+        # stage means are in the epoch's line.
         if self.task is not None:  # the engine starts a stage before its batches
-            self.progress.update(self.task, advance=1, loss=loss)
+            self.progress.update(self.task, advance=1)
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         self.on_epoch({**flat_metrics(record), "improved": int(improved)})
@@ -100,13 +102,7 @@ def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) ->
 
         result = train_distributed(config, on_epoch, overwrite)
         return result, f"{title.format(result.best_epoch)}, {config.ray.num_workers} Ray workers"
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         result = train(config, ProgressHooks(progress, on_epoch), overwrite)
     return result, title.format(result.best_epoch)

@@ -117,6 +117,18 @@ class RayConfig(_Section):
     num_workers: int = Field(
         default=0, ge=0, description="Ray Train workers (DDP); 0 trains in one process without Ray."
     )
+    min_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Elastic training: go on with as few as this many workers when nodes are lost (each change "
+        "resumes from the latest checkpoint), and grow back to `num_workers` when they return. `null`: always "
+        "`num_workers`, waiting for the cluster to have them.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="Ray placement of the workers: `PACK` fills a node first, `SPREAD` puts them on different nodes "
+        "(one node's loss then costs one worker).",
+    )
     use_gpu: bool = Field(default=False, description="One GPU per worker and NCCL; otherwise CPU workers and gloo.")
     resources_per_worker: dict[str, float] = Field(
         default={}, description="Ray resources of each worker, e.g. `{CPU: 4, GPU: 1}`."
@@ -214,7 +226,14 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="`auto`: CUDA when available.")
     bf16: bool = Field(
         default=False,
-        description="bf16 autocast for the encoders on GPU; MMILB, CPC, covariance/logdet and the losses stay fp32.",
+        description="bf16 autocast for the encoders (meant for GPUs; on a CPU only faster with bf16 instructions); "
+        "MMILB, CPC, covariance/logdet and the losses stay fp32.",
+    )
+    loader_workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Processes that collate training batches ahead of the model; `null`: 2 on GPU, 0 on CPU (there "
+        "the cores are better spent on the model).",
     )
     num_threads: int | None = Field(default=None, gt=0, description="torch CPU threads; `null`: torch's default.")
 
@@ -368,8 +387,18 @@ def check_ray_settings(config: Config) -> None:
             "train.contrast: false is not supported with Ray workers (DDP needs every "
             "forward output in the loss); train it in one process (--workers 0)"
         )
-    if config.train.batch_size % config.ray.num_workers:
+    ray, batch_size = config.ray, config.train.batch_size
+    if ray.min_workers is not None and ray.min_workers > ray.num_workers:
+        raise MMIMInputError(f"ray.min_workers {ray.min_workers}: more than ray.num_workers {ray.num_workers}")
+    if batch_size % ray.num_workers:
         raise MMIMInputError(
-            f"train.batch_size {config.train.batch_size} must be divisible by "
-            f"ray.num_workers {config.ray.num_workers} (it is the global batch)"
+            f"train.batch_size {batch_size} must be divisible by ray.num_workers {ray.num_workers} "
+            "(it is the global batch)"
+        )
+    # Elastic: whatever number of workers the cluster allows must share the global batch evenly.
+    uneven = [n for n in range(ray.min_workers or ray.num_workers, ray.num_workers) if batch_size % n]
+    if uneven:
+        raise MMIMInputError(
+            f"train.batch_size {batch_size} must be divisible by every worker count from ray.min_workers "
+            f"{ray.min_workers} to ray.num_workers {ray.num_workers} (not by {uneven[0]})"
         )

@@ -37,6 +37,12 @@ class Batch:
                 moved[name] = value.to(device, non_blocking=True)
         return Batch(**moved)
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (`DataLoader(pin_memory=True)` calls this): copies to the GPU then
+        run asynchronously."""
+        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{name: v.pin_memory() if isinstance(v, Tensor) else v for name, v in pinned.items()})
+
     def model_inputs(self) -> dict[str, Tensor]:
         """Keyword arguments for `MMIM.forward` / `MMIM.encode` (labels excluded)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("labels", "ids")}
@@ -100,8 +106,10 @@ def make_loader(
     seed: int = 0,
     sampler: Sampler | None = None,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """DataLoader over a split; shuffling is seeded so runs repeat exactly."""
+    """DataLoader over a split; shuffling is seeded so runs repeat exactly. `num_workers`
+    processes collate batches ahead of the model (kept across epochs); `pin_memory` for a GPU."""
     generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
     return DataLoader(
         SplitDataset(split),
@@ -111,4 +119,6 @@ def make_loader(
         generator=generator,
         collate_fn=make_collate(split),
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )

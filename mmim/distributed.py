@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -160,7 +161,12 @@ class ReportEpochs(TrainingHooks):
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         training = self.training
-        metrics = {**flat_metrics(record), "improved": int(improved), "resumed_from": self.resumed_from}
+        metrics = {
+            **flat_metrics(record),
+            "improved": int(improved),
+            "resumed_from": self.resumed_from,  # > 0 after a restart (a lost worker or node, a resize)
+            "workers": self.world,  # changes when elastic training (ray.min_workers) resizes
+        }
         # A health check worth its cost (one hash of the weights per epoch): DDP must keep
         # every rank's weights identical.
         metrics["ranks_in_sync"] = int(self.world == 1 or ranks_in_sync(training.model, training.engine.device))
@@ -228,7 +234,9 @@ class ReportFollower:
 
     def __init__(self, on_report: Callable[[dict], None] | None) -> None:
         self.on_report = on_report
-        self.inbox = ReportInbox.remote()  # type: ignore[attr-defined]  # Ray types @ray.remote classes as the class
+        # On the driver's node, beside Ray Train's controller: losing another node must not lose reports.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.inbox = ReportInbox.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
         self.reports: list[dict] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="mmim-reports", daemon=True)
@@ -296,9 +304,13 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
         train_loop_config={"config": config.model_dump()},
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=ray_config.num_workers,
+            # (min, max): elastic, Ray Train restarts the group with what the cluster has
+            num_workers=(ray_config.min_workers, ray_config.num_workers)
+            if ray_config.min_workers is not None
+            else ray_config.num_workers,
             use_gpu=ray_config.use_gpu,
             resources_per_worker=ray_config.resources_per_worker or None,
+            placement_strategy=ray_config.placement_strategy,
         ),
         # ray.train rebinds RunConfig to Train v2's class at import (UserCallback exists only in
         # v2), but mypy reads the v1 one, which lacks worker_runtime_env and takes v1 callbacks.

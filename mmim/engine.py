@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # The entropy memory holds one previous batch (official mem_size = 1); H enters the
 # loss from the batch after the first one that had a memory, as in the reference code.
 MEMORY_BATCHES = 1
+NO_BATCH = 2**62  # "no batch yet" for StageTotals' first non-finite batch (larger than any index)
 
 
 def seed_everything(seed: int) -> None:
@@ -134,44 +135,65 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf: the weights are lost, nothing later in the run is worth having."""
 
 
-def _finite(loss: float, epoch: int, stage: int, batch: int) -> float:
-    if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f"training diverged at epoch {epoch}, stage {stage}, batch {batch + 1}: loss is "
-            f"{loss} (lower the learning rates train.lr_main/lr_bert/lr_mmilb, or train.clip)"
-        )
-    return loss
-
-
 class TrainingHooks:
     """Override what you need; every method is a no-op by default."""
 
     def on_stage_start(self, epoch: int, stage: int, batches: int) -> None: ...
 
-    def on_batch_end(self, epoch: int, stage: int, loss: float) -> None: ...
+    def on_batch_end(self, epoch: int, stage: int) -> None: ...
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None: ...
 
 
-class _RunningMeans:
-    """Sample-weighted means of per-batch scalars, over all ranks when distributed."""
+class StageTotals:
+    """A stage's per-batch scalars, summed on the training device and read once, when the stage ends.
 
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
+    Reading a GPU scalar (`.item()`, `float()`) makes the host wait until the GPU has caught
+    up; once per batch that would leave the GPU idle while the next batch is prepared. So the
+    sample-weighted sums, and the first batch whose loss was not finite, stay tensors on the
+    device until `close`, which also combines them over all ranks when distributed.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.first_bad = torch.full((), NO_BATCH, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), device=device)
 
-    def add(self, size: int, **values: float) -> None:
-        for name, value in values.items():
-            self.totals[name] = self.totals.get(name, 0.0) + value * size
+    def add(self, batch: int, size: int, loss: torch.Tensor, **values: torch.Tensor) -> None:
+        for name, value in {"loss": loss, **values}.items():
+            weighted = value.detach().double() * size
+            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
         self.count += size
+        # The first non-finite loss of the stage and its batch, kept without a host sync.
+        first = ~torch.isfinite(loss.detach()) & (self.first_bad == NO_BATCH)
+        self.first_bad = torch.where(first, batch, self.first_bad)
+        self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
 
-    def means(self) -> dict[str, float]:
-        names = sorted(self.totals)
-        sums = torch.tensor([self.totals[n] for n in names] + [self.count], dtype=torch.float64)
+    def close(self, epoch: int, stage: int) -> dict[str, float]:
+        """The stage's means over all ranks; raises TrainingDiverged (on every rank) if a loss was not finite.
+
+        The weights are lost from the first non-finite loss on; the rest of the stage runs on
+        them (that is the price of not checking every batch) and nothing after it does.
+        """
+        names = sorted(self.sums)
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.device)
+        sums = torch.stack([self.sums[name] for name in names] + [count])
+        first_bad = self.first_bad.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)  # gloo and NCCL both take float64 on the CPU/GPU it lives on
-        count = max(sums[-1].item(), 1.0)
-        return {name: sums[i].item() / count for i, name in enumerate(names)}
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)  # the earliest bad batch of any rank
+        if int(first_bad) != NO_BATCH:
+            own = int(self.first_bad) == int(first_bad)
+            loss = f"loss is {float(self.bad_loss)}" if own else "a loss on another rank is not finite"
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch}, stage {stage}, batch {int(first_bad) + 1}: {loss} "
+                "(lower the learning rates train.lr_main/lr_bert/lr_mmilb, or train.clip)"
+            )
+        values = sums.tolist()
+        total = max(values[-1], 1.0)
+        return {name: values[i] / total for i, name in enumerate(names)}
 
 
 class ModelSelection:
@@ -217,9 +239,9 @@ class Engine:
         self.device = device or resolve_device(config.device)
         self.core = model.to(self.device)
         self.model = ddp if ddp is not None else self.core
-        self.core.bf16 = config.bf16 and self.device.type == "cuda"
-        if config.bf16 and not self.core.bf16:
-            log.warning("train.bf16 is only used on GPU; training in fp32 on %s", self.device)
+        self.core.bf16 = config.bf16
+        if config.bf16 and self.device.type == "cpu":
+            log.info("train.bf16 on the CPU: correct, but faster than fp32 only on CPUs with bf16 instructions")
         groups = split_parameters(model)
         optimizer_class = getattr(torch.optim, config.optimizer)
         self.optimizer_mmilb = optimizer_class(
@@ -258,7 +280,7 @@ class Engine:
         fast = self.config.stage0_mode == "fast"
         batches = math.ceil(len(loader) * self.config.stage0_fraction)
         hooks.on_stage_start(epoch, 0, batches)
-        means = _RunningMeans()
+        totals = StageTotals(self.device)
         for index, batch in enumerate(loader):
             if index >= batches:
                 break
@@ -268,10 +290,10 @@ class Engine:
             lld = self.model(**batch.model_inputs(), mmilb_only=fast).lld
             loss = -lld
             self._step(loss, self.optimizer_mmilb)
-            value = _finite(loss.item(), epoch, 0, index)
-            means.add(len(batch), neg_lld=value)
-            hooks.on_batch_end(epoch, 0, value)
-        return means.means()
+            totals.add(index, len(batch), loss)
+            hooks.on_batch_end(epoch, 0)
+        means = totals.close(epoch, 0)
+        return {"neg_lld": means["loss"]}
 
     def train_stage1(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None) -> dict[str, float]:
         """Minimise the task loss with the MI terms; returns means of loss, task, nce, lld, H."""
@@ -279,7 +301,7 @@ class Engine:
         config = self.config
         self.model.train()
         hooks.on_stage_start(epoch, 1, len(loader))
-        means = _RunningMeans()
+        totals = StageTotals(self.device)
         memory = None  # label groups of the previous batch; reset every epoch
         for index, batch in enumerate(loader):
             batch = batch.to(self.device)
@@ -295,17 +317,9 @@ class Engine:
             loss = loss - config.beta * output.entropy  # 0 until a memory is passed
             self._step(loss, self.optimizer_main)
             memory = output.memory
-            value = _finite(loss.item(), epoch, 1, index)
-            means.add(
-                len(batch),
-                loss=value,
-                task=task.item(),
-                nce=output.nce.item(),
-                lld=output.lld.item(),
-                H=output.entropy.item(),
-            )
-            hooks.on_batch_end(epoch, 1, value)
-        return means.means()
+            totals.add(index, len(batch), loss, task=task, nce=output.nce, lld=output.lld, H=output.entropy)
+            hooks.on_batch_end(epoch, 1)
+        return totals.close(epoch, 1)
 
     def run_epoch(
         self, epoch: int, train: DataLoader, valid: DataLoader, test: DataLoader, hooks: TrainingHooks | None = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from transformers import PreTrainedModel
 
 from mmim.config import ModelConfig
@@ -57,9 +57,15 @@ class SequenceEncoder(nn.Module):
         self.linear_1 = nn.Linear((2 if bidirectional else 1) * hidden_size, out_size)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """x: (batch, frames, dim) on any device; lengths: (batch,) on the CPU, where packing needs them."""
         # Packing makes the LSTM stop at each sequence's own end, so padding never leaks in.
-        packed = pack_padded_sequence(x, lengths.cpu().long(), batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.rnn(packed)
+        # Sorted as pack_padded_sequence(enforce_sorted=False) sorts, but the order goes to
+        # the GPU without making the host wait for the copy.
+        lengths, order = torch.sort(lengths.long(), descending=True)
+        order = order.to(x.device, non_blocking=True)
+        packed = pack_padded_sequence(x.index_select(0, order), lengths, batch_first=True)
+        # With the order attached, the LSTM returns h_n in the batch's own order.
+        _, (h_n, _) = self.rnn(PackedSequence(packed.data, packed.batch_sizes, order))
         # h_n: (layers * directions, batch, hidden). The last layer's state(s); with one
         # layer (the official setting) this is exactly what the reference code takes.
         h = torch.cat((h_n[-2], h_n[-1]), dim=-1) if self.bidirectional else h_n[-1]
@@ -68,33 +74,52 @@ class SequenceEncoder(nn.Module):
 
 @dataclass
 class LabelGroups:
-    """Entropy projections of one batch, split by the sign of the label (zeros excluded)."""
+    """Entropy projections of one batch and which rows are positive / negative (zero labels: neither).
 
-    positive: Tensor
-    negative: Tensor
+    Masks rather than selected rows: selecting rows by a mask makes the host wait for the GPU
+    to learn how many there are, twice per modality pair and batch.
+    """
+
+    projected: Tensor  # (batch, d)
+    positive: Tensor  # (batch,) bool
+    negative: Tensor  # (batch,) bool
 
     def detach(self) -> "LabelGroups":
-        return LabelGroups(self.positive.detach(), self.negative.detach())
+        return LabelGroups(self.projected.detach(), self.positive, self.negative)
+
+    def after(self, memory: "LabelGroups") -> "LabelGroups":
+        """The memory's rows followed by this batch's (the samples H is estimated from)."""
+        return LabelGroups(
+            torch.cat([memory.projected, self.projected]),
+            torch.cat([memory.positive, self.positive]),
+            torch.cat([memory.negative, self.negative]),
+        )
 
 
-def gaussian_entropy_term(samples: Tensor) -> Tensor:
-    """log det of the (biased) covariance of `samples` (n, d), or 0 when it is undefined.
+def gaussian_entropy_term(samples: Tensor, rows: Tensor | None = None) -> Tensor:
+    """log det of the (biased) covariance of the `rows` (a bool mask; default all) of `samples` (n, d),
+    or 0 when it is undefined.
 
     The official estimator is 0.25 * (logdet cov_pos + logdet cov_neg). With n <= d
     samples the covariance is singular (logdet = -inf), and a tanh projection can make
     it numerically non-positive-definite; either would turn the loss into inf/NaN.
     Our guard: such a group contributes 0 to H (no gradient), the other group still counts.
+    It is decided on the device (`torch.where`), so a training step never waits on the GPU.
     """
-    n, d = samples.shape
-    if n <= d:
-        return samples.new_zeros(())
+    d = samples.shape[1]
     samples = samples.float()  # covariance and logdet in fp32, also under autocast
-    centered = samples - samples.mean(dim=0)
-    covariance = centered.T @ centered / n
-    sign, logabsdet = torch.linalg.slogdet(covariance)
-    if sign.item() <= 0 or not torch.isfinite(logabsdet).item():
-        return samples.new_zeros(())
-    return logabsdet
+    weights = (torch.ones(len(samples), device=samples.device) if rows is None else rows.float()).unsqueeze(1)
+    count = weights.sum()
+    mean = (samples * weights).sum(dim=0) / count.clamp(min=1)
+    centered = (samples - mean) * weights  # rows outside the group are zero
+    covariance = centered.T @ centered / count.clamp(min=1)
+    sign, logabsdet = torch.linalg.slogdet(covariance.detach())
+    defined = (count > d) & (sign > 0) & torch.isfinite(logabsdet)
+    # Where undefined, the identity stands in: log det 0 and a finite gradient (that `where`
+    # then zeroes), instead of the inverse of a singular matrix, which would be NaN.
+    identity = torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+    _, guarded = torch.linalg.slogdet(torch.where(defined, covariance, identity))
+    return torch.where(defined, guarded, torch.zeros_like(guarded))
 
 
 class MMILB(nn.Module):
@@ -118,14 +143,13 @@ class MMILB(nn.Module):
         lld = self.log_likelihood(x, y)
         if labels is None:
             return lld, lld.new_zeros(()), None
-        projected = self.entropy_prj(y)
         labels = labels.view(-1)
-        groups = LabelGroups(projected[labels > 0], projected[labels < 0])
+        groups = LabelGroups(self.entropy_prj(y), labels > 0, labels < 0)
         if memory is None:
             return lld, lld.new_zeros(()), groups
+        both = groups.after(memory)
         entropy = 0.25 * (
-            gaussian_entropy_term(torch.cat([memory.positive, groups.positive]))
-            + gaussian_entropy_term(torch.cat([memory.negative, groups.negative]))
+            gaussian_entropy_term(both.projected, both.positive) + gaussian_entropy_term(both.projected, both.negative)
         )
         return lld, entropy, groups
 

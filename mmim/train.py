@@ -116,10 +116,14 @@ def setup_training(
     sampler: DistributedSampler[int] = DistributedSampler(  # yields example indices
         SplitDataset(store["train"]), num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed
     )
+    on_gpu = engine.device.type == "cuda"
+    workers = config.train.loader_workers if config.train.loader_workers is not None else (2 if on_gpu else 0)
     loaders = Loaders(
-        train=make_loader(store["train"], batch_size, shuffle=False, sampler=sampler),
-        valid=make_loader(store["valid"], batch_size, shuffle=False),
-        test=make_loader(store["test"], batch_size, shuffle=False),
+        train=make_loader(
+            store["train"], batch_size, shuffle=False, sampler=sampler, num_workers=workers, pin_memory=on_gpu
+        ),
+        valid=make_loader(store["valid"], batch_size, shuffle=False, pin_memory=on_gpu),
+        test=make_loader(store["test"], batch_size, shuffle=False, pin_memory=on_gpu),
     )
     return Training(model, engine, loaders, load_tokenizer(config.model.text_encoder), config)
 
@@ -133,8 +137,8 @@ class _SaveBest(TrainingHooks):
     def on_stage_start(self, epoch: int, stage: int, batches: int) -> None:
         self.inner.on_stage_start(epoch, stage, batches)
 
-    def on_batch_end(self, epoch: int, stage: int, loss: float) -> None:
-        self.inner.on_batch_end(epoch, stage, loss)
+    def on_batch_end(self, epoch: int, stage: int) -> None:
+        self.inner.on_batch_end(epoch, stage)
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         if improved:

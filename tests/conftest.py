@@ -8,7 +8,9 @@ import uuid
 from pathlib import Path
 
 import boto3
+import mlflow
 import pytest
+from mlflow import MlflowClient
 from moto.server import ThreadedMotoServer
 from transformers import BertConfig, BertTokenizer
 
@@ -54,6 +56,15 @@ def tiny_config(tiny_encoder, tiny_store, tmp_path) -> Config:
             "output_dir": str(tmp_path / "run"),
         }
     )
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch):
+    """MLflow on a sqlite file (what `make demo` uses); the client for reading runs back."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
 
 
 # ---------------------------------------------------------------- S3 (moto) and a DVC project

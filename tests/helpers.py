@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -154,15 +155,17 @@ def dvc(*args, cwd):
     run(str(Path(sys.executable).parent / "dvc"), *args, cwd=cwd)
 
 
-def make_dvc_project(repo: Path, remote_url: str, endpoint: str | None = None, encoder: str | None = None) -> Path:
-    """A git repository with the project's dvc.yaml/params.yaml (a small sample) and code, whose
-    default DVC remote is `remote_url`; `encoder` replaces the synthetic dataset's tokenizer."""
+def make_dvc_project(
+    repo: Path, remote_url: str, endpoint: str | None = None, encoder: str | None = None, sizes: dict | None = None
+) -> Path:
+    """A git repository with the project's dvc.yaml/params.yaml (a small sample, or `sizes`) and code,
+    whose default DVC remote is `remote_url`; `encoder` replaces the synthetic dataset's tokenizer."""
     repo.mkdir(parents=True)
     shutil.copytree(PROJECT / "mmim", repo / "mmim", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(PROJECT / name, repo / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["synthetic"].update(train=40, valid=12, test=12)
+    params["synthetic"].update(sizes or {"train": 40, "valid": 12, "test": 12})
     if encoder:
         params["datasets"]["synthetic"]["encoder"] = encoder
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -178,3 +181,33 @@ def make_dvc_project(repo: Path, remote_url: str, endpoint: str | None = None, e
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "project", cwd=repo)
     return repo
+
+
+# ---------------------------------------------------------------- Ray training
+
+
+def tracked(config, tmp_path):
+    """`config` with MLflow tracking on, artifacts under `tmp_path`."""
+    update = {"enabled": True, "artifact_location": str(tmp_path / "artifacts")}
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update=update)})
+
+
+def run_in_thread(config) -> tuple[threading.Thread, dict]:
+    """Ray training tracked in MLflow, as the flow runs it, in a thread (the test harms it meanwhile):
+    the thread and what it leaves: run_id, then result or error."""
+    from mmim.distributed import train_distributed
+    from mmim.tracking import tracked_run
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            with tracked_run(config) as run:
+                outcome["run_id"] = run.run_id
+                outcome["result"] = train_distributed(config, run.log_epoch)
+        except Exception as error:  # handed to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome

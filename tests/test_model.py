@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from mmim.checkpoint import read_official_weights
 from mmim.config import ModelConfig
 from mmim.errors import MMIMInputError
-from mmim.model import MMILB, build_model, gaussian_entropy_term, load_official_state_dict
+from mmim.model import MMILB, LabelGroups, build_model, gaussian_entropy_term, load_official_state_dict
 
 # The official module names (declare-lab/Multimodal-Infomax, src/model.py + modules/encoders.py).
 OFFICIAL_KEYS = [
@@ -125,10 +125,11 @@ def test_entropy_guard_when_a_label_group_is_too_small():
     # group has 2 samples for a 4-dim covariance (singular), the positive group 6.
     labels = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0, -1.0])
     _, _, groups = mmilb(x, y, labels)
-    memory = type(groups)(groups.positive[:1], groups.negative[:1])
+    memory = LabelGroups(groups.projected[[0, 5]], torch.tensor([True, False]), torch.tensor([False, True]))
     _, entropy, _ = mmilb(x, y, labels, memory)
     assert torch.isfinite(entropy)
-    expected = 0.25 * gaussian_entropy_term(torch.cat([memory.positive, groups.positive]))
+    positives = torch.cat([groups.projected[:1], groups.projected[labels > 0]])
+    expected = 0.25 * gaussian_entropy_term(positives)
     assert torch.allclose(entropy, expected) and entropy.item() != 0.0
     entropy.backward()  # the guarded group contributes no NaN gradient
     assert all(torch.isfinite(p.grad).all() for p in mmilb.entropy_prj.parameters())
@@ -139,6 +140,41 @@ def test_entropy_guard_on_degenerate_covariance():
     assert gaussian_entropy_term(identical).item() == 0.0
     empty = torch.zeros(0, 4)
     assert gaussian_entropy_term(empty).item() == 0.0
+
+
+def entropy_of_selected_rows(samples):
+    """The guard as it was written with row selection and host checks (the reference for the masked one)."""
+    n, d = samples.shape
+    if n <= d:
+        return samples.new_zeros(())
+    centered = samples - samples.mean(dim=0)
+    sign, logabsdet = torch.linalg.slogdet(centered.T @ centered / n)
+    if sign.item() <= 0 or not torch.isfinite(logabsdet).item():
+        return samples.new_zeros(())
+    return logabsdet
+
+
+@pytest.mark.parametrize("rows", [3, 4, 5, 9, 32])
+def test_masked_entropy_equals_the_selected_rows_one_with_gradients(rows):
+    """The device-side guard gives today's H and gradients: defined, too few rows, degenerate."""
+    torch.manual_seed(rows)
+    samples = torch.tanh(torch.randn(40, 4))
+    samples[30:] = 0.25  # rows 30.. are identical: a group of only those has no variance
+    for chosen in (torch.randperm(30)[:rows], torch.arange(30, 30 + min(rows, 10))):
+        mask = torch.zeros(40, dtype=torch.bool)
+        mask[chosen] = True
+        ours = samples.clone().requires_grad_()
+        theirs = samples.clone().requires_grad_()
+        masked, selected = gaussian_entropy_term(ours, mask), entropy_of_selected_rows(theirs[mask])
+        torch.testing.assert_close(masked, selected, rtol=1e-5, atol=1e-6)
+        if selected.requires_grad:
+            masked.backward()
+            selected.backward()
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+        else:  # the guard: 0 and no gradient
+            assert masked.item() == 0.0
+            masked.backward()
+            assert not ours.grad.any()
 
 
 def test_missing_dims_is_a_clear_error(tiny_encoder):

@@ -1,0 +1,230 @@
+"""Ray Train across nodes that share no disk, and the loss of a node mid-run.
+
+A head and two worker nodes on this machine (`ray.cluster_utils.Cluster`, the way Ray tests
+itself). Checkpoints go to S3 (moto's server) and every worker fetches the feature store
+from the DVC remote on S3 into its own temporary directory: nothing is read from a path
+that another node wrote.
+"""
+
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from mmim.checkpoint import load_checkpoint
+from mmim.distributed import train_distributed
+from mmim.errors import DistributedTrainingError
+from mmim.files import read_json
+from mmim.tracking import tracked_run
+from mmim.versioning import push, reproduce
+from tests.helpers import make_dvc_project, run, run_in_thread, tracked
+
+pytestmark = pytest.mark.service  # a three-node Ray cluster, S3, DVC
+
+# Custom resources that decide placement: the head offers two "head slots" (both workers on
+# one node), each worker node one "node slot" (one worker per node, whatever Ray prefers).
+HEAD_SLOT, NODE_SLOT = "mmim_head_slot", "mmim_node_slot"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def add_worker_node(cluster: Cluster) -> None:
+    cluster.add_node(num_cpus=1, resources={NODE_SLOT: 1})
+    cluster.wait_for_nodes()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Dead nodes are noticed after 5 missed 1-second health checks (Ray's default: 30 s).
+    system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "resources": {HEAD_SLOT: 2},
+            "include_dashboard": False,
+            "_system_config": system,
+        },
+    )
+    for _ in range(2):
+        add_worker_node(cluster)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def remote_store(tiny_encoder, s3_endpoint, tmp_path_factory):
+    """A DVC project whose feature store (tiny encoder) exists only on its S3 remote: (project, bucket)."""
+    bucket = f"mmim-nodes-{uuid.uuid4().hex[:12]}"
+    with pytest.MonkeyPatch.context() as environment:
+        for name, value in AWS.items():
+            environment.setenv(name, value)
+        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+        # Epochs of a few seconds: time to lose a node inside one.
+        sizes = {"train": 400, "valid": 32, "test": 32}
+        project = make_dvc_project(
+            tmp_path_factory.mktemp("nodes") / "project", f"s3://{bucket}/dvc", s3_endpoint, tiny_encoder, sizes
+        )
+        reproduce("synthetic", project)
+        push("synthetic", project)
+        run("git", "add", "-A", cwd=project)
+        run("git", "commit", "-qm", "data", cwd=project)
+        for directory in (project / ".dvc" / "cache", project / "data" / "stores"):
+            shutil.rmtree(directory)  # the store is on no node now, only on S3
+        yield project, bucket
+
+
+def cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, run_name, **ray_settings):
+    project, bucket = remote_store
+    ray_settings = {
+        "num_workers": 2,
+        "storage_path": f"s3://{bucket}/runs",
+        "s3_endpoint": s3_endpoint,
+        "run_name": run_name,
+        "forward_env": list(AWS),
+        "resources_per_worker": {"CPU": 1, NODE_SLOT: 1},
+        "placement_strategy": "SPREAD",
+        **ray_settings,
+    }
+    data = {"store": str(tmp_path / "on-no-node"), "dvc_url": str(project), "dvc_dataset": "synthetic"}
+    return tiny_config.model_copy(
+        update={
+            "data": tiny_config.data.model_copy(update=data),
+            "ray": tiny_config.ray.model_copy(update=ray_settings),
+            "output_dir": str(tmp_path / run_name),
+        }
+    )
+
+
+def test_two_nodes_train_exactly_what_one_node_trains(
+    cluster, tiny_config, remote_store, s3_endpoint, tmp_path, mlflow_sqlite
+):
+    """Same seed, same ranks, gloo over TCP either way: bit-identical figures and the same choice.
+    The two-node run is tracked as the flow tracks it: every epoch reaches MLflow as it is reported."""
+    one_node = cluster_config(
+        tiny_config,
+        remote_store,
+        s3_endpoint,
+        tmp_path,
+        "one-node",
+        resources_per_worker={"CPU": 1, HEAD_SLOT: 1},
+        placement_strategy="STRICT_PACK",
+    )
+    two_nodes = tracked(
+        cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, "two-nodes", keep_checkpoints=1), tmp_path
+    )
+    reported_at = {}
+
+    def on_report(metrics):  # what the flow and the CLI do with each report
+        reported_at[int(metrics["epoch"])] = int(time.time() * 1000)
+        run.log_epoch(metrics)
+
+    alone = train_distributed(one_node)
+    with tracked_run(two_nodes) as run:
+        spread = train_distributed(two_nodes, on_report)
+        tracked_model = run.log_model(spread)
+    assert [e["valid_MAE"] for e in spread.epochs] == [e["valid_MAE"] for e in alone.epochs]
+    assert [e["stage1_loss"] for e in spread.epochs] == [e["stage1_loss"] for e in alone.epochs]
+    assert spread.best_epoch == alone.best_epoch and spread.best == {**alone.best, "seconds": spread.best["seconds"]}
+    assert spread.epochs[-1]["ranks_in_sync"] == 1 and spread.epochs[-1]["workers"] == 2
+
+    # S3 holds the best checkpoint and the latest (ray.keep_checkpoints 1); the driver saw every epoch
+    _, bucket = remote_store
+    kept = {key.split("/")[2] for key in s3_keys(s3_endpoint, bucket, "runs/two-nodes/epoch_")}
+    assert 1 <= len(kept) <= 2 and "epoch_002" in kept
+    assert [int(e["epoch"]) for e in spread.epochs] == [1, 2] == sorted(reported_at)
+    assert spread.best["valid_MAE"] == min(e["valid_MAE"] for e in spread.epochs)
+    assert not list(spread.checkpoint.glob("training_state*"))  # the local copy: weights only
+    load_checkpoint(spread.checkpoint)
+
+    # MLflow: every epoch at its step, logged as it was reported, in a run opened before epoch 1 ended
+    logged = mlflow_sqlite.get_run(tracked_model.run_id)
+    history = sorted(mlflow_sqlite.get_metric_history(logged.info.run_id, "valid_MAE"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(e["epoch"], e["valid_MAE"]) for e in spread.epochs]
+    assert logged.info.start_time <= reported_at[1] <= min(m.timestamp for m in history)
+    assert max(m.timestamp for m in history) < logged.info.end_time and logged.info.status == "FINISHED"
+    assert {"metrics.json", "learning_curves.png"} <= {a.path for a in mlflow_sqlite.list_artifacts(logged.info.run_id)}
+    assert read_json(Path(two_nodes.output_dir) / "metrics.json")["best"] == spread.best
+
+
+def s3_keys(endpoint: str, bucket: str, prefix: str) -> set[str]:
+    listing = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return {item["Key"] for item in listing.get("Contents", [])}
+
+
+def checkpoint_registered(endpoint: str, bucket: str, run_name: str, epoch: int) -> bool:
+    """Ray has recorded the epoch's checkpoint in its snapshot on S3 (not merely started uploading it)."""
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        snapshot = s3.get_object(Bucket=bucket, Key=f"runs/{run_name}/checkpoint_manager_snapshot.json")
+    except s3.exceptions.NoSuchKey:
+        return False
+    return f"epoch_{epoch:03d}" in snapshot["Body"].read().decode()
+
+
+def load_checkpoint_from_s3(endpoint: str, bucket: str, prefix: str):
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    with tempfile.TemporaryDirectory() as directory:
+        for key in s3_keys(endpoint, bucket, prefix):
+            if key.endswith("/"):  # a directory marker
+                continue
+            target = Path(directory) / key.removeprefix(prefix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(target))
+        return load_checkpoint(directory)
+
+
+@pytest.mark.parametrize("max_failures", [1, 0])
+def test_a_lost_node(
+    cluster, tiny_config, remote_store, s3_endpoint, tmp_path, mlflow_sqlite, monkeypatch, max_failures
+):
+    """A worker node disappears (SIGKILL, as a preempted spot instance) once epoch 1 is checkpointed.
+
+    With a failure allowed and ray.min_workers 1, training restarts from that checkpoint on the
+    node that is left and finishes; without, a clear error, and the checkpoint still loads.
+    """
+    # Ray may first retry the old size before it sees the node gone; it waits this long for
+    # the resources (60 s by default) before it tries the size the cluster has.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    run_name = f"lost-node-{max_failures}"
+    elastic = {"max_failures": max_failures, "min_workers": 1 if max_failures else None}
+    config = tracked(cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, run_name, **elastic), tmp_path)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 3})})
+    _, bucket = remote_store
+    thread, outcome = run_in_thread(config)
+    try:
+        deadline = time.monotonic() + 300  # a loaded 2-core machine takes minutes to start Ray Train
+        while not checkpoint_registered(s3_endpoint, bucket, run_name, 1):
+            assert thread.is_alive() and time.monotonic() < deadline, f"epoch 1 never finished: {outcome}"
+            time.sleep(0.05)
+        assert not checkpoint_registered(s3_endpoint, bucket, run_name, 2), "epoch 2 finished first: lengthen it"
+        cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+    finally:
+        add_worker_node(cluster)  # back to three nodes for the next test
+    steps = sorted(m.step for m in mlflow_sqlite.get_metric_history(outcome["run_id"], "valid_MAE"))
+    status = mlflow_sqlite.get_run(outcome["run_id"]).info.status
+    if max_failures:
+        result = outcome["result"]
+        assert [int(e["epoch"]) for e in result.epochs] == [1, 2, 3]
+        # epoch 1 on two nodes; epochs 2 and 3 on the one left, resumed after epoch 1
+        assert [(e["workers"], e["resumed_from"]) for e in result.epochs] == [(2, 0), (1, 1), (1, 1)]
+        # the restart is in MLflow: every epoch, and the resume and worker count at each
+        assert status == "FINISHED" and steps == [1, 2, 3]
+        resumed = mlflow_sqlite.get_metric_history(outcome["run_id"], "resumed_from")
+        assert sorted((m.step, m.value) for m in resumed) == [(1, 0.0), (2, 1.0), (3, 1.0)]
+        for epoch in (1, 2, 3):  # none lost, each whole
+            load_checkpoint_from_s3(s3_endpoint, bucket, f"runs/{run_name}/epoch_{epoch:03d}/")
+    else:
+        error = outcome["error"]
+        assert isinstance(error, DistributedTrainingError) and "ray.max_failures=0" in str(error)
+        assert status == "FAILED" and steps == [1]
+        load_checkpoint_from_s3(s3_endpoint, bucket, f"runs/{run_name}/epoch_001/")
