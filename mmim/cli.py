@@ -34,20 +34,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from mmim.checkpoint import load_checkpoint
 from mmim.config import Config, load_config
-from mmim.engine import EpochRecord, TrainingDiverged, TrainingHooks, epoch_line, flat_metrics
-from mmim.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError
+from mmim.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError, TrainingDiverged
 from mmim.extract import SOURCES, extract
+from mmim.limits import MAX_INPUT_BYTES
 from mmim.metrics import METRIC_NAMES
-from mmim.predict import MAX_INPUT_BYTES, evaluate_checkpoint, predict_utterances, read_utterances
 from mmim.store_writer import ExtractionSummary
 from mmim.synthetic import write_synthetic_raw
 from mmim.terminal import quiet_libraries
-from mmim.train import TrainingResult, prepare_output_dir, train
 
-if TYPE_CHECKING:  # imported when tracking is on: it loads MLflow
-    from mmim.tracking import TrainingRun
+# torch, and what needs it (training, checkpoints, predictions), is imported by the commands
+# that use it: `mmim extract` and `mmim data synth` (DVC's stage commands) and --help start
+# in well under a second.
+if TYPE_CHECKING:
+    from mmim.tracking import TrainingRun  # imported when tracking is on: it loads MLflow
+    from mmim.train import TrainingResult
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -70,30 +71,6 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-class ProgressHooks(TrainingHooks):
-    """A rich bar per stage; every finished epoch's flat metrics go to `on_epoch`."""
-
-    def __init__(self, progress: Progress, on_epoch: Callable[[dict], None]) -> None:
-        self.progress = progress
-        self.on_epoch = on_epoch
-        self.task: TaskID | None = None
-
-    def on_stage_start(self, epoch: int, stage: int, batches: int) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        label = "stage 0 (MMILB lld)" if stage == 0 else "stage 1 (task + MI)"
-        self.task = self.progress.add_task(f"epoch {epoch} {label}", total=batches)
-
-    def on_batch_end(self, epoch: int, stage: int) -> None:
-        # No loss here: reading it every batch would make the host wait for the GPU. The
-        # stage means are in the epoch's line.
-        if self.task is not None:  # the engine starts a stage before its batches
-            self.progress.update(self.task, advance=1)
-
-    def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
-        self.on_epoch({**flat_metrics(record), "improved": int(improved)})
-
-
 def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) -> tuple[TrainingResult, str]:
     """The result of one training, with Ray workers or in this process, and a title for its table."""
     title = "selected epoch {} (lowest validation MAE)"
@@ -102,8 +79,10 @@ def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) ->
 
         result = train_distributed(config, on_epoch, overwrite)
         return result, f"{title.format(result.best_epoch)}, {config.ray.num_workers} Ray workers"
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    from mmim.train import train
+    from mmim.training_progress import ProgressHooks, stage_progress
+
+    with stage_progress(console) as progress:
         result = train(config, ProgressHooks(progress, on_epoch), overwrite)
     return result, title.format(result.best_epoch)
 
@@ -121,6 +100,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         job_id = submit_training_job(args.submit, args.config, overrides)
         stdout.print(f"submitted Ray job {job_id} to {args.submit}")
         return
+    from mmim.engine import epoch_line
+    from mmim.train import prepare_output_dir
+
     prepare_output_dir(config, args.overwrite)  # before an MLflow run exists for a training refused here
     opened: contextlib.AbstractContextManager[TrainingRun | None] = contextlib.nullcontext()
     if config.tracking.enabled:  # the MLflow run exists from before the first epoch
@@ -159,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from mmim.mlflow_server import local_checkpoint
+    from mmim.predict import evaluate_checkpoint
 
     with local_checkpoint(args.checkpoint) as checkpoint:
         results = evaluate_checkpoint(checkpoint, args.store, tuple(args.split))
@@ -168,7 +151,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from mmim.checkpoint import load_checkpoint
     from mmim.mlflow_server import local_checkpoint
+    from mmim.predict import predict_utterances, read_utterances
 
     if (args.input is None) == (args.recording is None):
         raise MMIMInputError("give --input FILE (frames as JSON), or --recording FILE with --text")

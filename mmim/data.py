@@ -7,7 +7,7 @@ longest utterance and its own longest audio/vision sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -40,8 +40,8 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Page-locked copies (`DataLoader(pin_memory=True)` calls this): copies to the GPU then
         run asynchronously."""
-        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{name: v.pin_memory() if isinstance(v, Tensor) else v for name, v in pinned.items()})
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **{name: tensor.pin_memory() for name, tensor in tensors.items()})
 
     def model_inputs(self) -> dict[str, Tensor]:
         """Keyword arguments for `MMIM.forward` / `MMIM.encode` (labels excluded)."""

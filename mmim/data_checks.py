@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, field_validator
 
 from mmim.errors import MMIMInputError
-from mmim.predict import MAX_FRAMES
+from mmim.limits import MAX_FRAMES
 from mmim.store import SEQUENCE_FIELDS, SPLITS, FeatureStore
 
 log = logging.getLogger(__name__)

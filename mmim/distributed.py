@@ -304,8 +304,9 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
         train_loop_config={"config": config.model_dump()},
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            # (min, max): elastic, Ray Train restarts the group with what the cluster has
-            num_workers=(ray_config.min_workers, ray_config.num_workers)
+            # (min, max): elastic, Ray Train restarts the group with what the cluster has (a v2
+            # ScalingConfig, as RunConfig below; mypy reads v1's, which takes an int only)
+            num_workers=(ray_config.min_workers, ray_config.num_workers)  # type: ignore[arg-type]
             if ray_config.min_workers is not None
             else ray_config.num_workers,
             use_gpu=ray_config.use_gpu,

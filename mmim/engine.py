@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from mmim.config import TrainConfig
-from mmim.errors import MMIMInputError
+from mmim.errors import MMIMInputError, TrainingDiverged
 from mmim.metrics import compute_metrics
 from mmim.model import MMIM
 from mmim.predict import predict_scores
@@ -129,10 +129,6 @@ def evaluate(model: MMIM, loader: DataLoader, device: torch.device) -> dict[str,
     metrics = compute_metrics(predictions, truths)
     metrics["loss"] = metrics["MAE"]
     return metrics
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf: the weights are lost, nothing later in the run is worth having."""
 
 
 class TrainingHooks:

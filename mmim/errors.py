@@ -29,3 +29,7 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (its class name when it has none), for one-line reports."""
     text = str(error).strip()
     return text.splitlines()[0] if text else error.__class__.__name__
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf: the weights are lost, nothing later in the run is worth having."""

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from mmim.checkpoint import load_checkpoint
 from mmim.data import Batch, make_loader, pad_sequences
 from mmim.errors import MMIMInputError
+from mmim.limits import MAX_FRAMES, MAX_INPUT_BYTES, MAX_UTTERANCES
 from mmim.metrics import compute_metrics
 from mmim.model import MMIM
 from mmim.store import FeatureStore, bind_store
@@ -40,15 +41,6 @@ def sentiment_classes(score: float) -> dict[str, Any]:
         "polarity": "positive" if score > 0 else "negative" if score < 0 else "neutral",
         "class7": int(np.round(np.clip(score, -3.0, 3.0))),
     }
-
-
-# Caps on one request (mmim predict, the pyfunc, the REST server; docs/tracking.md): the LSTMs
-# take one step per frame and a batch is padded to its longest utterance, so the cost grows
-# with frames times utterances. The MulT and MMSA releases hold at most 500 frames per
-# utterance; a 60 s utterance of 100 Hz COVAREP audio (.csd) is 6,000.
-MAX_FRAMES = 10_000  # per modality per utterance
-MAX_UTTERANCES = 256  # per request
-MAX_INPUT_BYTES = 64 * 2**20  # the JSON file `mmim predict` reads
 
 
 def _cap_frames(frames: int, where: str) -> None:

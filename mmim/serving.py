@@ -41,8 +41,9 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from mmim.checkpoint import load_checkpoint
 from mmim.errors import MMIMInputError
+from mmim.limits import MAX_UTTERANCES
 from mmim.mlflow_server import answering, tracking_uri
-from mmim.predict import MAX_UTTERANCES, predict_utterances
+from mmim.predict import predict_utterances
 from mmim.serving_app import MAX_REQUEST_ENV, MODEL_ENV
 
 if TYPE_CHECKING:  # imported when a recording comes: it loads OpenCV, dlib, openSMILE

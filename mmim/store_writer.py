@@ -24,15 +24,17 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.errors import MMIMInputError
 from mmim.files import atomic_directory, check_replaceable_directory
 from mmim.store import LABEL_RANGE, SCHEMA_VERSION, SEQUENCE_FIELDS, SPLITS, TEXT_FIELDS, sha256_of
 from mmim.text_encoder import tokenize
+
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
-
-import transformers
 
 
 def quiet_libraries() -> None:
@@ -13,5 +12,12 @@ def quiet_libraries() -> None:
     # MLflow's artifact download bars and its integer-column schema hint (class7 is an int).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    # transformers (and the Hugging Face hub) read these when they are imported; a command
+    # that never needs them does not pay for importing them here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already: tell it directly
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()

@@ -10,12 +10,17 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.errors import MMIMInputError, first_line
+
+# transformers is imported where it is used: its model classes load torch and much of
+# transformers (seconds), which extraction, which only tokenizes, never needs.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ def _loading_error(name: str, what: str, error: Exception) -> MMIMInputError:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(resolve(name))
     except (OSError, ValueError) as error:
@@ -56,6 +63,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_encoder_config(name: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(resolve(name))
     except (OSError, ValueError) as error:
@@ -64,6 +73,8 @@ def load_encoder_config(name: str) -> PretrainedConfig:
 
 def build_backbone(name: str, pretrained: bool) -> PreTrainedModel:
     """The transformer itself: pretrained weights, or random weights from its config."""
+    from transformers import AutoModel
+
     if not pretrained:
         return AutoModel.from_config(load_encoder_config(name))
     try:

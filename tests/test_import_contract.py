@@ -83,3 +83,11 @@ def test_import_contract(module, loaded):
 def test_the_probe_sees_what_an_import_loads(loaded):
     """The check can fail: what a layer is allowed to load does show up."""
     assert "mlflow" in loaded["mmim.serving"] and "prefect" in loaded["flows.retrain"]
+
+
+def test_the_command_line_starts_without_torch():
+    """DVC's stage commands (`mmim extract`, `mmim data synth`) and `mmim --help` start in well
+    under a second: only the commands that train or predict import torch and transformers' models."""
+    probe = "import sys, mmim.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,11 @@
+"""Caps on what one request or input file may ask of the model (mmim predict, the pyfunc, the REST
+server, and the data checks that warn about what prediction would refuse; docs/tracking.md).
+
+The LSTMs take one step per frame and a batch is padded to its longest utterance, so the cost
+grows with frames times utterances. The MulT and MMSA releases hold at most 500 frames per
+utterance; a 60 s utterance of 100 Hz COVAREP audio (.csd) is 6,000.
+"""
+
+MAX_FRAMES = 10_000  # per modality per utterance
+MAX_UTTERANCES = 256  # per request
+MAX_INPUT_BYTES = 64 * 2**20  # the JSON file `mmim predict` reads
