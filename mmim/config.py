@@ -126,8 +126,8 @@ class RayConfig(_Section):
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK",
-        description="Ray placement of the workers: `PACK` fills a node first, `SPREAD` puts them on different nodes "
-        "(one node's loss then costs one worker).",
+        description="Ray placement of the workers: `PACK` fills a node first, `SPREAD` prefers different nodes and "
+        "`STRICT_SPREAD` requires them (one node's loss then costs one worker).",
     )
     use_gpu: bool = Field(default=False, description="One GPU per worker and NCCL; otherwise CPU workers and gloo.")
     resources_per_worker: dict[str, float] = Field(
@@ -232,8 +232,8 @@ class TrainConfig(_Section):
     loader_workers: int | None = Field(
         default=None,
         ge=0,
-        description="Processes that collate training batches ahead of the model; `null`: 2 on GPU, 0 on CPU (there "
-        "the cores are better spent on the model).",
+        description="Processes that collate training batches ahead of the model (with Ray, count them in "
+        "`ray.resources_per_worker`); `null`: 2 on GPU, 0 on CPU (there the cores are better spent on the model).",
     )
     num_threads: int | None = Field(default=None, gt=0, description="torch CPU threads; `null`: torch's default.")
 

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +51,6 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -61,6 +59,7 @@ from mmim.config import Config, check_ray_settings, config_from_dict
 from mmim.engine import Engine, EpochRecord, ModelSelection, TrainingHooks, fit, flat_metrics
 from mmim.errors import DistributedTrainingError, MMIMInputError, first_line
 from mmim.files import atomic_directory, read_json
+from mmim.ray_reports import ForwardReports, ReportFollower
 from mmim.store import FeatureStore
 from mmim.train import (
     BEST_CHECKPOINT,
@@ -76,7 +75,6 @@ from mmim.versioning import local_store
 log = logging.getLogger(__name__)
 
 SCORE = "valid_MAE"  # what CheckpointConfig keeps the best checkpoints by
-DRAIN_SECONDS = 0.5  # how often the driver collects the reports forwarded so far
 
 
 def parameter_digest(model: torch.nn.Module) -> int:
@@ -201,71 +199,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     hooks = ReportEpochs(training, selection, rank, world, resumed_from)
     fit(training.engine, training.loaders, hooks, selection=selection, start_epoch=resumed_from + 1, rank=rank)
-
-
-@ray.remote(num_cpus=0)
-class ReportInbox:
-    """Reports forwarded by the controller, until the driver takes them."""
-
-    def __init__(self) -> None:
-        self.reports: list[dict] = []
-
-    def put(self, metrics: dict) -> None:
-        self.reports.append(metrics)
-
-    def take(self) -> list[dict]:
-        reports, self.reports = self.reports, []
-        return reports
-
-
-class ForwardReports(UserCallback):
-    """Runs in Ray Train's controller: hands rank 0's metrics of every report to the inbox."""
-
-    def __init__(self, inbox) -> None:
-        self.inbox = inbox
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        # Waited for, so that a report is in the inbox before `fit` returns.
-        ray.get(self.inbox.put.remote(dict(metrics[0])))
-
-
-class ReportFollower:
-    """Drains the inbox in a driver thread while `fit` runs; calls `on_report` for each report."""
-
-    def __init__(self, on_report: Callable[[dict], None] | None) -> None:
-        self.on_report = on_report
-        # On the driver's node, beside Ray Train's controller: losing another node must not lose reports.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.inbox = ReportInbox.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
-        self.reports: list[dict] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="mmim-reports", daemon=True)
-
-    def __enter__(self) -> "ReportFollower":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._done.set()
-        self._thread.join()
-        ray.kill(self.inbox)
-
-    def _follow(self) -> None:
-        while True:
-            finished = self._done.wait(DRAIN_SECONDS)
-            for metrics in ray.get(self.inbox.take.remote()):
-                self.reports.append(metrics)
-                if self.on_report is not None:
-                    try:
-                        self.on_report(metrics)
-                    except Exception:  # a tracking hiccup must not lose the training
-                        log.warning("handling the report of epoch %s failed", metrics.get("epoch"), exc_info=True)
-            if finished:
-                return
-
-    def epochs(self) -> list[dict]:
-        """One report per epoch, in epoch order; an epoch redone after a failure keeps its last try."""
-        return sorted({int(m["epoch"]): m for m in self.reports}.values(), key=lambda m: m["epoch"])
 
 
 def _storage(ray_config) -> tuple[str, object | None]:

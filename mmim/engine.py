@@ -157,14 +157,15 @@ class StageTotals:
         self.first_bad = torch.full((), NO_BATCH, dtype=torch.int64, device=device)
         self.bad_loss = torch.zeros((), device=device)
 
-    def add(self, batch: int, size: int, loss: torch.Tensor, **values: torch.Tensor) -> None:
+    def add(self, index: int, size: int, loss: torch.Tensor, **values: torch.Tensor) -> None:
+        """Batch `index` of the stage, of `size` examples: its loss and other figures (0-dim tensors)."""
         for name, value in {"loss": loss, **values}.items():
             weighted = value.detach().double() * size
             self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
         self.count += size
         # The first non-finite loss of the stage and its batch, kept without a host sync.
         first = ~torch.isfinite(loss.detach()) & (self.first_bad == NO_BATCH)
-        self.first_bad = torch.where(first, batch, self.first_bad)
+        self.first_bad = torch.where(first, index, self.first_bad)
         self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
 
     def close(self, epoch: int, stage: int) -> dict[str, float]:
@@ -289,7 +290,7 @@ class Engine:
             totals.add(index, len(batch), loss)
             hooks.on_batch_end(epoch, 0)
         means = totals.close(epoch, 0)
-        return {"neg_lld": means["loss"]}
+        return {"neg_lld": means["loss"]} if means else {}
 
     def train_stage1(self, loader: DataLoader, epoch: int = 0, hooks: TrainingHooks | None = None) -> dict[str, float]:
         """Minimise the task loss with the MI terms; returns means of loss, task, nce, lld, H."""

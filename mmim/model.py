@@ -36,8 +36,13 @@ class TextEncoder(nn.Module):
         self.bertmodel = backbone
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
+        # The mask goes in as an additive 4D bias (0 where a token counts, the dtype's minimum on
+        # padding), which transformers hands to attention as it is. From a 2D mask it would first
+        # ask whether any token is padding: a read back from the GPU on every forward pass.
+        dtype = self.bertmodel.dtype
+        bias = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         hidden = self.bertmodel(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            input_ids=input_ids, attention_mask=bias, token_type_ids=token_type_ids
         ).last_hidden_state
         return hidden[:, 0]
 
@@ -208,7 +213,7 @@ class MMIM(nn.Module):
             raise MMIMInputError("model.audio_dim / model.vision_dim: not set (they come from the feature store)")
         self.config = config
         text_dim = text_backbone.config.hidden_size
-        self.bf16 = False  # set by the engine on GPU: autocast the encoders only
+        self.bf16 = False  # set by the engine (train.bf16): autocast the encoders only
         self.text_enc = TextEncoder(text_backbone)
 
         def lstm(in_size: int | None, hidden_size: int, out_size: int, dropout: float) -> SequenceEncoder:

@@ -3,13 +3,16 @@
 import math
 import sys
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
+import mmim
 from mmim.checkpoint import load_weights
 from mmim.data import make_loader
 from mmim.distributed import load_training_state, save_training_state
@@ -18,11 +21,13 @@ from mmim.engine import (
     EpochRecord,
     Loaders,
     ModelSelection,
+    StageTotals,
     TrainingHooks,
     fit,
     seed_everything,
     split_parameters,
 )
+from mmim.errors import TrainingDiverged
 from mmim.files import read_json
 from mmim.model import build_model
 from mmim.predict import evaluate_checkpoint
@@ -117,15 +122,17 @@ def test_stage_means_kept_on_the_device_equal_reading_every_batch(tiny_config):
 
 
 HOST_READS = ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__")
+CALLERS = tuple(str(Path(package.__file__).parent) for package in (mmim, transformers))
 
 
 def count_host_reads_by_mmim(monkeypatch) -> Counter:
-    """Count what mmim's own code does that makes a host wait for a GPU: reading a tensor's
-    value, and selecting rows by a boolean mask (its size must come back to the host)."""
+    """Count what mmim's code, and transformers' under it, do that makes a host wait for a GPU:
+    reading a tensor's value, and selecting rows by a boolean mask (its size must come back)."""
     counts: Counter = Counter()
 
-    def from_mmim() -> bool:
-        return "/mmim/" in sys._getframe(2).f_code.co_filename
+    def from_mmim() -> bool:  # or from transformers, which mmim calls per batch
+        caller = sys._getframe(2).f_code.co_filename
+        return caller.startswith(CALLERS)
 
     for name in HOST_READS:
 
@@ -156,6 +163,19 @@ def test_training_steps_read_nothing_back_until_the_stage_ends(tiny_config, monk
         reads.append(dict(counts))
     assert reads[0] == reads[1], reads
     assert sum(reads[0].values()) > 0  # the counting works: the stage ends do read
+
+
+def test_a_non_finite_loss_is_reported_at_the_stage_end_naming_its_first_batch():
+    totals = StageTotals(torch.device("cpu"))
+    for index, loss in enumerate([0.5, 0.4, math.nan, 0.3, math.inf]):
+        totals.add(index, 2, torch.tensor(loss))
+    with pytest.raises(TrainingDiverged, match=r"epoch 3, stage 1, batch 3: loss is nan \(lower the learning"):
+        totals.close(epoch=3, stage=1)
+    finite = StageTotals(torch.device("cpu"))
+    finite.add(0, 2, torch.tensor(1.0), task=torch.tensor(2.0))
+    finite.add(1, 6, torch.tensor(3.0), task=torch.tensor(2.0))
+    assert finite.close(1, 1) == {"loss": 2.5, "task": 2.0}  # weighted by batch size
+    assert StageTotals(torch.device("cpu")).close(1, 0) == {}  # a stage without batches
 
 
 def test_one_bf16_epoch_on_the_cpu_stays_finite_and_close_to_fp32(tiny_config):

@@ -68,7 +68,7 @@ def remote_store(tiny_encoder, s3_endpoint, tmp_path_factory):
             environment.setenv(name, value)
         boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
         # Epochs of a few seconds: time to lose a node inside one.
-        sizes = {"train": 400, "valid": 32, "test": 32}
+        sizes = {"train": 200, "valid": 32, "test": 32}
         project = make_dvc_project(
             tmp_path_factory.mktemp("nodes") / "project", f"s3://{bucket}/dvc", s3_endpoint, tiny_encoder, sizes
         )
@@ -192,11 +192,10 @@ def test_a_lost_node(
     """
     # Ray may first retry the old size before it sees the node gone; it waits this long for
     # the resources (60 s by default) before it tries the size the cluster has.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
     run_name = f"lost-node-{max_failures}"
     elastic = {"max_failures": max_failures, "min_workers": 1 if max_failures else None}
     config = tracked(cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, run_name, **elastic), tmp_path)
-    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 3})})
     _, bucket = remote_store
     thread, outcome = run_in_thread(config)
     try:
@@ -214,14 +213,13 @@ def test_a_lost_node(
     status = mlflow_sqlite.get_run(outcome["run_id"]).info.status
     if max_failures:
         result = outcome["result"]
-        assert [int(e["epoch"]) for e in result.epochs] == [1, 2, 3]
-        # epoch 1 on two nodes; epochs 2 and 3 on the one left, resumed after epoch 1
-        assert [(e["workers"], e["resumed_from"]) for e in result.epochs] == [(2, 0), (1, 1), (1, 1)]
+        # epoch 1 on two nodes; epoch 2 on the one left, resumed after epoch 1
+        assert [(e["epoch"], e["workers"], e["resumed_from"]) for e in result.epochs] == [(1, 2, 0), (2, 1, 1)]
         # the restart is in MLflow: every epoch, and the resume and worker count at each
-        assert status == "FINISHED" and steps == [1, 2, 3]
+        assert status == "FINISHED" and steps == [1, 2]
         resumed = mlflow_sqlite.get_metric_history(outcome["run_id"], "resumed_from")
-        assert sorted((m.step, m.value) for m in resumed) == [(1, 0.0), (2, 1.0), (3, 1.0)]
-        for epoch in (1, 2, 3):  # none lost, each whole
+        assert sorted((m.step, m.value) for m in resumed) == [(1, 0.0), (2, 1.0)]
+        for epoch in (1, 2):  # none lost, each whole
             load_checkpoint_from_s3(s3_endpoint, bucket, f"runs/{run_name}/epoch_{epoch:03d}/")
     else:
         error = outcome["error"]
