@@ -20,6 +20,9 @@ from tests.helpers import TINY_SIZES, free_port, make_dvc_project, tiny_vocabula
 
 # Prefect servers started by the tests (harness, `prefect server start`) are offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Ray Train's controller polls its workers every 2 s by default: a start, each report and the
+# end each wait for a poll. Ray propagates this to the controller and workers it starts.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -154,6 +155,21 @@ def test_two_nodes_train_exactly_what_one_node_trains(
     assert read_json(Path(two_nodes.output_dir) / "metrics.json")["best"] == spread.best
 
 
+def lose_node(cluster: Cluster) -> None:
+    """A worker node vanishes at once, as a preempted machine: SIGKILL to its Ray services and to
+    its worker processes (Ray's `remove_node` kills only the services; the workers would run on,
+    even finish an epoch, until they notice that their raylet is gone)."""
+    node = next(iter(cluster.worker_nodes))
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    workers = raylet.children(recursive=True)
+    cluster.remove_node(node, allow_graceful=False)
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def s3_keys(endpoint: str, bucket: str, prefix: str) -> set[str]:
     listing = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix)
     return {item["Key"] for item in listing.get("Contents", [])}
@@ -191,8 +207,9 @@ def test_a_lost_node(
     node that is left and finishes; without, a clear error, and the checkpoint still loads.
     """
     # Ray may first retry the old size before it sees the node gone; it waits this long for
-    # the resources (60 s by default) before it tries the size the cluster has.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
+    # the resources (60 s by default) before it tries the size the cluster has. Only the
+    # placement group's reservation waits on it, which takes milliseconds when the nodes exist.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")
     run_name = f"lost-node-{max_failures}"
     elastic = {"max_failures": max_failures, "min_workers": 1 if max_failures else None}
     config = tracked(cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, run_name, **elastic), tmp_path)
@@ -204,7 +221,7 @@ def test_a_lost_node(
             assert thread.is_alive() and time.monotonic() < deadline, f"epoch 1 never finished: {outcome}"
             time.sleep(0.05)
         assert not checkpoint_registered(s3_endpoint, bucket, run_name, 2), "epoch 2 finished first: lengthen it"
-        cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+        lose_node(cluster)
         thread.join(timeout=600)
         assert not thread.is_alive()
     finally:
