@@ -5,6 +5,7 @@
     mmim data recordings-sample --out DIR         write generated recordings (label.csv + Raw/)
     mmim data check --store DIR [--previous DIR]  leakage, lengths and label drift before training
     mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
+    mmim tune --config FILE --trials N            search hyperparameters with Ray Tune (resumable)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
     mmim predict --checkpoint DIR|models:/... --input FILE   scores for raw utterances (JSON)
     mmim predict --checkpoint DIR|models:/... --recording FILE --text "..."   score a recording
@@ -88,11 +89,7 @@ def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) ->
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    overrides = list(args.set)
-    if args.workers is not None:
-        overrides.append(f"ray.num_workers={args.workers}")
-    if args.gpu:
-        overrides += ["ray.use_gpu=true", "train.device=cuda"]
+    overrides = _training_overrides(args)
     config = load_config(args.config, overrides)
     if args.submit:
         from mmim.jobs import submit_training_job
@@ -137,6 +134,44 @@ def cmd_train(args: argparse.Namespace) -> None:
         with console.status("scoring the model and the registry's champion on the same data"):
             decision = register_run(config, tracked, result.checkpoint)
         stdout.print(f"MLflow run {tracked.run_id}; {decision.name} v{decision.version}: {decision.text}")
+
+
+def _training_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set)
+    if args.workers is not None:
+        overrides.append(f"ray.num_workers={args.workers}")
+    if args.gpu:
+        overrides += ["ray.use_gpu=true", "train.device=cuda"]
+    return overrides
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from mmim.tune import load_search_spec, search
+
+    config = load_config(args.config, _training_overrides(args))
+    spec = load_search_spec(args.search)
+    name = args.name or f"search-{Path(args.config).stem if args.config else 'defaults'}"
+    best_path = Path(args.best_config or Path("runs") / "search" / f"{name}.yaml")
+    if not args.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    result = search(config, spec, args.trials, name, best_path, args.concurrent)
+    table = Table(title=f"search {name}: {len(result.trials)} trials" + (" (resumed)" if result.resumed else ""))
+    for column in ("trial", "status", "epochs", "valid MAE", "settings"):
+        table.add_column(column, justify="right" if column in ("epochs", "valid MAE") else "left")
+    for trial in sorted(result.trials, key=lambda t: (t.valid_MAE != t.valid_MAE, t.valid_MAE)):  # nan last
+        settings = ", ".join(
+            f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in sorted(trial.settings.items())
+        )
+        status = f"{trial.status}: {trial.error}" if trial.error else trial.status
+        figure = "" if trial.valid_MAE != trial.valid_MAE else f"{trial.valid_MAE:.4f}"
+        table.add_row(trial.trial_id, status, str(trial.epochs), figure, settings)
+    stdout.print(table)
+    stdout.print(
+        f"best: valid MAE {result.best_valid_MAE:.4f} at epoch {result.best_epoch}; its config: {best_path}\n"
+        f"MLflow parent run {result.parent_run_id} (each trial a child run)\n"
+        f"train it: mmim train --config {best_path}"
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -413,27 +448,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.execve(command[0], command, env)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmim", description="MMIM multimodal sentiment pipeline")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train_cmd = commands.add_parser("train", help="train in one process on a feature store")
-    train_cmd.add_argument("--config", help="YAML config (see configs/); defaults when omitted")
-    train_cmd.add_argument(
+def _add_training_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", help="YAML config (see configs/); defaults when omitted")
+    command.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set train.epochs=3 (repeatable)",
     )
-    train_cmd.add_argument(
+    command.add_argument(
         "--workers",
         type=int,
         metavar="N",
         help="Ray Train workers (DDP); 0: one process without Ray (default: ray.num_workers)",
     )
-    train_cmd.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
+    command.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmim", description="MMIM multimodal sentiment pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_cmd = commands.add_parser("train", help="train in one process on a feature store")
+    _add_training_options(train_cmd)
     train_cmd.add_argument(
         "--overwrite",
         action="store_true",
@@ -446,6 +485,27 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. http://head:8265), shipping the project with runtime_env",
     )
     train_cmd.set_defaults(run=cmd_train)
+
+    tune_cmd = commands.add_parser(
+        "tune", help="search hyperparameters with Ray Tune: every trial a Ray Train run and an MLflow child run"
+    )
+    _add_training_options(tune_cmd)
+    tune_cmd.add_argument("--trials", type=int, required=True, metavar="N", help="trials to run")
+    tune_cmd.add_argument(
+        "--search", default="configs/search/mmim.yaml", metavar="FILE", help="search space file (default: %(default)s)"
+    )
+    tune_cmd.add_argument(
+        "--name",
+        help="the search's name in ray.storage_path and MLflow; run the same command again to resume it "
+        "(default: search-<config file name>)",
+    )
+    tune_cmd.add_argument(
+        "--best-config", metavar="FILE", help="where the best trial's config goes (default: runs/search/<name>.yaml)"
+    )
+    tune_cmd.add_argument(
+        "--concurrent", type=int, metavar="K", help="trials at once (default: as many as the cluster has room for)"
+    )
+    tune_cmd.set_defaults(run=cmd_tune)
 
     evaluate_cmd = commands.add_parser("evaluate", help="metrics of a checkpoint on a feature store")
     evaluate_cmd.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)

@@ -378,6 +378,11 @@ def config_to_json(config: Config) -> str:
     return json.dumps(config.model_dump(), indent=2, sort_keys=True)
 
 
+def config_to_yaml(config: Config) -> str:
+    """A config file that `load_config` reads back to the same config."""
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)
+
+
 def check_ray_settings(config: Config) -> None:
     """Settings that Ray training cannot run with, reported before anything starts."""
     if config.ray.num_workers < 1:

@@ -201,8 +201,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fit(training.engine, training.loaders, hooks, selection=selection, start_epoch=resumed_from + 1, rank=rank)
 
 
-def _storage(ray_config) -> tuple[str, object | None]:
-    """(storage_path, pyarrow filesystem or None) for RunConfig."""
+def storage_location(ray_config) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig (Train's and Tune's)."""
     if not ray_config.storage_path.startswith("s3://"):
         return str(Path(ray_config.storage_path).resolve()), None
     from pyarrow import fs
@@ -230,7 +230,7 @@ def check_config(config: Config) -> None:
 
 def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
     ray_config = config.ray
-    storage_path, filesystem = _storage(ray_config)
+    storage_path, filesystem = storage_location(ray_config)
     name = ray_config.run_name or f"mmim-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     return TorchTrainer(
         train_loop_per_worker,

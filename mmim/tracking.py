@@ -206,16 +206,7 @@ class TrainingRun:
 
     def log_epoch(self, metrics: dict) -> None:
         """An epoch's flat metrics (a Ray report or `flat_metrics(record)`), at step = epoch."""
-        now = int(time.time() * 1000)
-        step = int(metrics["epoch"])
-        self.client.log_batch(
-            self.run_id,
-            metrics=[
-                Metric(_metric_name(k), float(v), now, step)
-                for k, v in metrics.items()
-                if k != "epoch" and isinstance(v, (int, float))
-            ],
-        )
+        log_epoch_metrics(self.client, self.run_id, metrics)
 
     def log_model(self, result: TrainingResult) -> TrackedRun:
         """Log the selected epoch's figures, the learning curves, the config and the pyfunc model.
@@ -273,6 +264,21 @@ def tracked_run(
 ) -> contextlib.AbstractContextManager[TrainingRun]:
     """A new `TrainingRun` for the block (see `ending`)."""
     return ending(TrainingRun.start(config, data_version=data_version, tags=tags), finished=finished)
+
+
+def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
+    """An epoch's flat metrics (a Ray or Tune report, or `flat_metrics(record)`) at step = epoch;
+    what is not a number (Tune's trial id, a checkpoint path) stays out."""
+    now = int(time.time() * 1000)
+    step = int(metrics["epoch"])
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(_metric_name(k), float(v), now, step)
+            for k, v in metrics.items()
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ],
+    )
 
 
 def _metric_name(key: str) -> str:

@@ -1,0 +1,198 @@
+"""`mmim tune` on a local Ray cluster: Optuna's proposals, ASHA's early stops, a trial that
+fails, every trial an MLflow child run, a best config that trains, and a search that resumes
+after its driver dies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from mmim.cli import main
+from mmim.config import load_config
+from mmim.errors import MMIMInputError
+from mmim.train import train
+from mmim.tune import load_search_spec, search
+from tests.helpers import tracked
+
+pytestmark = pytest.mark.service  # a local Ray cluster
+
+BIN = Path(sys.executable).parent
+
+# Three learning rates tried in this order, one of which the config refuses (it must be > 0).
+SPACE = {
+    "space": {"train.lr_main": {"choice": [0.003, 1.0e-7, 0.0]}},
+    "start_from": [{"train.lr_main": 0.003}, {"train.lr_main": 1.0e-7}, {"train.lr_main": 0.0}],
+    "early_stopping": {"grace_period": 1, "reduction_factor": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # With its dashboard: Ray Train frees the resources of a run whose trial ASHA stopped
+    # (its controller killed with the trial) once the dashboard's state API reports it dead.
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def search_config(tiny_config, tmp_path):
+    ray_settings = {"num_workers": 1, "storage_path": str(tmp_path / "ray")}
+    config = tiny_config.model_copy(update={"ray": tiny_config.ray.model_copy(update=ray_settings)})
+    return tracked(config, tmp_path)
+
+
+def write_space(tmp_path, space=SPACE) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def children(client, parent_id: str) -> list:
+    runs = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+    return sorted(runs, key=lambda run: run.info.start_time)
+
+
+def test_a_search_stops_poor_trials_goes_on_past_a_failed_one_and_writes_a_config_that_trains(
+    ray_cluster, tiny_config, tmp_path, mlflow_sqlite
+):
+    config = search_config(tiny_config, tmp_path)
+    best_path = tmp_path / "best.yaml"
+    spec = load_search_spec(write_space(tmp_path))
+    result = search(config, spec, trials=4, name="lr", best_config_path=best_path, concurrent=1)
+
+    by_rate = {trial.settings["train.lr_main"]: trial for trial in result.trials}
+    assert len(result.trials) == 4 and set(by_rate) == {0.003, 1.0e-7, 0.0}
+    refused = by_rate[0.0]
+    assert refused.status == "failed" and refused.epochs == 0
+    assert "train.lr_main" in refused.error and "greater than 0" in refused.error
+    # ASHA at epoch 1: the near-frozen trial trails the first one and stops there
+    assert by_rate[1.0e-7].status == "stopped early" and by_rate[1.0e-7].epochs == 1
+    assert by_rate[0.003].status == "finished" and by_rate[0.003].epochs == 2
+    assert result.best_settings == {"train.lr_main": 0.003}
+    assert result.best_valid_MAE == min(t.valid_MAE for t in result.trials if t.epochs)
+
+    # MLflow: a parent with the best figure and config, a child per trial with its epochs
+    parent = mlflow_sqlite.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_valid_MAE"] == result.best_valid_MAE
+    assert "best.yaml" in {a.path for a in mlflow_sqlite.list_artifacts(result.parent_run_id)}
+    runs = children(mlflow_sqlite, result.parent_run_id)
+    assert len(runs) == 4
+    for run in runs:
+        trial = next(t for t in result.trials if t.trial_id == run.data.tags["mmim.trial_id"])
+        steps = [m.step for m in mlflow_sqlite.get_metric_history(run.info.run_id, "valid_MAE")]
+        assert sorted(steps) == list(range(1, trial.epochs + 1))
+        assert run.info.status == ("FAILED" if trial.status == "failed" else "FINISHED")
+        assert run.data.params["search.train.lr_main"] == str(trial.settings["train.lr_main"])
+    failed = next(run for run in runs if run.info.status == "FAILED")
+    assert "greater than 0" in failed.data.tags["mmim.error"]
+    assert {run.data.tags.get("mmim.stopped_early") for run in runs if run.info.status == "FINISHED"} >= {"true"}
+
+    # every trial that trained was a Ray Train run of its own
+    assert {p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith("lr-")} == {
+        f"lr-{t.trial_id}" for t in result.trials if t.epochs
+    }
+    # the best config is a config file that trains
+    best = load_config(best_path)
+    assert best.train.lr_main == 0.003 and best.model == config.model
+    trained = train(best.model_copy(update={"output_dir": str(tmp_path / "best-run")}))
+    assert trained.epochs and all(e["valid_MAE"] == e["valid_MAE"] for e in trained.epochs)
+
+
+def test_a_search_space_is_checked_before_anything_runs(tmp_path):
+    bad = {"space": {"train.learning_rate": {"uniform": [0.1, 0.2]}}}
+    with pytest.raises(MMIMInputError, match=r"space.yaml: train.learning_rate: not a setting"):
+        load_search_spec(write_space(tmp_path, bad))
+    reversed_bounds = {"space": {"train.lr_main": {"loguniform": [0.1, 0.01]}}}
+    with pytest.raises(MMIMInputError, match=r"space.train.lr_main: .*low end must be below the high end"):
+        load_search_spec(write_space(tmp_path, reversed_bounds))
+    outside = {"space": {"train.lr_main": {"uniform": [0.1, 0.2]}}, "start_from": [{"train.alpha": 0.1}]}
+    with pytest.raises(MMIMInputError, match=r"start_from: train.alpha is not in the space"):
+        load_search_spec(write_space(tmp_path, outside))
+
+
+def finished_in_state(experiment: Path) -> set[str]:
+    """Trial ids Tune's saved experiment state records as finished."""
+    finished = set()
+    for state in experiment.glob("experiment_state-*.json"):
+        try:
+            data = json.loads(state.read_text())
+        except (OSError, ValueError):  # being rewritten
+            continue
+        for trial_json, _ in data.get("trial_data", []):
+            trial = json.loads(trial_json)
+            if trial.get("status") == "TERMINATED":
+                finished.add(trial["trial_id"])
+    return finished
+
+
+def test_a_search_resumes_after_its_driver_dies(ray_cluster, tiny_config, tmp_path, mlflow_sqlite):
+    """The driver is killed (SIGKILL) once Tune has recorded a finished trial; the same command
+    again resumes: the finished trial is neither rerun nor logged twice, the others run."""
+    config = search_config(tiny_config, tmp_path)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump()))
+    space = {**SPACE, "space": {"train.lr_main": {"choice": [0.003, 0.001]}}}
+    space["start_from"] = [{"train.lr_main": rate} for rate in (0.003, 0.001)]
+    command = [str(BIN / "mmim"), "tune", "--config", str(config_path), "--search", str(write_space(tmp_path, space))]
+    command += ["--trials", "2", "--name", "again", "--concurrent", "1", "--best-config", str(tmp_path / "b.yaml")]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not finished_in_state(tmp_path / "ray" / "again"):
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    done_before = finished_in_state(tmp_path / "ray" / "again")
+    parent_id = mlflow_sqlite.search_runs(
+        [mlflow_sqlite.get_experiment_by_name("mmim").experiment_id], filter_string="tags.`mmim.search` = 'again'"
+    )[0].info.run_id
+    before = {run.data.tags["mmim.trial_id"]: run for run in children(mlflow_sqlite, parent_id)}
+
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "(resumed)" in again.stdout
+    after = {run.data.tags["mmim.trial_id"]: run for run in children(mlflow_sqlite, parent_id)}
+    assert len(after) == 2 and len(children(mlflow_sqlite, parent_id)) == 2  # one run per trial, none twice
+    for trial_id in done_before:  # not rerun: its run's end and its epochs are as they were
+        assert after[trial_id].info.end_time == before[trial_id].info.end_time
+        history = mlflow_sqlite.get_metric_history(after[trial_id].info.run_id, "valid_MAE")
+        assert sorted(m.step for m in history) == [1, 2]
+    assert all(run.info.status == "FINISHED" for run in after.values())
+    assert mlflow_sqlite.get_run(parent_id).info.status == "FINISHED"
+    assert load_config(tmp_path / "b.yaml").train.lr_main in (0.003, 0.001)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--trials", "0"], "--trials 0: must be at least 1"),
+        (["--trials", "2", "--name", "../x"], "--name '../x': letters, digits"),
+        (["--trials", "2", "--concurrent", "0"], "--concurrent 0: must be at least 1"),
+        (["--trials", "2", "--workers", "0"], "ray.num_workers: must be at least 1"),
+    ],
+)
+def test_bad_search_options_are_refused_before_anything_starts(
+    tiny_config, tmp_path, monkeypatch, capsys, arguments, message
+):
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(search_config(tiny_config, tmp_path).model_dump()))
+    monkeypatch.chdir(tmp_path)
+    command = ["tune", "--config", str(config_path), "--search", str(write_space(tmp_path)), *arguments]
+    assert main(command) == 2
+    assert message in " ".join(capsys.readouterr().err.split())  # as one line, however rich wraps it
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
