@@ -15,11 +15,13 @@
 
 Choices, and why:
   - A function trainable that builds the TorchTrainer (Ray 2.60's way; Tune no longer
-    takes a Trainer). The trial's resources are its Ray
-    Train workers' plus one CPU for the function itself (Tune's default). So that no
-    trial's workers wait for room (Ray Train gives up after
-    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S), the driver runs as many trials at once as the
-    cluster has room for, or `concurrent`.
+    takes a Trainer). The function holds no CPU: a trial's resources are its Ray Train
+    workers'. A trial whose workers find no room waits, retrying every
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, so the search runs as many trials at once as
+    the cluster has room for (or `concurrent`), and refuses a trial that cannot fit at all.
+  - Trials are new actors (no reuse): the actor of a trial that ASHA stops is killed with
+    the Ray Train run it owns. Ray Train then frees that run's placement group once the
+    dashboard's state API reports its controller dead, so the cluster needs its dashboard.
   - A trial's figure is its best epoch's validation MAE (what training selects on);
     ASHA compares trials at the same epoch.
   - A setting that cannot be trained (a sampled value the config refuses) fails its own
@@ -59,6 +61,10 @@ log = logging.getLogger(__name__)
 
 METRIC, MODE = "valid_MAE", "min"
 PARENT_TAG, TRIAL_OF_TAG, TRIAL_ID_TAG = "mmim.search", "mmim.trial_of", "mmim.trial_id"
+# A trial's driver function only starts and watches its Ray Train run: no CPU (Tune's default
+# is 1, which on a small cluster leaves no room for the workers), a little memory (Ray needs
+# some resource to place it).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0.0, "memory": float(256 * 2**20)}
 
 
 # --- the search space file -------------------------------------------------------------
@@ -279,15 +285,22 @@ class SearchResult:
 
 
 def trials_that_fit(config: Config) -> int:
-    """How many trials' Ray Train workers the cluster has room for at once."""
-    per_worker = dict(config.ray.resources_per_worker or {"CPU": 1.0})
-    if config.ray.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
+    """How many trials' Ray Train workers the cluster has room for at once (the trials' driver
+    functions hold no CPU or GPU); a clear error when not even one fits."""
+    # Ray Train's defaults per worker: 1 GPU (and no CPU) with GPUs, else 1 CPU
+    per_worker = config.ray.resources_per_worker or ({"GPU": 1.0} if config.ray.use_gpu else {"CPU": 1.0})
+    per_trial = {name: amount * config.ray.num_workers for name, amount in per_worker.items() if amount}
     available = ray.cluster_resources()
-    room = [
-        available.get(name, 0.0) // (amount * config.ray.num_workers) for name, amount in per_worker.items() if amount
-    ]
-    return max(1, int(min(room, default=1)))
+    room = {name: int(available.get(name, 0.0) // amount) for name, amount in per_trial.items()}
+    short = [name for name, fits in room.items() if fits < 1]
+    if short:
+        name = short[0]
+        raise MMIMInputError(
+            f"a trial's {config.ray.num_workers} Ray workers need {per_trial[name]:g} {name} and the cluster has "
+            f"{available.get(name, 0.0):g}: lower --workers or ray.resources_per_worker (or, on a cluster that "
+            "scales up, pass --concurrent)"
+        )
+    return min(room.values(), default=1)
 
 
 def _summary(result: ray.tune.Result, planned_epochs: int) -> TrialSummary:
@@ -323,7 +336,7 @@ def _parent_run(config: Config, name: str, spec: SearchSpec) -> tuple[TrainingRu
     return parent, False
 
 
-def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainable, callbacks, concurrent: int | None):
+def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainable, callbacks, concurrent: int):
     storage_path, filesystem = storage_location(config.ray)
     return tune.Tuner(
         trainable,
@@ -341,10 +354,8 @@ def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainab
                 reduction_factor=spec.early_stopping.reduction_factor,
             ),
             num_samples=trials,
-            max_concurrent_trials=concurrent or trials_that_fit(config),
-            # A new actor per trial: one that ASHA stops is killed with the Ray Train run it
-            # owns (a reused actor would keep that run, and its workers' resources, alive).
-            reuse_actors=False,
+            max_concurrent_trials=concurrent,
+            reuse_actors=False,  # see the module's docstring
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -380,10 +391,13 @@ def search(
     check_config(config)
     if not ray.is_initialized():
         ray.init(log_to_driver=config.ray.log_to_driver, logging_level=logging.ERROR)
+    concurrent = concurrent or trials_that_fit(config)
     storage_path, filesystem = storage_location(config.ray)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     parent, _ = _parent_run(config, name, spec)
-    trainable = tune.with_parameters(run_trial, base=config.model_dump(), search_name=name)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=config.model_dump(), search_name=name), TRIAL_DRIVER_RESOURCES
+    )
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if resumed:
         log.info("search %s: resuming from %s (finished trials are kept)", name, experiment_path)

@@ -119,6 +119,16 @@ def test_a_search_space_is_checked_before_anything_runs(tmp_path):
         load_search_spec(write_space(tmp_path, outside))
 
 
+def test_a_trial_that_cannot_fit_on_the_cluster_is_refused(ray_cluster, tiny_config, tmp_path, mlflow_sqlite):
+    config = search_config(tiny_config, tmp_path)
+    config = config.model_copy(update={"ray": config.ray.model_copy(update={"resources_per_worker": {"CPU": 3}})})
+    with pytest.raises(MMIMInputError, match="a trial's 1 Ray workers need 3 CPU and the cluster has 2"):
+        search(config, load_search_spec(write_space(tmp_path)), 2, "too-big", tmp_path / "best.yaml")
+    assert not mlflow_sqlite.search_experiments(filter_string="name = 'mmim'") or not mlflow_sqlite.search_runs(
+        [mlflow_sqlite.get_experiment_by_name("mmim").experiment_id]
+    )
+
+
 def finished_in_state(experiment: Path) -> set[str]:
     """Trial ids Tune's saved experiment state records as finished."""
     finished = set()
