@@ -54,7 +54,7 @@ from mmim.config import Config, config_from_dict, config_to_yaml
 from mmim.distributed import build_trainer, check_config, storage_location
 from mmim.errors import MMIMInputError, first_line
 from mmim.files import atomic_write
-from mmim.mlflow_server import tracking_uri
+from mmim.mlflow_server import answering, tracking_uri
 from mmim.tracking import TrainingRun, ending, flatten, log_epoch_metrics
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,8 @@ def search(
     concurrent = concurrent or trials_that_fit(config)
     storage_path, filesystem = storage_location(config.ray)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
-    parent, _ = _parent_run(config, name, spec)
+    with answering(f"search {name}"):  # before any trial: a tracking server that does not answer
+        parent, _ = _parent_run(config, name, spec)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.model_dump(), search_name=name), TRIAL_DRIVER_RESOURCES
     )
