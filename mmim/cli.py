@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,7 +37,13 @@ from rich.table import Table
 from rich.text import Text
 
 from mmim.config import Config, load_config
-from mmim.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError, TrainingDiverged
+from mmim.errors import (
+    DistributedTrainingError,
+    MMIMInputError,
+    SearchInterrupted,
+    ServiceUnavailableError,
+    TrainingDiverged,
+)
 from mmim.extract import SOURCES, extract
 from mmim.limits import MAX_INPUT_BYTES
 from mmim.metrics import METRIC_NAMES
@@ -150,7 +157,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, _training_overrides(args))
     spec = load_search_spec(args.search)
-    name = args.name or f"search-{Path(args.config).stem if args.config else 'defaults'}"
+    stem = Path(args.config).stem if args.config else "defaults"
+    name = args.name or "search-" + re.sub(r"[^A-Za-z0-9_.-]", "-", stem)
     best_path = Path(args.best_config or Path("runs") / "search" / f"{name}.yaml")
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -699,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     except MMIMInputError as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_BAD_INPUT
-    except (ServiceUnavailableError, DistributedTrainingError, TrainingDiverged) as error:
+    except (ServiceUnavailableError, DistributedTrainingError, TrainingDiverged, SearchInterrupted) as error:
         console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         return EXIT_FAILED
     except BrokenPipeError:  # `mmim predict ... | head`: the reader is gone, nothing is wrong here

@@ -164,6 +164,8 @@ class ReportEpochs(TrainingHooks):
             "improved": int(improved),
             "resumed_from": self.resumed_from,  # > 0 after a restart (a lost worker or node, a resize)
             "workers": self.world,  # changes when elastic training (ray.min_workers) resizes
+            # the validation MAE of the epoch training would select so far (what a search ranks by)
+            "best_valid_MAE": self.selection.best.valid["MAE"] if self.selection.best else record.valid["MAE"],
         }
         # A health check worth its cost (one hash of the weights per epoch): DDP must keep
         # every rank's weights identical.
@@ -201,19 +203,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fit(training.engine, training.loaders, hooks, selection=selection, start_epoch=resumed_from + 1, rank=rank)
 
 
-def storage_location(ray_config) -> tuple[str, object | None]:
-    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig (Train's and Tune's)."""
+def storage_location(ray_config, with_keys: bool = True) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig. `with_keys=False` leaves the
+    AWS keys to the S3 client's own lookup (environment, ~/.aws, instance role): for a filesystem
+    that Ray pickles into storage, as Tune does with its experiment (keys would land in the bucket)."""
     if not ray_config.storage_path.startswith("s3://"):
         return str(Path(ray_config.storage_path).resolve()), None
     from pyarrow import fs
 
     parsed = urlparse(ray_config.storage_path)
     endpoint = ray_config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    options = {
-        "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
-        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        "region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    }
+    options: dict[str, str | None] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if with_keys:
+        options["access_key"] = os.environ.get("AWS_ACCESS_KEY_ID")
+        options["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
     if endpoint:
         endpoint_url = urlparse(endpoint)
         options.update(endpoint_override=endpoint_url.netloc, scheme=endpoint_url.scheme or "https")

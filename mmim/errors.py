@@ -33,3 +33,7 @@ def first_line(error: BaseException) -> str:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf: the weights are lost, nothing later in the run is worth having."""
+
+
+class SearchInterrupted(RuntimeError):
+    """A hyperparameter search stopped before its trials ended (Ctrl-C); the same command resumes it."""

@@ -32,6 +32,8 @@ Choices, and why:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import re
@@ -52,7 +54,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from mmim.config import Config, config_from_dict, config_to_yaml
 from mmim.distributed import build_trainer, check_config, storage_location
-from mmim.errors import MMIMInputError, first_line
+from mmim.errors import MMIMInputError, SearchInterrupted, first_line
 from mmim.files import atomic_write
 from mmim.mlflow_server import answering, tracking_uri
 from mmim.tracking import TrainingRun, ending, flatten, log_epoch_metrics
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 
 METRIC, MODE = "valid_MAE", "min"
 PARENT_TAG, TRIAL_OF_TAG, TRIAL_ID_TAG = "mmim.search", "mmim.trial_of", "mmim.trial_id"
+FINGERPRINT_TAG = "mmim.search_fingerprint"
+SEARCH_METRIC = "best_valid_MAE"  # what Optuna learns from: a trial's selected epoch so far
 # A trial's driver function only starts and watches its Ray Train run: no CPU (Tune's default
 # is 1, which on a small cluster leaves no room for the workers), a little memory (Ray needs
 # some resource to place it).
@@ -93,6 +97,15 @@ class Distribution(BaseModel):
         if self.choice is not None and not self.choice:
             raise ValueError("choice: give at least one value")
         return self
+
+    def admits(self, value: Any) -> bool:
+        """Whether `value` is one this distribution can draw (start_from points must be)."""
+        if self.choice is not None:
+            return value in self.choice
+        if self.integer is not None:
+            return isinstance(value, int) and self.integer[0] <= value <= self.integer[1]
+        bounds = self.uniform or self.loguniform
+        return isinstance(value, (int, float)) and bounds is not None and bounds[0] <= value <= bounds[1]
 
     def domain(self):
         if self.uniform is not None:
@@ -151,6 +164,9 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         outside = sorted(set(point) - set(spec.space))
         if outside:
             raise MMIMInputError(f"{path}: start_from: {outside[0]} is not in the space")
+        for key, value in point.items():
+            if not spec.space[key].admits(value):
+                raise MMIMInputError(f"{path}: start_from: {key}={value!r} is outside its distribution")
     return spec
 
 
@@ -191,12 +207,21 @@ class TrialRuns(tune.Callback):
         self.base = base.model_dump()
         self.parent_run_id, self.experiment_id = parent.run_id, parent.experiment_id
         self.data_version, self.search_name = parent.data_version, search_name
+        self.run_ids: dict[str, str] = {}  # trial id -> child run id, as found or created
 
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri())
 
-    def run_id(self, trial) -> str:
+    def child_run_id(self, trial) -> str:
+        """The trial's child run: found by its tags (a resumed trial keeps its run) or created,
+        with the trial's whole config and its sampled settings as params."""
+        if trial.trial_id in self.run_ids:
+            return self.run_ids[trial.trial_id]
+        self.run_ids[trial.trial_id] = self._find_or_create(trial)
+        return self.run_ids[trial.trial_id]
+
+    def _find_or_create(self, trial) -> str:
         mine = f"tags.`{TRIAL_OF_TAG}` = '{self.search_name}' and tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'"
         found = self.client.search_runs([self.experiment_id], filter_string=mine)
         if found:
@@ -218,21 +243,21 @@ class TrialRuns(tune.Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.client.update_run(self.run_id(trial), status="RUNNING")  # also a trial that resumes
+        self.client.update_run(self.child_run_id(trial), status="RUNNING")  # also a trial that resumes
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         reported = {key: value for key, value in result.items() if key not in AUTO_RESULT_KEYS}
-        log_epoch_metrics(self.client, self.run_id(trial), reported)  # the epoch's figures, as in `mmim train`
+        log_epoch_metrics(self.client, self.child_run_id(trial), reported)  # the epoch's figures, as in `mmim train`
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         planned = trial_config(config_from_dict(self.base), trial.config).train.epochs
-        stopped = int(trial.last_result.get("epoch", 0)) < planned  # ASHA stopped it
-        run_id = self.run_id(trial)
+        stopped = int(trial.last_result.get("epoch", 0)) < planned  # by ASHA, or by train.patience
+        run_id = self.child_run_id(trial)
         self.client.set_tag(run_id, "mmim.stopped_early", str(stopped).lower())
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self.run_id(trial)
+        run_id = self.child_run_id(trial)
         self.client.set_tag(run_id, "mmim.error", _error_line(trial.error_file)[:5000])
         self.client.set_terminated(run_id, "FAILED")
 
@@ -264,7 +289,7 @@ def _reason(error: BaseException | None) -> str:
 @dataclass
 class TrialSummary:
     trial_id: str
-    status: str  # finished | stopped early | failed
+    status: str  # finished | stopped early | failed | interrupted
     settings: dict[str, Any]
     epochs: int  # reported
     valid_MAE: float  # its best epoch's (nan: none)
@@ -287,8 +312,11 @@ class SearchResult:
 def trials_that_fit(config: Config) -> int:
     """How many trials' Ray Train workers the cluster has room for at once (the trials' driver
     functions hold no CPU or GPU); a clear error when not even one fits."""
-    # Ray Train's defaults per worker: 1 GPU (and no CPU) with GPUs, else 1 CPU
-    per_worker = config.ray.resources_per_worker or ({"GPU": 1.0} if config.ray.use_gpu else {"CPU": 1.0})
+    # Ray Train's rules per worker: 1 GPU (and no CPU) with GPUs, else 1 CPU; with GPUs it adds
+    # 1 GPU to resources_per_worker when they name none
+    per_worker = dict(config.ray.resources_per_worker or ({"GPU": 1.0} if config.ray.use_gpu else {"CPU": 1.0}))
+    if config.ray.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
     per_trial = {name: amount * config.ray.num_workers for name, amount in per_worker.items() if amount}
     available = ray.cluster_resources()
     room = {name: int(available.get(name, 0.0) // amount) for name, amount in per_trial.items()}
@@ -305,11 +333,13 @@ def trials_that_fit(config: Config) -> int:
 
 def _summary(result: ray.tune.Result, planned_epochs: int) -> TrialSummary:
     frame = result.metrics_dataframe
-    epochs = len(frame) if frame is not None and METRIC in frame else 0
-    best = frame.loc[frame[METRIC].idxmin()] if frame is not None and epochs else None
+    epochs, best = 0, None
+    if frame is not None and METRIC in frame and len(frame) > 0:
+        epochs = int(frame["epoch"].max())  # a restarted trial reports some epochs twice
+        best = frame.loc[frame[METRIC].idxmin()]
     if result.error:
         status = "failed"
-    else:
+    else:  # by ASHA, or by early stopping (train.patience)
         status = "stopped early" if epochs < planned_epochs else "finished"
     return TrialSummary(
         trial_id=str((result.metrics or {}).get("trial_id", Path(result.path).name)),
@@ -322,18 +352,40 @@ def _summary(result: ray.tune.Result, planned_epochs: int) -> TrialSummary:
     )
 
 
-def _parent_run(config: Config, name: str, spec: SearchSpec) -> tuple[TrainingRun, bool]:
-    """The search's parent run: the one an earlier driver of this search opened, or a new one."""
+def _fingerprint(config: Config, spec: SearchSpec, trials: int) -> str:
+    """What a resumed search must share with the one it resumes (Tune keeps the first's)."""
+    text = json.dumps([config.model_dump(), spec.model_dump(mode="json"), trials], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _parent_run(config: Config, name: str, spec: SearchSpec, fingerprint: str, resuming: bool) -> TrainingRun:
+    """The search's parent run: when resuming, the one the first driver opened (refused if that
+    search had other settings); otherwise a new one."""
     client = MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    if experiment is not None:
+    found: list = []
+    if resuming and experiment is not None:
         found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{name}'")
-        if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return TrainingRun.attach(config, found[0].info.run_id), True
-    parent = TrainingRun.start(config, tags={PARENT_TAG: name, "mlflow.runName": name})
+    if found:
+        if found[0].data.tags.get(FINGERPRINT_TAG) != fingerprint:
+            raise MMIMInputError(
+                f"search {name} exists in ray.storage_path with another config, search space or --trials: "
+                "resume it with the same command, or pass --name for a new search"
+            )
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return TrainingRun.attach(config, found[0].info.run_id)
+    parent = TrainingRun.start(config, tags={PARENT_TAG: name, FINGERPRINT_TAG: fingerprint, "mlflow.runName": name})
     parent.client.log_dict(parent.run_id, spec.model_dump(mode="json"), "search_space.json")
-    return parent, False
+    return parent
+
+
+def _restorable(experiment_path: str, filesystem) -> bool:
+    """Tune saved this search's state (its tuner.pkl alone, from a start that failed, is not enough)."""
+    from pyarrow import fs
+
+    filesystem = filesystem or fs.LocalFileSystem()
+    listing = filesystem.get_file_info(fs.FileSelector(experiment_path, allow_not_found=True))
+    return any(Path(info.path).name.startswith("experiment_state-") for info in listing)
 
 
 def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainable, callbacks, concurrent: int):
@@ -342,8 +394,9 @@ def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainab
         trainable,
         param_space=_param_space(spec),
         tune_config=tune.TuneConfig(
+            # Optuna is told a trial's last report: the best epoch so far, not the last epoch's.
             search_alg=OptunaSearch(
-                metric=METRIC, mode=MODE, seed=config.train.seed, points_to_evaluate=spec.start_from or None
+                metric=SEARCH_METRIC, mode=MODE, seed=config.train.seed, points_to_evaluate=spec.start_from or None
             ),
             scheduler=ASHAScheduler(
                 time_attr="epoch",
@@ -352,6 +405,7 @@ def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainab
                 max_t=config.train.epochs,
                 grace_period=min(spec.early_stopping.grace_period, config.train.epochs),
                 reduction_factor=spec.early_stopping.reduction_factor,
+                stop_last_trials=False,  # a trial that reached train.epochs ends by itself
             ),
             num_samples=trials,
             max_concurrent_trials=concurrent,
@@ -392,32 +446,39 @@ def search(
     if not ray.is_initialized():
         ray.init(log_to_driver=config.ray.log_to_driver, logging_level=logging.ERROR)
     concurrent = concurrent or trials_that_fit(config)
-    storage_path, filesystem = storage_location(config.ray)
+    storage_path, filesystem = storage_location(config.ray, with_keys=False)  # Tune pickles it into storage
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
+    resumed = _restorable(experiment_path, filesystem)
     with answering(f"search {name}"):  # before any trial: a tracking server that does not answer
-        parent, _ = _parent_run(config, name, spec)
+        parent = _parent_run(config, name, spec, _fingerprint(config, spec, trials), resumed)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.model_dump(), search_name=name), TRIAL_DRIVER_RESOURCES
     )
-    resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
-    if resumed:
-        log.info("search %s: resuming from %s (finished trials are kept)", name, experiment_path)
-        tuner = tune.Tuner.restore(
-            experiment_path,
-            trainable,
-            resume_unfinished=True,
-            param_space=_param_space(spec),
-            storage_filesystem=filesystem,
-        )
-    else:
-        tuner = _new_tuner(config, spec, trials, name, trainable, [TrialRuns(config, parent, name)], concurrent)
     with ending(parent):
+        if resumed:
+            # Tune restores its own space, trial count, scheduler settings and callbacks (the
+            # fingerprint above made sure they are this command's); ASHA's rungs start empty.
+            log.info("search %s: resuming from %s (finished trials are kept)", name, experiment_path)
+            tuner = tune.Tuner.restore(
+                experiment_path,
+                trainable,
+                resume_unfinished=True,
+                param_space=_param_space(spec),
+                storage_filesystem=filesystem,
+            )
+        else:
+            tuner = _new_tuner(config, spec, trials, name, trainable, [TrialRuns(config, parent, name)], concurrent)
         grid = tuner.fit()
+        if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune returns instead of raising
+            raise SearchInterrupted(
+                f"search {name} interrupted: run the same command again to resume it "
+                f"({grid.num_terminated + grid.num_errors} of {len(grid)} trials ended)"
+            )
         summaries = [_summary(grid[index], config.train.epochs) for index in range(len(grid))]
-        trained = [summary for summary in summaries if math.isfinite(summary.valid_MAE)]
+        trained = [s for s in summaries if s.status != "failed" and math.isfinite(s.valid_MAE)]
         if not trained:
             reasons = "; ".join(sorted({s.error for s in summaries if s.error}))
-            raise MMIMInputError(f"search {name}: no trial trained an epoch ({reasons})")
+            raise MMIMInputError(f"search {name}: no trial finished an epoch ({reasons})")
         best = min(trained, key=lambda summary: summary.valid_MAE)
         best_config = trial_config(config, best.settings)
         atomic_write(Path(best_config_path), config_to_yaml(best_config))

@@ -117,6 +117,9 @@ def test_a_search_space_is_checked_before_anything_runs(tmp_path):
     outside = {"space": {"train.lr_main": {"uniform": [0.1, 0.2]}}, "start_from": [{"train.alpha": 0.1}]}
     with pytest.raises(MMIMInputError, match=r"start_from: train.alpha is not in the space"):
         load_search_spec(write_space(tmp_path, outside))
+    off_the_list = {"space": {"train.batch_size": {"choice": [16, 32]}}, "start_from": [{"train.batch_size": 64}]}
+    with pytest.raises(MMIMInputError, match=r"start_from: train.batch_size=64 is outside its distribution"):
+        load_search_spec(write_space(tmp_path, off_the_list))
 
 
 def test_a_trial_that_cannot_fit_on_the_cluster_is_refused(ray_cluster, tiny_config, tmp_path, mlflow_sqlite):
@@ -168,6 +171,7 @@ def test_a_search_resumes_after_its_driver_dies(ray_cluster, tiny_config, tmp_pa
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     done_before = finished_in_state(tmp_path / "ray" / "again")
+    assert len(done_before) == 1  # killed while the other trial ran
     parent_id = mlflow_sqlite.search_runs(
         [mlflow_sqlite.get_experiment_by_name("mmim").experiment_id], filter_string="tags.`mmim.search` = 'again'"
     )[0].info.run_id
@@ -185,6 +189,12 @@ def test_a_search_resumes_after_its_driver_dies(ray_cluster, tiny_config, tmp_pa
     assert all(run.info.status == "FINISHED" for run in after.values())
     assert mlflow_sqlite.get_run(parent_id).info.status == "FINISHED"
     assert load_config(tmp_path / "b.yaml").train.lr_main in (0.003, 0.001)
+
+    # the same name with other settings is not silently the old search
+    other = subprocess.run(
+        [*command[:-8], "--trials", "3", *command[-6:]], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert other.returncode == 2 and "pass --name for a new search" in " ".join(other.stderr.split())
 
 
 @pytest.mark.parametrize(
