@@ -422,6 +422,26 @@ def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainab
     )
 
 
+def _driver_paths(config: Config) -> Config:
+    """The config with paths relative to the driver's directory made absolute: Tune runs each
+    trial's function in a directory of its own (configs/*.yaml name data/stores/... relatively)."""
+
+    def absolute(value: str) -> str:
+        return value if "://" in value else str(Path(value).resolve())
+
+    data = {"store": absolute(config.data.store)}
+    if config.data.dvc_url and Path(config.data.dvc_url).exists():
+        data["dvc_url"] = absolute(config.data.dvc_url)
+    model = {"text_encoder": absolute(config.model.text_encoder)} if Path(config.model.text_encoder).exists() else {}
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update=data),
+            "model": config.model.model_copy(update=model),
+            "ray": config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)}),
+        }
+    )
+
+
 def _param_space(spec: SearchSpec) -> dict[str, Any]:
     return {key: distribution.domain() for key, distribution in spec.space.items()}
 
@@ -452,7 +472,8 @@ def search(
     with answering(f"search {name}"):  # before any trial: a tracking server that does not answer
         parent = _parent_run(config, name, spec, _fingerprint(config, spec, trials), resumed)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.model_dump(), search_name=name), TRIAL_DRIVER_RESOURCES
+        tune.with_parameters(run_trial, base=_driver_paths(config).model_dump(), search_name=name),
+        TRIAL_DRIVER_RESOURCES,
     )
     with ending(parent):
         if resumed:

@@ -151,6 +151,14 @@ def test_a_search_resumes_after_its_driver_dies(ray_cluster, tiny_config, tmp_pa
     """The driver is killed (SIGKILL) once Tune has recorded a finished trial; the same command
     again resumes: the finished trial is neither rerun nor logged twice, the others run."""
     config = search_config(tiny_config, tmp_path)
+    # paths relative to the driver's directory, as configs/*.yaml have them (Tune runs trials elsewhere)
+    relative = {"store": os.path.relpath(config.data.store, tmp_path)}
+    config = config.model_copy(
+        update={
+            "data": config.data.model_copy(update=relative),
+            "ray": config.ray.model_copy(update={"storage_path": "ray"}),
+        }
+    )
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump()))
     space = {**SPACE, "space": {"train.lr_main": {"choice": [0.003, 0.001]}}}
