@@ -224,6 +224,26 @@ def storage_location(ray_config, with_keys: bool = True) -> tuple[str, object | 
     return f"{parsed.netloc}{parsed.path}".rstrip("/"), filesystem
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """The config with paths relative to the driver's directory made absolute: Ray's workers (and
+    Tune's trials) do not run in it, and configs/*.yaml name data/stores/... relatively."""
+
+    def absolute(value: str) -> str:
+        return value if "://" in value else str(Path(value).resolve())
+
+    data = {"store": absolute(config.data.store)}
+    if config.data.dvc_url and Path(config.data.dvc_url).exists():
+        data["dvc_url"] = absolute(config.data.dvc_url)
+    model = {"text_encoder": absolute(config.model.text_encoder)} if Path(config.model.text_encoder).exists() else {}
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update=data),
+            "model": config.model.model_copy(update=model),
+            "ray": config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)}),
+        }
+    )
+
+
 def check_config(config: Config) -> None:
     """What would otherwise fail in every worker, reported once by the driver."""
     check_ray_settings(config)
@@ -291,7 +311,7 @@ def train_distributed(
         verbose = config.ray.log_to_driver
         ray.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     with ReportFollower(on_report) as follower:
-        trainer = build_trainer(config, [ForwardReports(follower.inbox)])
+        trainer = build_trainer(with_absolute_paths(config), [ForwardReports(follower.inbox)])
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as error:

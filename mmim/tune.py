@@ -53,7 +53,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from mmim.config import Config, config_from_dict, config_to_yaml
-from mmim.distributed import build_trainer, check_config, storage_location
+from mmim.distributed import build_trainer, check_config, storage_location, with_absolute_paths
 from mmim.errors import MMIMInputError, SearchInterrupted, first_line
 from mmim.files import atomic_write
 from mmim.mlflow_server import answering, tracking_uri
@@ -422,26 +422,6 @@ def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainab
     )
 
 
-def _driver_paths(config: Config) -> Config:
-    """The config with paths relative to the driver's directory made absolute: Tune runs each
-    trial's function in a directory of its own (configs/*.yaml name data/stores/... relatively)."""
-
-    def absolute(value: str) -> str:
-        return value if "://" in value else str(Path(value).resolve())
-
-    data = {"store": absolute(config.data.store)}
-    if config.data.dvc_url and Path(config.data.dvc_url).exists():
-        data["dvc_url"] = absolute(config.data.dvc_url)
-    model = {"text_encoder": absolute(config.model.text_encoder)} if Path(config.model.text_encoder).exists() else {}
-    return config.model_copy(
-        update={
-            "data": config.data.model_copy(update=data),
-            "model": config.model.model_copy(update=model),
-            "ray": config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)}),
-        }
-    )
-
-
 def _param_space(spec: SearchSpec) -> dict[str, Any]:
     return {key: distribution.domain() for key, distribution in spec.space.items()}
 
@@ -472,7 +452,7 @@ def search(
     with answering(f"search {name}"):  # before any trial: a tracking server that does not answer
         parent = _parent_run(config, name, spec, _fingerprint(config, spec, trials), resumed)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=_driver_paths(config).model_dump(), search_name=name),
+        tune.with_parameters(run_trial, base=with_absolute_paths(config).model_dump(), search_name=name),
         TRIAL_DRIVER_RESOURCES,
     )
     with ending(parent):
@@ -502,6 +482,9 @@ def search(
             raise MMIMInputError(f"search {name}: no trial finished an epoch ({reasons})")
         best = min(trained, key=lambda summary: summary.valid_MAE)
         best_config = trial_config(config, best.settings)
+        # its own output_dir: training it must not meet the base config's checkpoint there
+        best_config = best_config.model_copy(update={"output_dir": str(Path(config.output_dir).parent / name)})
+        Path(best_config_path).parent.mkdir(parents=True, exist_ok=True)  # runs/search/ on a first search
         atomic_write(Path(best_config_path), config_to_yaml(best_config))
         parent.client.log_metric(parent.run_id, f"best_{METRIC}", best.valid_MAE)
         parent.client.set_tag(parent.run_id, "search.best_trial", best.trial_id)
