@@ -5,7 +5,11 @@
       push_features      dvc push                      the store (restored first if missing) -> the DVC remote
       check_data         mmim.data_checks              leakage, lengths, drift against the champion's data; a
                                                        failed check stops the flow (artifact data-checks-<dataset>)
+      tune (off unless   Ray Tune + MLflow             a search over the space file on this data version; its
+      tune_trials > 0)                                 best config is what the flow trains, and is written to
+                                                       `tuned_config` for later runs
       train              Ray Train + MLflow            store + config -> MLflow run (every epoch), checkpoint
+                                                       (with train.seeds: a run per seed, each a child run)
       log_model          MLflow                        the selected checkpoint as the run's pyfunc model
       evaluate           the logged checkpoint and     both on valid/test of this data version, a paired
                          the registry's champion       bootstrap on valid -> eval_*, champion_*, gate.* on the run
@@ -69,6 +73,7 @@ from tasks import (
 from tasks.caching import Origin
 from tasks.checks import artifact_key
 from tasks.registration import Champion, champion_to_compare, current_champion
+from tasks.tuning import TunedConfig, tune_hyperparameters
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -98,6 +103,9 @@ class RetrainSummary(BaseModel):
     registration: Registration
     champion: Champion | None  # the registry's champion when the run ended
     cached_steps: list[str]  # restored from an earlier run with the same content key
+    config: str  # the config file trained (as given, or `tuned_config`)
+    tuning: TunedConfig | None = None  # this run's search, when it ran one
+    seeds: dict | None = None  # with train.seeds: each seed's figures, their mean and std
 
     @property
     def decision(self) -> str:
@@ -144,6 +152,14 @@ def _run(name: str, call: Callable[..., Any], *args: Any) -> Any:
 def _under(project: Path, path: str) -> str:
     """`path` as given if absolute or a URI, otherwise relative to the project."""
     return path if "://" in path or Path(path).is_absolute() else str(project / path)
+
+
+def config_file(project: Path, config: str, tuned_config: str | None, tune_trials: int) -> str:
+    """The config file a run trains: `tuned_config` (a search's best) when it exists and this run
+    does not search itself, else `config`."""
+    if tuned_config and not tune_trials and Path(_under(project, tuned_config)).is_file():
+        return tuned_config
+    return config
 
 
 def pipeline_config(project: Path, config: str, overrides: list[str]) -> Config:
@@ -241,6 +257,12 @@ def _champion(champion: Champion | None) -> str:
     return f"{champion.model_name} v{champion.version} ({figure})"
 
 
+def _seeds(seeds: dict) -> str:
+    mean, std = seeds["mean"]["valid_MAE"], seeds["std"]["valid_MAE"]
+    listed = ", ".join(seeds["seeds"])
+    return f"{listed}: valid MAE {mean:.4f} ± {std:.4f} (gated on the mean); registered: seed {seeds['best_seed']}"
+
+
 def _checks(checks: DataChecks) -> str:
     against = f"against {checks.previous_version}" if checks.previous_version else "no previous data to compare with"
     return f"{checks.verdict} ({against})" + "".join(f"; {warning}" for warning in checks.warnings)
@@ -265,6 +287,8 @@ def summary_rows(
         ("data version", f"{summary.data_version} ({extracted})"),
         ("DVC push", pushed),
         ("data checks", _checks(summary.data_checks)),
+        ("config", summary.tuning.text() if summary.tuning else summary.config),
+        *([("seeds", _seeds(summary.seeds))] if summary.seeds else []),
         ("MLflow run", f"{link(summary.run_id, summary.run_link)} ({trained})"),
         ("model", summary.model_uri),
         ("checkpoint", _checkpoint_here(summary) or "not on this machine (use the model)"),
@@ -320,6 +344,9 @@ def retrain(
     push: bool = True,
     remote: str | None = None,
     refresh: bool = False,
+    tune_trials: int = 0,
+    search_space: str = "configs/search/mmim.yaml",
+    tuned_config: str | None = None,
 ) -> dict[str, Any]:
     """Retrain MMIM on `dataset` (an entry of params.yaml `datasets`) with `config`.
 
@@ -331,9 +358,17 @@ def retrain(
         push: send the store to the DVC remote after extraction.
         remote: DVC remote name (default: the repository's default remote).
         refresh: ignore cached step results (DVC still skips an up-to-date extraction).
+        tune_trials: above 0, search hyperparameters (Ray Tune, that many trials) on this data
+            version before training, and train the best config.
+        search_space: the search space file (relative to `project_dir`).
+        tuned_config: where a search writes its best config (default runs/search/<dataset>.yaml);
+            a run that does not search trains it instead of `config` when it exists.
     """
     log = get_run_logger()
     project = Path(project_dir).resolve()
+    if tune_trials < 0:
+        raise StepFailed("load_config", MMIMInputError(f"tune_trials {tune_trials}: 0 (no search) or more"))
+    config = config_file(project, config, tuned_config, tune_trials)
     settings: Config = _run("load_config", pipeline_config, project, config, overrides or [])
     model_name = registered_model_name(
         settings.model_copy(update={"data": settings.data.model_copy(update={"dvc_dataset": dataset})})
@@ -343,6 +378,12 @@ def retrain(
     features: FeatureStoreRef = step("extract_features", extract_features, dataset, str(project))
     pushed = step("push_features", push_features, features, str(project), remote) if push else None
     checks: DataChecks = step("check_data", check_data, features, str(project), model_name)
+    tuned: TunedConfig | None = None
+    if tune_trials:
+        best_path = _under(project, tuned_config or f"runs/search/{dataset}.yaml")
+        space = _under(project, search_space)
+        tuned = step("tune", tune_hyperparameters, features, settings, str(project), tune_trials, space, best_path)
+        settings = tuned.config
     training: FinishedTraining = step("train", train, features, settings, str(project), checks.tags)
     trained: TrainedModel = step("log_model", log_model, training, features, settings, str(project))
     compare_with = _run("read_champion", champion_to_compare, model_name)
@@ -365,6 +406,9 @@ def retrain(
         registration=registration,
         champion=champion,
         cached_steps=step.cached,
+        config=config,
+        tuning=tuned,
+        seeds=trained.seeds,
     )
     registry_row = summary.provenance("register", summary.decision, registration.origin)
     log.info("%s; champion now %s", registry_row, _champion(champion))
@@ -455,6 +499,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-push", action="store_true", help="do not push the store to the DVC remote")
     parser.add_argument("--remote", help="DVC remote (default: the repository's default)")
     parser.add_argument("--refresh", action="store_true", help="ignore cached step results")
+    parser.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="search hyperparameters with N Ray Tune trials before training, and train the best config",
+    )
+    parser.add_argument("--search-space", default="configs/search/mmim.yaml", help="search space file")
+    parser.add_argument(
+        "--tuned-config",
+        metavar="FILE",
+        help="where a search writes its best config (default runs/search/<dataset>.yaml); "
+        "without --tune-trials, trained instead of --config when it exists",
+    )
     args = parser.parse_args(argv)
     quiet_libraries()
     for library in ("mlflow", "dvc"):  # their progress lines repeat what the steps log
@@ -465,7 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     project = Path(args.project_dir).resolve()
     args.config = args.config or default_config(project, args.dataset)
     try:  # the flow checks these too; here they fail in one line, before Prefect starts
-        pipeline_config(project, args.config, args.set)
+        if args.tune_trials < 0:
+            raise MMIMInputError(f"--tune-trials {args.tune_trials}: 0 (no search) or more")
+        pipeline_config(project, config_file(project, args.config, args.tuned_config, args.tune_trials), args.set)
+        if args.tune_trials:
+            from mmim.tune import load_search_spec
+
+            load_search_spec(_under(project, args.search_space))
         check_inputs(args.dataset, args.project_dir)  # names data/raw/<dataset> as the user would
     except MMIMInputError as error:
         _print_error(str(error))
@@ -479,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
             push=not args.no_push,
             remote=args.remote,
             refresh=args.refresh,
+            tune_trials=args.tune_trials,
+            search_space=args.search_space,
+            tuned_config=args.tuned_config,
         )
     except StepFailed as error:
         _print_error(str(error))

@@ -5,6 +5,7 @@
     mmim data recordings-sample --out DIR         write generated recordings (label.csv + Raw/)
     mmim data check --store DIR [--previous DIR]  leakage, lengths and label drift before training
     mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
+    mmim train --config FILE --seeds 1111,1112,1113   once per seed with Ray: mean ± std, gated on the mean
     mmim tune --config FILE --trials N            search hyperparameters with Ray Tune (resumable)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
     mmim predict --checkpoint DIR|models:/... --input FILE   scores for raw utterances (JSON)
@@ -55,6 +56,7 @@ from mmim.terminal import quiet_libraries
 # that use it: `mmim extract` and `mmim data synth` (DVC's stage commands) and --help start
 # in well under a second.
 if TYPE_CHECKING:
+    from mmim.seeds import SeedsResult
     from mmim.tracking import TrainingRun  # imported when tracking is on: it loads MLflow
     from mmim.train import TrainingResult
 
@@ -108,6 +110,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mmim.train import prepare_output_dir
 
     prepare_output_dir(config, args.overwrite)  # before an MLflow run exists for a training refused here
+    if config.train.seeds:
+        from mmim.seeds import check_seeds
+
+        check_seeds(config)
     opened: contextlib.AbstractContextManager[TrainingRun | None] = contextlib.nullcontext()
     if config.tracking.enabled:  # the MLflow run exists from before the first epoch
         from mmim.tracking import tracked_run
@@ -116,21 +122,33 @@ def cmd_train(args: argparse.Namespace) -> None:
             logging.getLogger("mlflow").setLevel(logging.WARNING)
         opened = tracked_run(config)
 
+    other_seeds: list[Path] = []
     with opened as tracking:
+        if config.train.seeds:
+            from mmim.seeds import train_seeds
 
-        def on_epoch(metrics: dict) -> None:
-            stdout.print(epoch_line(metrics, config.train.epochs), highlight=False)
-            if tracking is not None:
-                tracking.log_epoch(metrics)
+            seeds = train_seeds(config, tracking, args.overwrite)
+            stdout.print(_seeds_table(seeds))
+            result, other_seeds = seeds.best, seeds.other_checkpoints()
+            stdout.print(f"selected: seed {seeds.best_seed}, epoch {result.best_epoch} (lowest validation MAE)")
+        else:
 
-        result, title = _train(config, on_epoch, args.overwrite)
-        selected = result.best
-        stdout.print(
-            _metrics_table(
-                title,
-                {split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES} for split in ("valid", "test")},
+            def on_epoch(metrics: dict) -> None:
+                stdout.print(epoch_line(metrics, config.train.epochs), highlight=False)
+                if tracking is not None:
+                    tracking.log_epoch(metrics)
+
+            result, title = _train(config, on_epoch, args.overwrite)
+            selected = result.best
+            stdout.print(
+                _metrics_table(
+                    title,
+                    {
+                        split: {name: selected[f"{split}_{name}"] for name in METRIC_NAMES}
+                        for split in ("valid", "test")
+                    },
+                )
             )
-        )
         stdout.print(f"checkpoint: {result.checkpoint}")
         if tracking is not None:
             with console.status("logging the model to MLflow"):
@@ -139,12 +157,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         from mmim.tracking import register_run
 
         with console.status("scoring the model and the registry's champion on the same data"):
-            decision = register_run(config, tracked, result.checkpoint)
+            decision = register_run(config, tracked, result.checkpoint, other_seeds)
         stdout.print(f"MLflow run {tracked.run_id}; {decision.name} v{decision.version}: {decision.text}")
+
+
+def _seeds_table(seeds: SeedsResult) -> Table:
+    """MMSA's way: each metric's mean ± standard deviation over seeds, then every seed's test figure."""
+    table = Table(title=f"{len(seeds.seeds)} seeds, each at its selected epoch (lowest validation MAE)")
+    table.add_column("metric")
+    for column in ("valid", "test", *(f"test, seed {seed}" for seed in seeds.seeds)):
+        table.add_column(column, justify="right")
+    for name in METRIC_NAMES:
+        spread = [seeds.statistics[f"{split}_{name}"] for split in ("valid", "test")]
+        each = [f"{result.best[f'test_{name}']:.4f}" for result in seeds.seeds.values()]
+        table.add_row(name, *(f"{mean:.4f} ± {std:.4f}" for mean, std in spread), *each)
+    return table
 
 
 def _training_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set)
+    if getattr(args, "seeds", None):  # `mmim train` only
+        if not re.fullmatch(r"\d+(,\d+)*", args.seeds.replace(" ", "")):
+            raise MMIMInputError(f"--seeds {args.seeds!r}: comma-separated whole numbers, e.g. 1111,1112,1113")
+        overrides.append(f"train.seeds=[{args.seeds}]")
     if args.workers is not None:
         overrides.append(f"ray.num_workers={args.workers}")
     if args.gpu:
@@ -481,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cmd = commands.add_parser("train", help="train in one process on a feature store")
     _add_training_options(train_cmd)
+    train_cmd.add_argument(
+        "--seeds",
+        metavar="S1,S2,...",
+        help="train once per seed, side by side on Ray (e.g. 1111,1112,1113,1114,1115): mean ± std over seeds, "
+        "the best-validation seed registered, champion gated on the mean (train.seeds)",
+    )
     train_cmd.add_argument(
         "--overwrite",
         action="store_true",

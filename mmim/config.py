@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mmim.errors import MMIMInputError
 
@@ -206,6 +206,12 @@ class TrainConfig(_Section):
     seed: int = Field(
         default=1111, ge=0, le=2**32 - 1, description="Random seed; numpy and torch take 32-bit seeds (official: seed)."
     )
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
+        default=[],
+        description="Train once per seed (with Ray workers, side by side as the cluster has room), each an MLflow "
+        "child run; report the mean and standard deviation over seeds, register the seed with the best validation "
+        "MAE and gate `champion` on the mean. Empty: one run with `seed`.",
+    )
     contrast: bool = Field(
         default=True,
         description="Run stage 0 and the nce/lld terms; `false` only in one process, not with Ray workers "
@@ -236,6 +242,14 @@ class TrainConfig(_Section):
         "`ray.resources_per_worker`); `null`: 2 on GPU, 0 on CPU (there the cores are better spent on the model).",
     )
     num_threads: int | None = Field(default=None, gt=0, description="torch CPU threads; `null`: torch's default.")
+
+    @field_validator("seeds")
+    @classmethod
+    def distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"seed {repeated[0]} is given twice")
+        return seeds
 
 
 class TrackingConfig(_Section):

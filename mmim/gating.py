@@ -11,6 +11,11 @@ models are scored now, on the same splits of the run's data version.
            or, when the champion cannot be scored on this data (another tokenizer,
            other feature dims, another extractor), the reason, and no figure of it.
 
+A challenger trained once per seed (`train.seeds`) is gated on its seeds' mean: its
+figures are each metric's mean over the seeds' checkpoints, and the bootstrap compares
+the champion with the seeds' mean error on each utterance (MAE) or their mean
+correlation on each resample (Corr). One lucky seed does not move `champion`.
+
 The paired bootstrap resamples the validation utterances with replacement, the same
 resamples for both models, and measures the improvement (positive: the challenger is
 better) on each; the interval is the central `confidence` share of those improvements.
@@ -26,11 +31,13 @@ import numpy as np
 from pydantic import BaseModel
 
 from mmim.errors import MMIMInputError, first_line
-from mmim.metrics import compute_metrics, pearson
+from mmim.metrics import compute_metrics, over_seeds, pearson
 from mmim.mlflow_server import local_checkpoint
 from mmim.predict import predict_checkpoint
 
 log = logging.getLogger(__name__)
+
+Scores = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (predictions, labels), as predict_checkpoint
 
 BOOTSTRAP_SEED = 0
 REPORTED_CONFIDENCE = 0.95  # the interval shown when gating does not ask for one
@@ -62,7 +69,8 @@ class HeadToHead(BaseModel):
 
     data_version: str
     metric: str  # the validation metric that gates: MAE or Corr
-    challenger: dict[str, dict[str, float]]  # split -> metric -> value
+    challenger: dict[str, dict[str, float]]  # split -> metric -> value (the mean over seeds, with seeds > 1)
+    seeds: int = 1  # checkpoints the challenger's figures are the mean of
     champion_version: str | None = None  # the champion scored (None: the registry had none)
     champion: dict[str, dict[str, float]] | None = None  # None: no champion, or not scorable here
     unscorable: str | None = None  # why the champion could not be scored on this data
@@ -84,6 +92,7 @@ class HeadToHead(BaseModel):
             "gate.data_version": self.data_version,
             f"gate.challenger_{metric}": repr(self.challenger_value),
             "gate.champion": f"v{self.champion_version}" if self.champion_version else "none",
+            "gate.seeds": str(self.seeds),
         }
         if self.champion_value is not None:
             tags[f"gate.champion_{metric}"] = repr(self.champion_value)
@@ -104,6 +113,8 @@ class HeadToHead(BaseModel):
     def text(self) -> str:
         """One line: what was compared, on which data."""
         ours = f"challenger {self.metric} {self.challenger_value:.4f}"
+        if self.seeds > 1:
+            ours += f" (mean of {self.seeds} seeds)"
         if self.champion_version is None:
             return f"{ours} on data {self.data_version}; no champion to compare with"
         if self.champion_value is None:
@@ -123,15 +134,19 @@ def paired_bootstrap(
     confidence: float = REPORTED_CONFIDENCE,
     seed: int = BOOTSTRAP_SEED,
 ) -> Bootstrap:
-    """The challenger's improvement in `metric` over the champion, and its bootstrap interval."""
-    truths, champion, challenger = (np.asarray(a, dtype=np.float64) for a in (truths, champion, challenger))
+    """The challenger's improvement in `metric` over the champion, and its bootstrap interval.
+    `challenger`: its predictions, or one row of predictions per seed (gated on their mean)."""
+    truths, champion = np.asarray(truths, dtype=np.float64), np.asarray(champion, dtype=np.float64)
+    challenger = np.atleast_2d(np.asarray(challenger, dtype=np.float64))  # seeds x utterances
     picks = np.random.default_rng(seed).integers(0, len(truths), size=(resamples, len(truths)))
     if metric == "MAE":
-        gains = np.abs(champion - truths) - np.abs(challenger - truths)  # per utterance
+        gains = np.abs(champion - truths) - np.abs(challenger - truths).mean(axis=0)  # per utterance
         improvement, resampled = float(gains.mean()), gains[picks].mean(axis=1)
-    else:  # Corr is not a mean over utterances: computed on each resample
-        improvement = float(pearson(challenger, truths) - pearson(champion, truths))  # vectors: floats
-        resampled = pearson(challenger[picks], truths[picks]) - pearson(champion[picks], truths[picks])
+    else:  # Corr is not a mean over utterances: computed on each resample (and each seed)
+        improvement = float(np.mean(pearson(challenger, truths)) - pearson(champion, truths))
+        resampled = np.mean(pearson(challenger[:, picks], truths[picks]), axis=0) - pearson(
+            champion[picks], truths[picks]
+        )
     tail = (1 - confidence) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
     return Bootstrap(
@@ -154,17 +169,19 @@ def head_to_head(
     *,
     resamples: int = 1000,
     confidence: float | None = None,
-    challenger_scores: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    challenger_scores: list[Scores] | None = None,
 ) -> HeadToHead:
     """Score the challenger's checkpoint and the champion (a model URI, None when there is no
     champion) on the valid and test splits of `store`, whose data version is `data_version`.
-    `challenger_scores`: the challenger's (predictions, labels) per split, when already computed."""
-    ours = challenger_scores or predict_checkpoint(challenger, store)
+    `challenger_scores`: the challenger's scores when already computed; one per seed when it was
+    trained once per seed (its figures are then their mean)."""
+    seeds = challenger_scores or [predict_checkpoint(challenger, store)]
     result = HeadToHead(
         data_version=data_version,
         metric=metric,
         champion_version=champion_version,
-        challenger={split: compute_metrics(*scores) for split, scores in ours.items()},
+        challenger=mean_figures([{split: compute_metrics(*scores) for split, scores in s.items()} for s in seeds]),
+        seeds=len(seeds),
     )
     if champion_uri is None:
         return result
@@ -176,8 +193,17 @@ def head_to_head(
         log.warning("champion v%s cannot be scored on %s: %s", champion_version, data_version, result.unscorable)
         return result
     result.champion = {split: compute_metrics(*scores) for split, scores in theirs.items()}
-    (ours_valid, truths), (theirs_valid, _) = ours["valid"], theirs["valid"]
+    theirs_valid, truths = theirs["valid"]
+    ours_valid = np.stack([scores["valid"][0] for scores in seeds])
     result.bootstrap = paired_bootstrap(
         truths, theirs_valid, ours_valid, metric, resamples, confidence or REPORTED_CONFIDENCE
     )
     return result
+
+
+def mean_figures(figures: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each split's and metric's mean over seeds (split -> metric -> value, one per seed)."""
+    return {
+        split: {name: mean for name, (mean, _) in over_seeds([seed[split] for seed in figures]).items()}
+        for split in figures[0]
+    }

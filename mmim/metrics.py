@@ -77,3 +77,12 @@ def compute_metrics(predictions, truths) -> dict[str, float]:
         "Acc-2_non0": float(np.mean(non0_truth == non0_pred)) if nonzero.any() else 0.0,
         "F1_non0": weighted_f1(non0_truth, non0_pred),
     }
+
+
+def over_seeds(figures: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """Each metric's mean and standard deviation over seeds (one dict of figures per seed). The
+    deviation is numpy's default, the population one (ddof 0), as MMSA reports its seeds."""
+    return {
+        name: (float(np.mean([seed[name] for seed in figures])), float(np.std([seed[name] for seed in figures])))
+        for name in figures[0]
+    }

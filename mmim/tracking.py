@@ -215,7 +215,7 @@ class TrainingRun:
         self.client.log_batch(
             self.run_id,
             metrics=[
-                Metric(f"selected_{_metric_name(k)}", float(v), int(time.time() * 1000), 0)
+                Metric(f"selected_{metric_name(k)}", float(v), int(time.time() * 1000), 0)
                 for k, v in result.best.items()
                 if k.startswith(("valid_", "test_"))
             ],
@@ -274,14 +274,14 @@ def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
     client.log_batch(
         run_id,
         metrics=[
-            Metric(_metric_name(k), float(v), now, step)
+            Metric(metric_name(k), float(v), now, step)
             for k, v in metrics.items()
             if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
         ],
     )
 
 
-def _metric_name(key: str) -> str:
+def metric_name(key: str) -> str:
     return key.replace("-", "_")  # MLflow metric names: Acc-7 -> Acc_7
 
 
@@ -322,17 +322,26 @@ def track_and_register(
 
 
 def compare_with_champion(
-    config: Config, run_id: str, checkpoint: Path, store: str | Path, data_version: str, name: str, champion: str | None
+    config: Config,
+    run_id: str,
+    checkpoint: Path,
+    store: str | Path,
+    data_version: str,
+    name: str,
+    champion: str | None,
+    other_seeds: list[Path] | None = None,
 ) -> HeadToHead:
     """Score `checkpoint` and version `champion` of `name` (None: no champion) on `store` (data
     version `data_version`) and record both on the run: tags gate.*, metrics eval_* and champion_*,
-    and test_scatter.png (the only time the run's model is scored on test after training)."""
+    and test_scatter.png (the only time the run's model is scored on test after training).
+    `other_seeds`: the checkpoints of the run's other seeds; the run is then gated on the mean."""
     client = MlflowClient(tracking_uri())
     ours = predict_checkpoint(checkpoint, store)
     with tempfile.TemporaryDirectory() as workdir:
         scatter = Path(workdir) / "test_scatter.png"
         _test_scatter(scatter, *ours["test"])
         client.log_artifact(run_id, str(scatter))
+    seeds = [ours, *(predict_checkpoint(other, store) for other in other_seeds or [])]
     compared = head_to_head(
         checkpoint,
         store,
@@ -342,7 +351,7 @@ def compare_with_champion(
         champion,
         resamples=config.tracking.bootstrap_resamples,
         confidence=config.tracking.min_confidence,
-        challenger_scores=ours,
+        challenger_scores=seeds,
     )
     now = int(time.time() * 1000)
     figures = [(f"eval_{split}", values) for split, values in compared.challenger.items()]
@@ -350,7 +359,7 @@ def compare_with_champion(
     client.log_batch(
         run_id,
         metrics=[
-            Metric(f"{prefix}_{_metric_name(metric)}", float(value), now, 0)
+            Metric(f"{prefix}_{metric_name(metric)}", float(value), now, 0)
             for prefix, values in figures
             for metric, value in values.items()
         ],
@@ -359,11 +368,18 @@ def compare_with_champion(
     return compared
 
 
-def register_run(config: Config, run: TrackedRun, checkpoint: Path) -> Decision:
-    """Register a tracked run's model as a new version; `champion` moves only if the model
-    beats it on the run's own data."""
+def register_run(config: Config, run: TrackedRun, checkpoint: Path, other_seeds: list[Path] | None = None) -> Decision:
+    """Register a tracked run's model as a new version; `champion` moves only if the model (with
+    `other_seeds`, the mean of the run's seeds) beats it on the run's own data."""
     client, name = MlflowClient(tracking_uri()), registered_model_name(config)
     compared = compare_with_champion(
-        config, run.run_id, checkpoint, local_store(config.data), run.data_version, name, champion_version(client, name)
+        config,
+        run.run_id,
+        checkpoint,
+        local_store(config.data),
+        run.data_version,
+        name,
+        champion_version(client, name),
+        other_seeds,
     )
     return register(client, run.model_uri, name, compared, config.tracking.margin, config.tracking.min_confidence)

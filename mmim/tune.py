@@ -228,7 +228,7 @@ class TrialRuns(tune.Callback):
             return found[0].info.run_id
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
-            "mlflow.runName": f"{self.search_name}-{trial.trial_id}",
+            "mlflow.runName": self.run_name(trial),
             TRIAL_OF_TAG: self.search_name,
             TRIAL_ID_TAG: trial.trial_id,
             "data_version": self.data_version,
@@ -241,6 +241,9 @@ class TrialRuns(tune.Callback):
             params = settings  # the trial fails with that message
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         return run_id
+
+    def run_name(self, trial) -> str:
+        return f"{self.search_name}-{trial.trial_id}"  # as its Ray Train run
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.client.update_run(self.child_run_id(trial), status="RUNNING")  # also a trial that resumes
@@ -272,7 +275,7 @@ def _error_line(error_file: str | None) -> str:
     return lines[-1] if lines else "unknown error (no error file)"
 
 
-def _reason(error: BaseException | None) -> str:
+def trial_error(error: BaseException | None) -> str:
     """A failed trial's own message (a config error, a diverged loss), not Tune's wrapper."""
     if error is None:
         return "unknown error"
@@ -348,11 +351,11 @@ def _summary(result: ray.tune.Result, planned_epochs: int) -> TrialSummary:
         epochs=epochs,
         valid_MAE=float(best[METRIC]) if best is not None else math.nan,
         best_epoch=int(best["epoch"]) if best is not None else 0,
-        error=_reason(result.error) if result.error else None,
+        error=trial_error(result.error) if result.error else None,
     )
 
 
-def _fingerprint(config: Config, spec: SearchSpec, trials: int) -> str:
+def search_fingerprint(config: Config, spec: SearchSpec, trials: int) -> str:
     """What a resumed search must share with the one it resumes (Tune keeps the first's)."""
     text = json.dumps([config.model_dump(), spec.model_dump(mode="json"), trials], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -388,8 +391,35 @@ def _restorable(experiment_path: str, filesystem) -> bool:
     return any(Path(info.path).name.startswith("experiment_state-") for info in listing)
 
 
+def trial_trainable(config: Config, name: str):
+    """Tune's trainable for the trials of `name`: `run_trial` on `config` (paths made absolute,
+    since Tune runs each trial in a directory of its own), holding no CPU itself."""
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base=with_absolute_paths(config).model_dump(), search_name=name),
+        TRIAL_DRIVER_RESOURCES,
+    )
+
+
+def trials_run_config(config: Config, name: str, callbacks: list[tune.Callback]) -> tune.RunConfig:
+    """Where Tune keeps the experiment `name` (ray.storage_path), and how it treats a failed trial."""
+    storage_path, filesystem = storage_location(config.ray, with_keys=False)  # Tune pickles it into storage
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # a failed trial is one result
+        verbose=1,  # the trials table
+    )
+
+
+def ended(grid: tune.ResultGrid, interrupted: str) -> None:
+    """Raise `interrupted` when Tune returned before every trial ended (it returns normally on Ctrl-C)."""
+    if grid.num_terminated + grid.num_errors < len(grid):
+        raise SearchInterrupted(f"{interrupted} ({grid.num_terminated + grid.num_errors} of {len(grid)} trials ended)")
+
+
 def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainable, callbacks, concurrent: int):
-    storage_path, filesystem = storage_location(config.ray)
     return tune.Tuner(
         trainable,
         param_space=_param_space(spec),
@@ -411,14 +441,7 @@ def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainab
             max_concurrent_trials=concurrent,
             reuse_actors=False,  # see the module's docstring
         ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            callbacks=callbacks,
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # a failed trial is one result
-            verbose=1,  # the trials table
-        ),
+        run_config=trials_run_config(config, name, callbacks),
     )
 
 
@@ -450,11 +473,8 @@ def search(
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     resumed = _restorable(experiment_path, filesystem)
     with answering(f"search {name}"):  # before any trial: a tracking server that does not answer
-        parent = _parent_run(config, name, spec, _fingerprint(config, spec, trials), resumed)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=with_absolute_paths(config).model_dump(), search_name=name),
-        TRIAL_DRIVER_RESOURCES,
-    )
+        parent = _parent_run(config, name, spec, search_fingerprint(config, spec, trials), resumed)
+    trainable = trial_trainable(config, name)
     with ending(parent):
         if resumed:
             # Tune restores its own space, trial count, scheduler settings and callbacks (the
@@ -470,11 +490,7 @@ def search(
         else:
             tuner = _new_tuner(config, spec, trials, name, trainable, [TrialRuns(config, parent, name)], concurrent)
         grid = tuner.fit()
-        if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune returns instead of raising
-            raise SearchInterrupted(
-                f"search {name} interrupted: run the same command again to resume it "
-                f"({grid.num_terminated + grid.num_errors} of {len(grid)} trials ended)"
-            )
+        ended(grid, f"search {name} interrupted: run the same command again to resume it")
         summaries = [_summary(grid[index], config.train.epochs) for index in range(len(grid))]
         trained = [s for s in summaries if s.status != "failed" and math.isfinite(s.valid_MAE)]
         if not trained:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from mmim.config import Config
 from mmim.engine import epoch_line
+from mmim.errors import MMIMInputError
 from mmim.gating import HeadToHead
 from mmim.mlflow_server import local_checkpoint
 from mmim.train import BEST_CHECKPOINT, TrainingResult
@@ -36,6 +37,8 @@ class FinishedTraining(BaseModel):
     best: dict[str, float]  # the selected epoch's report (lowest validation MAE)
     stopped_early: bool
     ray_run: str | None  # where Ray keeps the run's checkpoints
+    other_seeds: list[str] = []  # with train.seeds: the other seeds' checkpoints (gating takes the mean)
+    seeds: dict | None = None  # with train.seeds: each seed's figures, their mean and std (seeds.json)
 
     def result(self) -> TrainingResult:
         return TrainingResult(self.epochs, self.best, Path(self.checkpoint), self.stopped_early, self.ray_run)
@@ -48,6 +51,8 @@ class TrainedModel(BaseModel):
     checkpoint: str  # local copy of the selected epoch's checkpoint (weights only): OUTPUT_DIR/best
     epoch: int  # the selected epoch (lowest validation MAE)
     metrics: dict[str, float]  # valid_* and test_* of the selected epoch
+    other_seeds: list[str] = []  # as FinishedTraining
+    seeds: dict | None = None
 
 
 def run_config(config: Config, features: FeatureStoreRef, project_dir: str) -> Config:
@@ -62,8 +67,10 @@ def train(
     features: FeatureStoreRef, config: Config, project_dir: str, run_tags: dict[str, str] | None = None
 ) -> FinishedTraining:
     """Ray Train on the store (RAY_ADDRESS names the cluster), every epoch logged as it is
-    reported to a new MLflow run (tagged with `run_tags`: the data checks' results)."""
+    reported to a new MLflow run (tagged with `run_tags`: the data checks' results). With
+    `train.seeds`, one Ray Train run per seed, each a child run; the best seed is the result."""
     from mmim.distributed import train_distributed
+    from mmim.seeds import train_seeds
     from mmim.tracking import tracked_run
 
     log = get_run_logger()
@@ -89,7 +96,13 @@ def train(
                 config.output_dir,
                 BEST_CHECKPOINT,
             )
-        result = train_distributed(config, on_report, overwrite=True)
+        other_seeds, seeds = [], None
+        if config.train.seeds:
+            trained = train_seeds(config, run, overwrite=True)
+            result, other_seeds, seeds = trained.best, trained.other_checkpoints(), trained.summary()
+            log.info("seeds %s: selected seed %d", ", ".join(map(str, trained.seeds)), trained.best_seed)
+        else:
+            result = train_distributed(config, on_report, overwrite=True)
     log.info("selected epoch %d, valid MAE %.4f", result.best_epoch, result.best["valid_MAE"])
     return FinishedTraining(
         run_id=run.run_id,
@@ -98,6 +111,8 @@ def train(
         best=result.best,
         stopped_early=result.stopped_early,
         ray_run=result.ray_run,
+        other_seeds=[str(path) for path in other_seeds],
+        seeds=seeds,
     )
 
 
@@ -116,6 +131,8 @@ def log_model(training: FinishedTraining, features: FeatureStoreRef, config: Con
         checkpoint=training.checkpoint,
         epoch=int(training.best["epoch"]),
         metrics={k: float(v) for k, v in training.best.items() if k.startswith(("valid_", "test_"))},
+        other_seeds=training.other_seeds,
+        seeds=training.seeds,
     )
 
 
@@ -137,12 +154,16 @@ def evaluate(
 
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
+    other_seeds = [Path(path) for path in trained.other_seeds]
+    missing = [str(path) for path in other_seeds if not path.is_dir()]
+    if missing:
+        raise MMIMInputError(f"{missing[0]}: a seed's checkpoint is not on this machine; rerun with refresh=True")
     with local_checkpoint(trained.model_uri) as checkpoint:
         compared = compare_with_champion(
-            config, trained.run_id, checkpoint, store, features.data_version, model_name, champion
+            config, trained.run_id, checkpoint, store, features.data_version, model_name, champion, other_seeds
         )
     gap = abs(compared.challenger["valid"]["MAE"] - trained.metrics["valid_MAE"])
-    if gap > EVALUATION_TOLERANCE:
+    if compared.seeds == 1 and gap > EVALUATION_TOLERANCE:  # with seeds, the figures are their mean
         log.warning(
             "the logged checkpoint scores valid MAE %.4f, training reported %.4f",
             compared.challenger["valid"]["MAE"],

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -19,7 +20,7 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 from prefect.testing.utilities import prefect_test_harness
 
 import mmim.distributed
-from flows.retrain import RetrainSummary, main, retrain, summary_rows
+from flows.retrain import RetrainSummary, config_file, main, pipeline_config, retrain, summary_rows
 from mmim.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError
 from mmim.formats.mult import write_mult
 from mmim.synthetic import synthesize
@@ -102,6 +103,11 @@ def pipeline(tiny_encoder, tmp_path_factory):
         finally:
             ray.shutdown()
             mlflow.set_tracking_uri(None)
+
+
+def children(client: MlflowClient, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 def versions(pipeline: Pipeline) -> list[str]:
@@ -267,6 +273,67 @@ def test_changed_params_re_extract_and_retrain(pipeline):
         f"champion v1 {compared['champion']['valid']['MAE']:.4f}, "
         f"both on data {summary['data_version']}; improvement "
     )
+
+
+@pytest.mark.service
+def test_a_tuning_run_trains_its_best_config_over_seeds_and_later_runs_read_that_config(pipeline):
+    """The monthly deployment's run: a search (1 trial) before training; the best config is
+    trained once per seed and gated on their mean; it is written where the weekly run reads it."""
+    space = pipeline.project / "configs" / "search" / "tiny.yaml"
+    space.parent.mkdir(exist_ok=True)
+    space.write_text(yaml.safe_dump({"space": {"train.lr_main": {"choice": [0.002]}}}))
+    seeds = ["ray.num_workers=1", "train.seeds=[1, 2, 3]"]  # two at a time on the 2 CPUs
+    tuned = "runs/search/tuned.yaml"
+    state, steps = run_flow(
+        pipeline.project, overrides=seeds, tune_trials=1, search_space=str(space), tuned_config=tuned
+    )
+    assert state.is_completed(), state.message
+    assert steps["tune"] == steps["train"] == "Completed"
+    summary = state.result()
+    search = summary["tuning"]
+    assert search["search"].startswith("tune-synthetic-") and search["best_settings"] == {"train.lr_main": 0.002}
+    assert len(children(pipeline.mlflow, search["parent_run_id"])) == 1  # the trial's run
+    parent = pipeline.mlflow.get_run(summary["run_id"])
+    assert parent.data.params["train.lr_main"] == "0.002" and parent.data.tags["mmim.seeds"] == "1,2,3"
+
+    # three seeds, three child runs; the parent's mean and std are those of the children's figures,
+    # each at its own selected epoch (lowest validation MAE)
+    runs = children(pipeline.mlflow, summary["run_id"])
+    assert sorted(child.info.run_name for child in runs) == ["seed-1", "seed-2", "seed-3"]
+    assert all(child.info.status == "FINISHED" for child in runs) and parent.info.status == "FINISHED"
+    selected = {}
+    for child in runs:
+        history = {
+            name: {m.step: m.value for m in pipeline.mlflow.get_metric_history(child.info.run_id, name)}
+            for name in ("valid_MAE", "test_MAE", "test_Corr")
+        }
+        assert sorted(history["valid_MAE"]) == [1, 2]
+        epoch = min(history["valid_MAE"], key=lambda step: (history["valid_MAE"][step], step))
+        selected[child.data.params["train.seed"]] = {name: values[epoch] for name, values in history.items()}
+    assert len({figures["valid_MAE"] for figures in selected.values()}) == 3  # the seeds made a difference
+    for name in ("valid_MAE", "test_MAE", "test_Corr"):
+        values = [figures[name] for figures in selected.values()]
+        assert parent.data.metrics[f"seeds_mean_{name}"] == pytest.approx(np.mean(values), abs=1e-9)
+        assert parent.data.metrics[f"seeds_std_{name}"] == pytest.approx(np.std(values), abs=1e-9)
+
+    # registered: the best seed's model; gated on the three seeds' mean, rescored on the same data
+    best_seed = min(selected, key=lambda seed: selected[seed]["valid_MAE"])
+    assert parent.data.tags["seeds.best_seed"] == best_seed == str(summary["seeds"]["best_seed"])
+    assert parent.data.metrics["selected_valid_MAE"] == pytest.approx(selected[best_seed]["valid_MAE"], abs=1e-9)
+    compared = summary["registration"]["compared"]
+    assert compared["seeds"] == 3
+    assert compared["challenger"]["valid"]["MAE"] == pytest.approx(
+        np.mean([f["valid_MAE"] for f in selected.values()]), abs=1e-4
+    )
+    version = pipeline.mlflow.get_model_version(MODEL, summary["registration"]["version"])
+    assert version.run_id == summary["run_id"] and version.tags["gate.seeds"] == "3"
+    assert rows(summary)["seeds"].startswith("1, 2, 3: valid MAE ")
+    assert "(mean of 3 seeds)" in rows(summary)["compared"]
+
+    # a run that does not search trains the tuned config (the weekly deployment's)
+    assert config_file(pipeline.project, "configs/flowtest.yaml", tuned, tune_trials=0) == tuned
+    assert pipeline_config(pipeline.project, tuned, []).train.lr_main == 0.002
+    assert config_file(pipeline.project, "configs/flowtest.yaml", "runs/search/none.yaml", 0) == "configs/flowtest.yaml"
 
 
 @pytest.mark.service

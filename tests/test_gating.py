@@ -23,6 +23,7 @@ from transformers import BertTokenizer
 from mmim.checkpoint import save_checkpoint
 from mmim.cli import _registry_table, main
 from mmim.gating import paired_bootstrap
+from mmim.metrics import pearson
 from mmim.model import build_model
 from mmim.registry import champion_version, describe, figure, promote, register
 from mmim.store import FeatureStore, bind_store
@@ -282,3 +283,20 @@ def test_the_paired_bootstrap_is_seeded_and_resamples_both_models_together():
     assert first.improvement == pytest.approx(0.1) and first.low == pytest.approx(0.1) == first.high
     correlated = paired_bootstrap(truths, truths * 0.5, truths + np.random.default_rng(2).normal(size=200), "Corr")
     assert correlated.improvement < 0 and correlated.high < 0  # noise costs correlation, clearly
+
+
+def test_a_challenger_trained_once_per_seed_is_gated_on_the_seeds_mean():
+    rng = np.random.default_rng(3)
+    truths = rng.normal(size=300)
+    champion = truths + rng.normal(scale=0.8, size=300)
+    seeds = np.stack([truths + rng.normal(scale=scale, size=300) for scale in (0.3, 0.6, 0.9)])
+    assert paired_bootstrap(truths, champion, seeds[:1], "MAE") == paired_bootstrap(truths, champion, seeds[0], "MAE")
+    by_mae = paired_bootstrap(truths, champion, seeds, "MAE")
+    seeds_mae = np.mean([np.abs(seed - truths).mean() for seed in seeds])
+    assert by_mae.improvement == pytest.approx(np.abs(champion - truths).mean() - seeds_mae)
+    by_corr = paired_bootstrap(truths, champion, seeds, "Corr")
+    seeds_corr = np.mean([pearson(seed, truths) for seed in seeds])
+    assert by_corr.improvement == pytest.approx(seeds_corr - pearson(champion, truths))
+    assert by_mae.low < by_mae.improvement < by_mae.high and by_corr.low < by_corr.improvement < by_corr.high
+    # the best seed alone would look better than the mean the gate uses
+    assert paired_bootstrap(truths, champion, seeds[0], "MAE").improvement > by_mae.improvement

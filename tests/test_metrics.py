@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from mmim.metrics import compute_metrics, pearson, weighted_f1
+from mmim.metrics import compute_metrics, over_seeds, pearson, weighted_f1
 
 PREDICTIONS = [2.6, -0.4, 0.0, 1.2, -2.7]
 TRUTHS = [3.0, 0.0, -0.5, 1.0, -2.2]
@@ -57,3 +57,9 @@ def test_weighted_f1_matches_sklearn_on_random_labels():
 def test_bad_inputs_raise(predictions, truths):
     with pytest.raises(ValueError):
         compute_metrics(predictions, truths)
+
+
+def test_figures_over_seeds_are_mean_and_population_std_as_mmsa_reports_them():
+    spread = over_seeds([{"MAE": 0.7, "Corr": 0.8}, {"MAE": 0.9, "Corr": 0.6}, {"MAE": 0.8, "Corr": 0.7}])
+    assert spread["MAE"] == pytest.approx((0.8, np.sqrt(0.02 / 3)))
+    assert spread["Corr"] == pytest.approx((0.7, np.sqrt(0.02 / 3)))

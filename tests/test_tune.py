@@ -224,3 +224,23 @@ def test_bad_search_options_are_refused_before_anything_starts(
     assert main(command) == 2
     assert message in " ".join(capsys.readouterr().err.split())  # as one line, however rich wraps it
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------- training once per seed
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--seeds", "7,7"], "train.seeds: Value error, seed 7 is given twice"),
+        (["--seeds", "7,x"], "--seeds '7,x': comma-separated whole numbers"),
+        (["--seeds", "7,8", "--workers", "0"], "train.seeds: each seed trains with Ray workers"),
+    ],
+)
+def test_bad_seeds_are_refused_before_anything_starts(tiny_config, tmp_path, monkeypatch, capsys, arguments, message):
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(search_config(tiny_config, tmp_path).model_dump()))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(config_path), *arguments]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
