@@ -60,7 +60,6 @@ class SeedsResult:
     best_seed: int  # the lowest validation MAE at its selected epoch
     best: TrainingResult  # that seed's, with its checkpoint copied to OUTPUT_DIR/best
     statistics: dict[str, tuple[float, float]]  # valid_<metric> / test_<metric> -> (mean, std) over seeds
-    name: str  # the Tune experiment in ray.storage_path
 
     def other_checkpoints(self) -> list[Path]:
         """Every seed's checkpoint but the registered one: with it, what gating averages."""
@@ -96,7 +95,7 @@ def _figures(metrics: dict[str, float]) -> dict[str, float]:
     }
 
 
-def seeds_run_name(config: Config) -> str:
+def _run_name(config: Config) -> str:
     return config.ray.run_name or f"mmim-seeds-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
@@ -119,7 +118,7 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
     output = prepare_output_dir(config, overwrite)
     if not ray.is_initialized():
         ray.init(log_to_driver=config.ray.log_to_driver, logging_level=logging.ERROR)
-    name = seeds_run_name(config)
+    name = _run_name(config)
     callbacks: list[tune.Callback] = []
     if parent is not None:
         parent.client.set_tag(parent.run_id, SEED_TAG, ",".join(map(str, seeds)))
@@ -150,7 +149,6 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
         best_seed=best_seed,
         best=best,
         statistics=over_seeds([_figures(r.best) for r in trained.values()]),
-        name=name,
     )
     atomic_write(output / SEEDS_FILE, json.dumps(outcome.summary(), indent=2))
     if parent is not None:

@@ -4,7 +4,9 @@ adapters that load Ray, MLflow or matplotlib are imported inside the task that n
     extract_features   DVC reproduce of extract@<dataset>          -> FeatureStoreRef
     push_features      DVC push of the store to the remote         -> files sent
     check_data         leakage, lengths, drift vs the champion's   -> DataChecks (or the step fails)
+    tune_hyperparameters  (optional) Ray Tune on the store         -> TunedConfig: the best config
     train              Ray Train, every epoch logged to an MLflow run -> FinishedTraining
+                       (with train.seeds: a run per seed)
     log_model          the selected checkpoint as the run's model  -> TrainedModel
     evaluate           the logged checkpoint and the champion,     -> HeadToHead
                        on valid/test of the same data version

@@ -60,9 +60,17 @@ def test_deploy_all_and_run_one_deployment_through_a_process_worker(tiny_encoder
         prefect("--no-prompt", "deploy", "--all", env=env, cwd=PROJECT)
 
         deployments = {d["name"]: d for d in api(base, "/deployments/filter", {})}
-        assert set(deployments) == {"retrain-mosi", "retrain-mosei", "retrain-synthetic"}
+        assert set(deployments) == {"retrain-mosi", "tune-mosi", "retrain-mosei", "retrain-synthetic"}
         crons = {name: [s["schedule"]["cron"] for s in d["schedules"]] for name, d in deployments.items()}
-        assert crons == {"retrain-mosi": ["0 3 * * 1"], "retrain-mosei": ["0 5 * * 1"], "retrain-synthetic": []}
+        assert crons == {
+            "retrain-mosi": ["0 3 * * 1"],
+            "tune-mosi": ["0 3 1 * *"],
+            "retrain-mosei": ["0 5 * * 1"],
+            "retrain-synthetic": [],
+        }
+        # the monthly search writes the config the weekly retraining reads
+        tuning, weekly = deployments["tune-mosi"]["parameters"], deployments["retrain-mosi"]["parameters"]
+        assert tuning["tune_trials"] > 0 and tuning["tuned_config"] == weekly["tuned_config"] == "runs/search/mosi.yaml"
         assert {d["work_pool_name"] for d in deployments.values()} == {"mmim-process"}
         assert deployments["retrain-mosi"]["parameters"]["config"] == "configs/mosi.yaml"
 
