@@ -163,10 +163,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _seeds_table(seeds: SeedsResult) -> Table:
     """MMSA's way: each metric's mean ± standard deviation over seeds, then every seed's test figure."""
-    table = Table(title=f"{len(seeds.seeds)} seeds, each at its selected epoch (lowest validation MAE)")
+    table = Table(
+        title=f"{len(seeds.seeds)} seeds, each at its selected epoch: mean ± std on valid and test, "
+        "then each seed's test figure"
+    )
     table.add_column("metric")
-    for column in ("valid", "test", *(f"test, seed {seed}" for seed in seeds.seeds)):
-        table.add_column(column, justify="right")
+    for column in ("valid", "test", *(f"seed {seed}" for seed in seeds.seeds)):
+        table.add_column(column, justify="right", no_wrap=True)
     for name in METRIC_NAMES:
         spread = [seeds.statistics[f"{split}_{name}"] for split in ("valid", "test")]
         each = [f"{result.best[f'test_{name}']:.4f}" for result in seeds.seeds.values()]

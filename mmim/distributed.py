@@ -159,13 +159,18 @@ class ReportEpochs(TrainingHooks):
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
         training = self.training
+        best_so_far = self.selection.best.valid["MAE"] if self.selection.best else record.valid["MAE"]
         metrics = {
+            # first: the columns Tune's trials table shows (it takes a report's first four figures)
+            "epoch": record.epoch,
+            "valid_MAE": record.valid["MAE"],
+            # the validation MAE of the epoch training would select so far (what a search ranks by)
+            "best_valid_MAE": best_so_far,
+            "valid_Corr": record.valid["Corr"],
             **flat_metrics(record),
             "improved": int(improved),
             "resumed_from": self.resumed_from,  # > 0 after a restart (a lost worker or node, a resize)
             "workers": self.world,  # changes when elastic training (ray.min_workers) resizes
-            # the validation MAE of the epoch training would select so far (what a search ranks by)
-            "best_valid_MAE": self.selection.best.valid["MAE"] if self.selection.best else record.valid["MAE"],
         }
         # A health check worth its cost (one hash of the weights per epoch): DDP must keep
         # every rank's weights identical.

@@ -295,12 +295,13 @@ def _decision_text(
     review: str | None,
 ) -> str:
     metric, value, data = compared.metric, compared.challenger_value, compared.data_version
+    ours = f"{metric} {value:.4f}" + (f" (mean of {compared.seeds} seeds)" if compared.seeds > 1 else "")
     if promoted:
         if compared.champion_value is None:
-            return f"promoted to champion: {metric} {value:.4f} on data {data}, no champion before"
+            return f"promoted to champion: {ours} on data {data}, no champion before"
         confidence = f" ({compared.bootstrap.text()})" if compared.bootstrap else ""
         return (
-            f"promoted to champion: {metric} {value:.4f} beats v{compared.champion_version}'s "
+            f"promoted to champion: {ours} beats v{compared.champion_version}'s "
             f"{compared.champion_value:.4f} on data {data}{confidence}"
         )
     if champion is None:
@@ -313,15 +314,15 @@ def _decision_text(
     elif theirs is None:  # register() passes a review (see _review) for this case
         reason = f"it has no {metric} figure on data {data}"
     elif not _better(value, theirs, metric, margin):
-        reason = f"{metric} {value:.4f} does not beat its {theirs:.4f} on data {data} by margin {margin}"
+        reason = f"{ours} does not beat its {theirs:.4f} on data {data} by margin {margin}"
     elif compared.bootstrap is not None and compared.champion_version == str(champion.version):
         reason = (
-            f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but the {compared.bootstrap.text()} "
+            f"{ours} beats its {theirs:.4f} on data {data}, but the {compared.bootstrap.text()} "
             f"does not lie above zero (min_confidence {min_confidence})"
         )
     else:
         reason = (
-            f"{metric} {value:.4f} beats its {theirs:.4f} on data {data}, but was not compared with it "
+            f"{ours} beats its {theirs:.4f} on data {data}, but was not compared with it "
             f"by bootstrap (min_confidence {min_confidence})"
         )
     return f"kept champion v{champion.version}{chosen}: {reason}"
