@@ -179,7 +179,7 @@ def _seeds_table(seeds: SeedsResult) -> Table:
 
 def _training_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set)
-    if getattr(args, "seeds", None):  # `mmim train` only
+    if getattr(args, "seeds", None) is not None:  # `mmim train` only
         if not re.fullmatch(r"\d+(,\d+)*", args.seeds.replace(" ", "")):
             raise MMIMInputError(f"--seeds {args.seeds!r}: comma-separated whole numbers, e.g. 1111,1112,1113")
         overrides.append(f"train.seeds=[{args.seeds}]")

@@ -234,6 +234,8 @@ def test_bad_search_options_are_refused_before_anything_starts(
     [
         (["--seeds", "7,7"], "train.seeds: Value error, seed 7 is given twice"),
         (["--seeds", "7,x"], "--seeds '7,x': comma-separated whole numbers"),
+        (["--seeds", ""], "--seeds '': comma-separated whole numbers"),
+        (["--seeds", "7", "--set", "train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
         (["--seeds", "7,8", "--workers", "0"], "train.seeds: each seed trains with Ray workers"),
     ],
 )
