@@ -37,7 +37,7 @@ from pandas.api.types import is_numeric_dtype
 from ray import tune
 from ray.train import Checkpoint
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
-from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.result import AUTO_RESULT_KEYS, DONE
 
 from mmim.config import Config
 from mmim.distributed import check_config, remove_training_state, storage_location
@@ -181,10 +181,13 @@ def _fetch_seed(config: Config, result: tune.Result, directory: Path) -> Trainin
     reported = [
         column
         for column in frame.columns
-        if column not in AUTO_RESULT_KEYS and not column.startswith("config/") and is_numeric_dtype(frame[column])
+        if column not in (*AUTO_RESULT_KEYS, DONE)  # DONE: Tune's own flag, not in AUTO_RESULT_KEYS
+        and not column.startswith("config/")
+        and is_numeric_dtype(frame[column])
     ]
     epochs = [{key: float(row[key]) for key in reported} for _, row in frame.iterrows()]
-    selected = int(min(range(len(epochs)), key=lambda index: epochs[index][METRIC]))  # the first of equals
+    # the last of equal figures: Ray Train keeps the later of equally scored checkpoints
+    selected = min(range(len(epochs)), key=lambda index: (epochs[index][METRIC], -index))
     best = epochs[selected]
     # the checkpoint rank 0 reported with that epoch, as Ray Train stored it (TuneReportCallback passes its path)
     _, filesystem = storage_location(config.ray)

@@ -319,6 +319,7 @@ def test_a_tuning_run_trains_its_best_config_over_seeds_and_later_runs_read_that
     # registered: the best seed's model; gated on the three seeds' mean, rescored on the same data
     best_seed = min(selected, key=lambda seed: selected[seed]["valid_MAE"])
     assert parent.data.tags["seeds.best_seed"] == best_seed == str(summary["seeds"]["best_seed"])
+    assert "done" not in parent.data.metrics  # Tune's flag is not a figure
     assert parent.data.metrics["selected_valid_MAE"] == pytest.approx(selected[best_seed]["valid_MAE"], abs=1e-9)
     compared = summary["registration"]["compared"]
     assert compared["seeds"] == 3

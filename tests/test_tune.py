@@ -14,7 +14,7 @@ import pytest
 import ray
 import yaml
 
-from mmim.cli import main
+from mmim.cli import _training_overrides, build_parser, main
 from mmim.config import load_config
 from mmim.errors import MMIMInputError
 from mmim.train import train
@@ -246,3 +246,10 @@ def test_bad_seeds_are_refused_before_anything_starts(tiny_config, tmp_path, mon
     assert main(["train", "--config", str(config_path), *arguments]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_seeds_are_whole_decimal_numbers(tiny_config, tmp_path):
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config.model_dump()))
+    args = build_parser().parse_args(["train", "--config", str(config_path), "--seeds", "0011, 12"])
+    assert load_config(args.config, _training_overrides(args)).train.seeds == [11, 12]  # not YAML's octal 9
