@@ -157,6 +157,8 @@ def _under(project: Path, path: str) -> str:
 def config_file(project: Path, config: str, tuned_config: str | None, tune_trials: int) -> str:
     """The config file a run trains: `tuned_config` (a search's best) when it exists and this run
     does not search itself, else `config`."""
+    if tune_trials < 0:
+        raise MMIMInputError(f"tune_trials {tune_trials}: 0 (no search) or more")
     if tuned_config and not tune_trials and Path(_under(project, tuned_config)).is_file():
         return tuned_config
     return config
@@ -366,9 +368,7 @@ def retrain(
     """
     log = get_run_logger()
     project = Path(project_dir).resolve()
-    if tune_trials < 0:
-        raise StepFailed("load_config", MMIMInputError(f"tune_trials {tune_trials}: 0 (no search) or more"))
-    config = config_file(project, config, tuned_config, tune_trials)
+    config = _run("load_config", config_file, project, config, tuned_config, tune_trials)
     settings: Config = _run("load_config", pipeline_config, project, config, overrides or [])
     model_name = registered_model_name(
         settings.model_copy(update={"data": settings.data.model_copy(update={"dvc_dataset": dataset})})
@@ -523,8 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     project = Path(args.project_dir).resolve()
     args.config = args.config or default_config(project, args.dataset)
     try:  # the flow checks these too; here they fail in one line, before Prefect starts
-        if args.tune_trials < 0:
-            raise MMIMInputError(f"--tune-trials {args.tune_trials}: 0 (no search) or more")
         pipeline_config(project, config_file(project, args.config, args.tuned_config, args.tune_trials), args.set)
         if args.tune_trials:
             from mmim.tune import load_search_spec

@@ -180,9 +180,10 @@ def _seeds_table(seeds: SeedsResult) -> Table:
 def _training_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set)
     if getattr(args, "seeds", None) is not None:  # `mmim train` only
-        if not re.fullmatch(r"\d+(,\d+)*", args.seeds.replace(" ", "")):
+        listed = args.seeds.replace(" ", "")
+        if not re.fullmatch(r"\d+(,\d+)*", listed):
             raise MMIMInputError(f"--seeds {args.seeds!r}: comma-separated whole numbers, e.g. 1111,1112,1113")
-        seeds = [int(seed) for seed in args.seeds.replace(" ", "").split(",")]  # 0011 is 11, not YAML's octal
+        seeds = [int(seed) for seed in listed.split(",")]  # 0011 is 11, not YAML's octal
         overrides.append(f"train.seeds={json.dumps(seeds)}")
     if args.workers is not None:
         overrides.append(f"ray.num_workers={args.workers}")

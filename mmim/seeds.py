@@ -26,13 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
-from mlflow.entities import Metric, RunTag
 from pandas.api.types import is_numeric_dtype
 from ray import tune
 from ray.train import Checkpoint
@@ -44,7 +42,7 @@ from mmim.distributed import check_config, remove_training_state, storage_locati
 from mmim.errors import DistributedTrainingError, MMIMInputError
 from mmim.files import atomic_directory, atomic_write
 from mmim.metrics import METRIC_NAMES, over_seeds
-from mmim.tracking import TrainingRun, metric_name
+from mmim.tracking import TrainingRun, log_figures
 from mmim.train import BEST_CHECKPOINT, METRICS_FILE, TrainingResult, prepare_output_dir, write_metrics
 from mmim.tune import METRIC, TrialRuns, ended, trial_error, trial_trainable, trials_run_config, trials_that_fit
 
@@ -142,7 +140,7 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
     best_seed = min(trained, key=lambda seed: trained[seed].best["valid_MAE"])
     with atomic_directory(output / BEST_CHECKPOINT) as staging:
         shutil.copytree(trained[best_seed].checkpoint, staging, dirs_exist_ok=True)
-    best = TrainingResult(**{**vars(trained[best_seed]), "checkpoint": output / BEST_CHECKPOINT})
+    best = replace(trained[best_seed], checkpoint=output / BEST_CHECKPOINT)
     write_metrics(output / METRICS_FILE, best)
     outcome = SeedsResult(
         seeds={seed: trained[seed] for seed in seeds},
@@ -161,9 +159,7 @@ def _record(parent: TrainingRun, outcome: SeedsResult, summary: Path) -> None:
     every metric over seeds, which seed was selected, and seeds.json."""
     for epoch in outcome.best.epochs:
         parent.log_epoch(epoch)
-    now = int(time.time() * 1000)
-    figures = [Metric(metric_name(key), value, now, 0) for key, value in outcome.metrics().items()]
-    parent.client.log_batch(parent.run_id, metrics=figures, tags=[RunTag("seeds.best_seed", str(outcome.best_seed))])
+    log_figures(parent.client, parent.run_id, outcome.metrics(), tags={"seeds.best_seed": str(outcome.best_seed)})
     parent.client.log_artifact(parent.run_id, str(summary))
 
 

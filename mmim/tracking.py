@@ -212,14 +212,8 @@ class TrainingRun:
         """Log the selected epoch's figures, the learning curves, the config and the pyfunc model.
         (Logging a model needs MLflow's active-run API, which marks the run FINISHED as it lets go
         of it; `tracked_run` still sets the final status, FAILED if anything after this raises.)"""
-        self.client.log_batch(
-            self.run_id,
-            metrics=[
-                Metric(f"selected_{metric_name(k)}", float(v), int(time.time() * 1000), 0)
-                for k, v in result.best.items()
-                if k.startswith(("valid_", "test_"))
-            ],
-        )
+        selected = {f"selected_{k}": v for k, v in result.best.items() if k.startswith(("valid_", "test_"))}
+        log_figures(self.client, self.run_id, selected)
         epochs = sorted(result.epochs, key=lambda e: e["epoch"])
         with tempfile.TemporaryDirectory() as workdir:
             work = Path(workdir)
@@ -269,15 +263,21 @@ def tracked_run(
 def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
     """An epoch's flat metrics (a Ray or Tune report, or `flat_metrics(record)`) at step = epoch;
     what is not a number (Tune's trial id, a checkpoint path) stays out."""
+    figures = {
+        k: v for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    log_figures(client, run_id, figures, step=int(metrics["epoch"]))
+
+
+def log_figures(
+    client: MlflowClient, run_id: str, figures: dict, step: int = 0, tags: dict[str, str] | None = None
+) -> None:
+    """`figures` (name -> number) as MLflow metrics at `step`, and `tags`, in one request."""
     now = int(time.time() * 1000)
-    step = int(metrics["epoch"])
     client.log_batch(
         run_id,
-        metrics=[
-            Metric(metric_name(k), float(v), now, step)
-            for k, v in metrics.items()
-            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
-        ],
+        metrics=[Metric(metric_name(k), float(v), now, step) for k, v in figures.items()],
+        tags=[RunTag(k, v) for k, v in (tags or {}).items()],
     )
 
 
@@ -353,18 +353,10 @@ def compare_with_champion(
         confidence=config.tracking.min_confidence,
         challenger_scores=seeds,
     )
-    now = int(time.time() * 1000)
-    figures = [(f"eval_{split}", values) for split, values in compared.challenger.items()]
-    figures += [(f"champion_{split}", values) for split, values in (compared.champion or {}).items()]
-    client.log_batch(
-        run_id,
-        metrics=[
-            Metric(f"{prefix}_{metric_name(metric)}", float(value), now, 0)
-            for prefix, values in figures
-            for metric, value in values.items()
-        ],
-        tags=[RunTag(key, value) for key, value in compared.tags().items()],
-    )
+    scored = [(f"eval_{split}", values) for split, values in compared.challenger.items()]
+    scored += [(f"champion_{split}", values) for split, values in (compared.champion or {}).items()]
+    figures = {f"{prefix}_{metric}": value for prefix, values in scored for metric, value in values.items()}
+    log_figures(client, run_id, figures, tags=compared.tags())
     return compared
 
 
