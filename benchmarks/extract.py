@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmim.synthetic import synthesize
+from mmim.data.synthetic import synthesize
 
 MOSEI_SIZES = {"train": 16326, "valid": 1871, "test": 4659}
 DIMS = {"audio": 74, "vision": 35}

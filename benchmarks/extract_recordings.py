@@ -1,10 +1,10 @@
 """Recordings -> features throughput with 1 and 2 Ray Data workers, and peak memory.
 
-Writes --clips generated face clips (mmim.recordings.sample.write_face_clip: 320x240,
+Writes --clips generated face clips (mmim.data.recordings.sample.write_face_clip: 320x240,
 25 fps, H.264 + AAC voice) of --seconds each, every one from its own seed so that no
 two share a cache entry, as a recordings dataset (label.csv + Raw/<video>/1.mp4, one
 video per clip, modes cycling train/valid/test). Then it runs
-`mmim.recordings.job.extract_recordings` on it, each run into a fresh store:
+`mmim.data.recordings.job.extract_recordings` on it, each run into a fresh store:
 
   0 workers              in this process (the extractor's child process, no Ray), fresh
                          cache; run before the Ray cluster starts
@@ -45,9 +45,9 @@ from pathlib import Path
 import psutil
 import ray
 
-from mmim.recordings.extractor import ExtractorSettings
-from mmim.recordings.job import extract_recordings
-from mmim.recordings.sample import write_face_clip
+from mmim.data.recordings.extractor import ExtractorSettings
+from mmim.data.recordings.job import extract_recordings
+from mmim.data.recordings.sample import write_face_clip
 
 log = logging.getLogger("extract_recordings")
 

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from train_step import bert_base_encoder, fresh_engine, timed_epoch
 
-from mmim.config import Config
-from mmim.data import make_loader
-from mmim.store import FeatureStore, bind_store
-from mmim.synthetic import MOSI_SIZES, write_synthetic_store
-from mmim.train import train
+from mmim.core.batches import make_loader
+from mmim.core.config import Config
+from mmim.core.store import FeatureStore, bind_store
+from mmim.data.synthetic import MOSI_SIZES, write_synthetic_store
+from mmim.training.train import train
 
 SMOKE_SIZES = {"train": 96, "valid": 32, "test": 32}
 
@@ -117,7 +117,7 @@ def ray_overhead(config: Config, work: Path, device: torch.device) -> tuple[floa
     """Second-epoch seconds of (this process, 1 Ray worker on the same device)."""
     import ray
 
-    from mmim.distributed import train_distributed
+    from mmim.cluster.distributed import train_distributed
 
     two_epochs = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2, "patience": 2})})
     alone = train(two_epochs.model_copy(update={"output_dir": str(work / "process")}))

@@ -4,7 +4,7 @@ On a MOSI-sized synthetic store with the MiniLM encoder (the demo's), trains for
 --epochs epochs three ways and prints per-epoch times (stage 0 + 1 + valid/test, as
 measured inside the training loop; the first epoch is left out as warm-up):
 
-  single process   mmim.train.train, 2 torch threads: once with no Ray running, once
+  single process   mmim.training.train.train, 2 torch threads: once with no Ray running, once
                    beside an idle Ray cluster (its daemons share these cores)
   1 Ray worker     DDP over one rank, 2 CPUs and 2 threads for the worker
   2 Ray workers    DDP over two ranks, 1 CPU and 1 thread each (same global batch)
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import ray
 
-from mmim.config import Config
-from mmim.distributed import train_distributed
-from mmim.synthetic import MOSI_SIZES, write_synthetic_store
-from mmim.train import train
+from mmim.cluster.distributed import train_distributed
+from mmim.core.config import Config
+from mmim.data.synthetic import MOSI_SIZES, write_synthetic_store
+from mmim.training.train import train
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from transformers import BertConfig
 
-from mmim.config import Config
-from mmim.data import make_loader
-from mmim.engine import Engine, seed_everything
-from mmim.model import build_model
-from mmim.predict import predict_scores
-from mmim.store import FeatureStore, bind_store
-from mmim.synthetic import MOSI_SIZES, write_synthetic_store
-from mmim.text_encoder import resolve
+from mmim.core.batches import make_loader
+from mmim.core.config import Config
+from mmim.core.model import build_model
+from mmim.core.store import FeatureStore, bind_store
+from mmim.core.text_encoder import resolve
+from mmim.data.synthetic import MOSI_SIZES, write_synthetic_store
+from mmim.training.engine import Engine, seed_everything
+from mmim.training.predict import predict_scores
 
 TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 

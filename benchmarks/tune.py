@@ -4,9 +4,9 @@ On the demo's synthetic store (default sizes, MiniLM encoder) and a local Ray cl
 2 CPUs, runs --trials trials of --epochs epochs three times, with the same settings (the
 learning rates listed below, 1 Ray Train worker of 1 CPU and 1 thread each):
 
-  one by one    mmim.distributed.train_distributed per setting, tracked in MLflow the way
+  one by one    mmim.cluster.distributed.train_distributed per setting, tracked in MLflow the way
                 `mmim train` tracks a run
-  tune, 1       mmim.tune.search with --concurrent 1: Optuna + ASHA (grace period = all
+  tune, 1       mmim.cluster.tune.search with --concurrent 1: Optuna + ASHA (grace period = all
                 epochs, so no trial stops early and every way trains the same epochs),
                 each trial an MLflow child run; against one by one, Tune's own cost
   tune          the same search with as many trials at once as the cluster has room for
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import ray
 
-from mmim.config import Config
-from mmim.distributed import train_distributed
-from mmim.store import FeatureStore
-from mmim.synthetic import write_synthetic_store
-from mmim.tracking import tracked_run
-from mmim.tune import EarlyStopping, SearchSpec, search, trial_config
+from mmim.cluster.distributed import train_distributed
+from mmim.cluster.tune import EarlyStopping, SearchSpec, search, trial_config
+from mmim.core.config import Config
+from mmim.core.store import FeatureStore
+from mmim.data.synthetic import write_synthetic_store
+from mmim.registry.tracking import tracked_run
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 RATES = [1e-3, 2e-3, 5e-4, 3e-3, 7e-4, 1.5e-3, 4e-3, 2.5e-3]

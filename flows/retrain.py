@@ -3,7 +3,7 @@
     retrain(dataset, config)
       extract_features   dvc repro extract@<dataset>   params.yaml + data/raw/<dataset> -> data/stores/<dataset>
       push_features      dvc push                      the store (restored first if missing) -> the DVC remote
-      check_data         mmim.data_checks              leakage, lengths, drift against the champion's data; a
+      check_data         mmim.data.checks              leakage, lengths, drift against the champion's data; a
                                                        failed check stops the flow (artifact data-checks-<dataset>)
       tune (off unless   Ray Tune + MLflow             a search over the space file on this data version; its
       tune_trials > 0)                                 best config is what the flow trains, and is written to
@@ -49,13 +49,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mmim.config import Config, check_ray_settings, load_config
-from mmim.errors import MMIMInputError, first_line
-from mmim.metrics import METRIC_NAMES
-from mmim.mlflow_server import registered_model_name, tracking_uri
-from mmim.recordings.layout import read_dataset
+from mmim.core.config import Config, check_ray_settings, load_config
+from mmim.core.errors import MMIMInputError, first_line
+from mmim.core.metrics import METRIC_NAMES
+from mmim.data.recordings.layout import read_dataset
+from mmim.data.versioning import check_inputs, store_path
+from mmim.registry.server import registered_model_name, tracking_uri
 from mmim.terminal import quiet_libraries
-from mmim.versioning import check_inputs, store_path
 from tasks import (
     DataChecks,
     FeatureStoreRef,
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the flow checks these too; here they fail in one line, before Prefect starts
         pipeline_config(project, config_file(project, args.config, args.tuned_config, args.tune_trials), args.set)
         if args.tune_trials:
-            from mmim.tune import load_search_spec
+            from mmim.cluster.tune import load_search_spec
 
             load_search_spec(_under(project, args.search_space))
         check_inputs(args.dataset, args.project_dir)  # names data/raw/<dataset> as the user would

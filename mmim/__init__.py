@@ -17,21 +17,21 @@ from importlib import import_module
 # Imported on first use (PEP 562), so that `import mmim.<module>` of a light module (the
 # recordings extractor's child processes, the CLI's --help) does not load torch.
 _EXPORTS = {
-    "load_checkpoint": "mmim.checkpoint",
-    "read_official_weights": "mmim.checkpoint",
-    "save_checkpoint": "mmim.checkpoint",
-    "Config": "mmim.config",
-    "DataConfig": "mmim.config",
-    "ModelConfig": "mmim.config",
-    "TrainConfig": "mmim.config",
-    "load_config": "mmim.config",
-    "MMIMInputError": "mmim.errors",
-    "compute_metrics": "mmim.metrics",
-    "MMIM": "mmim.model",
-    "MMIMOutput": "mmim.model",
-    "build_model": "mmim.model",
-    "load_official_state_dict": "mmim.model",
-    "FeatureStore": "mmim.store",
+    "load_checkpoint": "mmim.training.checkpoint",
+    "read_official_weights": "mmim.training.checkpoint",
+    "save_checkpoint": "mmim.training.checkpoint",
+    "Config": "mmim.core.config",
+    "DataConfig": "mmim.core.config",
+    "ModelConfig": "mmim.core.config",
+    "TrainConfig": "mmim.core.config",
+    "load_config": "mmim.core.config",
+    "MMIMInputError": "mmim.core.errors",
+    "compute_metrics": "mmim.core.metrics",
+    "MMIM": "mmim.core.model",
+    "MMIMOutput": "mmim.core.model",
+    "build_model": "mmim.core.model",
+    "load_official_state_dict": "mmim.core.model",
+    "FeatureStore": "mmim.core.store",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -37,28 +37,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from mmim.config import Config, load_config
-from mmim.errors import (
+from mmim.core.config import Config, load_config
+from mmim.core.errors import (
     DistributedTrainingError,
     MMIMInputError,
     SearchInterrupted,
     ServiceUnavailableError,
     TrainingDiverged,
 )
-from mmim.extract import SOURCES, extract
-from mmim.limits import MAX_INPUT_BYTES
-from mmim.metrics import METRIC_NAMES
-from mmim.store_writer import ExtractionSummary
-from mmim.synthetic import write_synthetic_raw
+from mmim.core.limits import MAX_INPUT_BYTES
+from mmim.core.metrics import METRIC_NAMES
+from mmim.data.extract import SOURCES, extract
+from mmim.data.store_writer import ExtractionSummary
+from mmim.data.synthetic import write_synthetic_raw
 from mmim.terminal import quiet_libraries
 
 # torch, and what needs it (training, checkpoints, predictions), is imported by the commands
 # that use it: `mmim extract` and `mmim data synth` (DVC's stage commands) and --help start
 # in well under a second.
 if TYPE_CHECKING:
-    from mmim.seeds import SeedsResult
-    from mmim.tracking import TrainingRun  # imported when tracking is on: it loads MLflow
-    from mmim.train import TrainingResult
+    from mmim.cluster.seeds import SeedsResult
+    from mmim.registry.tracking import TrainingRun  # imported when tracking is on: it loads MLflow
+    from mmim.training.train import TrainingResult
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -85,12 +85,12 @@ def _train(config: Config, on_epoch: Callable[[dict], None], overwrite: bool) ->
     """The result of one training, with Ray workers or in this process, and a title for its table."""
     title = "selected epoch {} (lowest validation MAE)"
     if config.ray.num_workers > 0:
-        from mmim.distributed import train_distributed  # Ray, only for a Ray run
+        from mmim.cluster.distributed import train_distributed  # Ray, only for a Ray run
 
         result = train_distributed(config, on_epoch, overwrite)
         return result, f"{title.format(result.best_epoch)}, {config.ray.num_workers} Ray workers"
-    from mmim.train import train
-    from mmim.training_progress import ProgressHooks, stage_progress
+    from mmim.training.progress import ProgressHooks, stage_progress
+    from mmim.training.train import train
 
     with stage_progress(console) as progress:
         result = train(config, ProgressHooks(progress, on_epoch), overwrite)
@@ -101,22 +101,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = _training_overrides(args)
     config = load_config(args.config, overrides)
     if args.submit:
-        from mmim.jobs import submit_training_job
+        from mmim.cluster.jobs import submit_training_job
 
         job_id = submit_training_job(args.submit, args.config, overrides)
         stdout.print(f"submitted Ray job {job_id} to {args.submit}")
         return
-    from mmim.engine import epoch_line
-    from mmim.train import prepare_output_dir
+    from mmim.training.engine import epoch_line
+    from mmim.training.train import prepare_output_dir
 
     prepare_output_dir(config, args.overwrite)  # before an MLflow run exists for a training refused here
     if config.train.seeds:
-        from mmim.seeds import check_seeds
+        from mmim.cluster.seeds import check_seeds
 
         check_seeds(config)
     opened: contextlib.AbstractContextManager[TrainingRun | None] = contextlib.nullcontext()
     if config.tracking.enabled:  # the MLflow run exists from before the first epoch
-        from mmim.tracking import tracked_run
+        from mmim.registry.tracking import tracked_run
 
         if not args.verbose:  # importing mlflow configures its own logger at INFO
             logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     other_seeds: list[Path] = []
     with opened as tracking:
         if config.train.seeds:
-            from mmim.seeds import train_seeds
+            from mmim.cluster.seeds import train_seeds
 
             seeds = train_seeds(config, tracking, args.overwrite)
             stdout.print(_seeds_table(seeds))
@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             with console.status("logging the model to MLflow"):
                 tracked = tracking.log_model(result)
     if tracking is not None:
-        from mmim.tracking import register_run
+        from mmim.registry.tracking import register_run
 
         with console.status("scoring the model and the registry's champion on the same data"):
             decision = register_run(config, tracked, result.checkpoint, other_seeds)
@@ -193,7 +193,7 @@ def _training_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from mmim.tune import load_search_spec, search
+    from mmim.cluster.tune import load_search_spec, search
 
     config = load_config(args.config, _training_overrides(args))
     spec = load_search_spec(args.search)
@@ -223,8 +223,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from mmim.mlflow_server import local_checkpoint
-    from mmim.predict import evaluate_checkpoint
+    from mmim.registry.server import local_checkpoint
+    from mmim.training.predict import evaluate_checkpoint
 
     with local_checkpoint(args.checkpoint) as checkpoint:
         results = evaluate_checkpoint(checkpoint, args.store, tuple(args.split))
@@ -234,9 +234,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from mmim.checkpoint import load_checkpoint
-    from mmim.mlflow_server import local_checkpoint
-    from mmim.predict import predict_utterances, read_utterances
+    from mmim.registry.server import local_checkpoint
+    from mmim.training.checkpoint import load_checkpoint
+    from mmim.training.predict import predict_utterances, read_utterances
 
     if (args.input is None) == (args.recording is None):
         raise MMIMInputError("give --input FILE (frames as JSON), or --recording FILE with --text")
@@ -248,7 +248,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     with local_checkpoint(args.checkpoint) as checkpoint:
         model, config, tokenizer = load_checkpoint(checkpoint)
     if args.recording is not None:
-        from mmim.recordings.scoring import model_extractor, recording_utterance
+        from mmim.data.recordings.scoring import model_extractor, recording_utterance
 
         with model_extractor(config.model.extractor) as extract, console.status("extracting features"):
             utterances = [recording_utterance(extract, args.recording, args.text, args.recording)]
@@ -266,7 +266,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_recordings_sample(args: argparse.Namespace) -> None:
-    from mmim.recordings.sample import write_sample_dataset
+    from mmim.data.recordings.sample import write_sample_dataset
 
     if args.videos < 6 or args.clips_per_video < 1:
         raise MMIMInputError(
@@ -286,7 +286,7 @@ def cmd_recordings_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from mmim.data_checks import check_store, store_profile
+    from mmim.data.checks import check_store, store_profile
 
     previous = store_profile(args.previous, args.previous) if args.previous else None
     report = check_store(args.store, args.store, previous)
@@ -382,7 +382,7 @@ RECORDING_OPTIONS = {
 def _extractor_settings(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from mmim.recordings.extractor import ExtractorSettings
+    from mmim.data.recordings.extractor import ExtractorSettings
 
     given = {name: getattr(args, name) for name in RECORDING_OPTIONS if getattr(args, name) is not None}
     try:
@@ -394,7 +394,7 @@ def _extractor_settings(args: argparse.Namespace):
 
 
 def _extract_recordings(args: argparse.Namespace) -> None:
-    from mmim.recordings.job import RecordingsProgress, extract_recordings
+    from mmim.data.recordings.job import RecordingsProgress, extract_recordings
 
     if args.input is None:
         raise MMIMInputError("--input is required for --source recordings (data/raw/<dataset>)")
@@ -438,8 +438,8 @@ def _extract_recordings(args: argparse.Namespace) -> None:
 def cmd_registry(args: argparse.Namespace) -> None:
     from mlflow import MlflowClient
 
-    from mmim.mlflow_server import answering, tracking_uri
-    from mmim.registry import describe, promote, rollback
+    from mmim.registry.server import answering, tracking_uri
+    from mmim.registry.versions import describe, promote, rollback
 
     client = MlflowClient(tracking_uri())
     with answering(f"registered model {args.name}"):
@@ -487,7 +487,7 @@ def _registry_table(title: str, rows: list[dict]) -> Table:
 def cmd_serve(args: argparse.Namespace) -> None:
     """MLflow's scoring server for a registered model, behind request limits, with this
     environment's uvicorn; a model that does not resolve is a one-line error before anything starts."""
-    from mmim.serving import check_model, serve_command
+    from mmim.registry.serving import check_model, serve_command
 
     if args.max_request_mb <= 0:
         raise MMIMInputError(f"--max-request-mb {args.max_request_mb}: must be positive")
@@ -740,7 +740,12 @@ def _configure_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False)],
     )
     if not verbose:  # the progress hooks print one line per epoch, extract its own summary
-        for module in ("mmim.engine", "mmim.store_writer", "mmim.recordings.job", "mmim.recordings.sample"):
+        for module in (
+            "mmim.training.engine",
+            "mmim.data.store_writer",
+            "mmim.data.recordings.job",
+            "mmim.data.recordings.sample",
+        ):
             logging.getLogger(module).setLevel(logging.WARNING)
         quiet_libraries()
 

@@ -28,9 +28,9 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 import mmim
-from mmim.config import Config
-from mmim.mlflow_server import tracking_uri
-from mmim.versioning import input_fingerprint
+from mmim.core.config import Config
+from mmim.data.versioning import input_fingerprint
+from mmim.registry.server import tracking_uri
 
 CODE_ROOT = Path(mmim.__file__).parent
 # Settings that name places, not content: the data version stands in for the store.

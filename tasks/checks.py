@@ -8,9 +8,9 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from mmim.data_checks import check_store
-from mmim.errors import MMIMInputError
-from mmim.versioning import ensure_store
+from mmim.core.errors import MMIMInputError
+from mmim.data.checks import check_store
+from mmim.data.versioning import ensure_store
 from tasks.features import FeatureStoreRef
 from tasks.retries import service_task
 
@@ -30,12 +30,12 @@ def artifact_key(*parts: str) -> str:
 
 @service_task("check_data[{features.dataset}]")
 def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> DataChecks:
-    """The store's checks (mmim.data_checks), drift against the data the champion was trained on.
+    """The store's checks (mmim.data.checks), drift against the data the champion was trained on.
 
     The report is the markdown artifact `data-checks-<dataset>`; a failed hard check fails
     the step, naming the check and the ids, before anything trains.
     """
-    from mmim.tracking import champion_profile  # MLflow, only when the step runs
+    from mmim.registry.tracking import champion_profile  # MLflow, only when the step runs
 
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)

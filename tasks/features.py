@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from mmim.versioning import check_inputs, data_version, ensure_store, push, reproduce, stage_name, store_path
+from mmim.data.versioning import check_inputs, data_version, ensure_store, push, reproduce, stage_name, store_path
 from tasks.caching import Origin, extraction_key, origin
 from tasks.retries import service_task
 

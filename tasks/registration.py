@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger
 from pydantic import BaseModel
 
-from mmim.gating import HeadToHead
-from mmim.mlflow_server import tracking_uri
+from mmim.registry.gating import HeadToHead
+from mmim.registry.server import tracking_uri
 from tasks.caching import Origin, origin, registration_key
 from tasks.retries import service_task
 from tasks.training import TrainedModel
@@ -40,7 +40,7 @@ def register(
     """Register the run's model; `champion` moves only if it beats the champion on the same data."""
     from mlflow import MlflowClient
 
-    from mmim import registry
+    from mmim.registry import versions as registry
 
     decision = registry.register(
         MlflowClient(tracking_uri()), trained.model_uri, model_name, compared, margin, min_confidence
@@ -65,7 +65,7 @@ def current_champion(model_name: str, metric: str, data_version: str) -> Champio
     """The registry's `champion` of `model_name` as it is now (None when there is none)."""
     from mlflow import MlflowClient
 
-    from mmim import registry
+    from mmim.registry import versions as registry
 
     client = MlflowClient(tracking_uri())
     version = registry.champion_version(client, model_name)
@@ -81,6 +81,6 @@ def champion_to_compare(model_name: str) -> str | None:
     """The champion's version right before evaluation: the one the challenger is scored against."""
     from mlflow import MlflowClient
 
-    from mmim import registry
+    from mmim.registry import versions as registry
 
     return registry.champion_version(MlflowClient(tracking_uri()), model_name)

@@ -15,7 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 from prefect import Task, task
 from prefect.tasks import exponential_backoff
 
-from mmim.errors import ServiceUnavailableError
+from mmim.core.errors import ServiceUnavailableError
 
 ATTEMPTS = 3  # retries after the first try
 BACKOFF = exponential_backoff(backoff_factor=10)  # 10 s, 20 s, 40 s (with jitter)

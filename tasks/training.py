@@ -12,13 +12,13 @@ from pathlib import Path
 from prefect import get_run_logger
 from pydantic import BaseModel
 
-from mmim.config import Config
-from mmim.engine import epoch_line
-from mmim.errors import MMIMInputError
-from mmim.gating import HeadToHead
-from mmim.mlflow_server import local_checkpoint
-from mmim.train import BEST_CHECKPOINT, TrainingResult
-from mmim.versioning import ensure_store
+from mmim.core.config import Config
+from mmim.core.errors import MMIMInputError
+from mmim.data.versioning import ensure_store
+from mmim.registry.gating import HeadToHead
+from mmim.registry.server import local_checkpoint
+from mmim.training.engine import epoch_line
+from mmim.training.train import BEST_CHECKPOINT, TrainingResult
 from tasks.caching import evaluation_key, logging_key, training_key
 from tasks.features import FeatureStoreRef
 from tasks.retries import service_task
@@ -69,9 +69,9 @@ def train(
     """Ray Train on the store (RAY_ADDRESS names the cluster), every epoch logged as it is
     reported to a new MLflow run (tagged with `run_tags`: the data checks' results). With
     `train.seeds`, one Ray Train run per seed, each a child run; the best seed is the result."""
-    from mmim.distributed import train_distributed
-    from mmim.seeds import train_seeds
-    from mmim.tracking import tracked_run
+    from mmim.cluster.distributed import train_distributed
+    from mmim.cluster.seeds import train_seeds
+    from mmim.registry.tracking import tracked_run
 
     log = get_run_logger()
     config = run_config(config, features, project_dir)
@@ -119,7 +119,7 @@ def train(
 @service_task("log_model[{features.dataset}]", logging_key)
 def log_model(training: FinishedTraining, features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
     """Log the selected epoch's checkpoint as the run's pyfunc model, with its figures and plots."""
-    from mmim.tracking import TrainingRun, ending
+    from mmim.registry.tracking import TrainingRun, ending
 
     config = run_config(config, features, project_dir)
     with ending(TrainingRun.attach(config, training.run_id)) as run:
@@ -150,7 +150,7 @@ def evaluate(
 
     The figures go back to the run (eval_*, champion_*, gate.*); registration gates on them.
     """
-    from mmim.tracking import compare_with_champion
+    from mmim.registry.tracking import compare_with_champion
 
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)

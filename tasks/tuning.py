@@ -9,7 +9,7 @@ from typing import Any
 from prefect import get_run_logger
 from pydantic import BaseModel
 
-from mmim.config import Config
+from mmim.core.config import Config
 from tasks.features import FeatureStoreRef
 from tasks.retries import service_task
 from tasks.training import run_config
@@ -44,7 +44,7 @@ def tune_hyperparameters(
 ) -> TunedConfig:
     """Ray Tune over `search_space` on the run's store: `trials` trials, each a Ray Train run and
     an MLflow child run; the best config is written to `best_config`."""
-    from mmim.tune import load_search_spec, search, search_fingerprint
+    from mmim.cluster.tune import load_search_spec, search, search_fingerprint
 
     log = get_run_logger()
     config = run_config(config, features, project_dir)

@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from moto.server import ThreadedMotoServer
 from transformers import BertConfig, BertTokenizer
 
-from mmim.config import Config
-from mmim.synthetic import write_synthetic_store
+from mmim.core.config import Config
+from mmim.data.synthetic import write_synthetic_store
 from tests.helpers import TINY_SIZES, free_port, make_dvc_project, tiny_vocabulary
 
 # Prefect servers started by the tests (harness, `prefect server start`) are offline.

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmim.synthetic import INTENSIFIERS, NEGATIONS, NEGATIVE, NEUTRAL, POSITIVE, SUBJECTS
+from mmim.data.synthetic import INTENSIFIERS, NEGATIONS, NEGATIVE, NEUTRAL, POSITIVE, SUBJECTS
 
 PROJECT = Path(__file__).resolve().parents[1]
 EXAMPLE = PROJECT / "examples" / "utterances.json"  # the shipped `mmim predict` input
@@ -130,8 +130,8 @@ def postgres_database(prefix: str) -> str:
 def compared(client, value: float, data: str, name: str, metric: str = "MAE"):
     """A challenger with validation `metric` `value` on `data`, and the champion of `name` as
     scored there (its figure recorded on that data: the same model on the same data scores the same)."""
-    from mmim.gating import HeadToHead
-    from mmim.registry import champion_version, figure
+    from mmim.registry.gating import HeadToHead
+    from mmim.registry.versions import champion_version, figure
 
     champion = champion_version(client, name)
     theirs = None if champion is None else figure(client.get_model_version(name, champion), metric, data)
@@ -195,8 +195,8 @@ def tracked(config, tmp_path):
 def run_in_thread(config) -> tuple[threading.Thread, dict]:
     """Ray training tracked in MLflow, as the flow runs it, in a thread (the test harms it meanwhile):
     the thread and what it leaves: run_id, then result or error."""
-    from mmim.distributed import train_distributed
-    from mmim.tracking import tracked_run
+    from mmim.cluster.distributed import train_distributed
+    from mmim.registry.tracking import tracked_run
 
     outcome: dict = {}
 

@@ -12,8 +12,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mmim.cli import main
-from mmim.config import load_config
-from mmim.errors import MMIMInputError
+from mmim.core.config import load_config
+from mmim.core.errors import MMIMInputError
 
 
 def write_config(tmp_path, config, **sections):
@@ -198,7 +198,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_ray_job_entrypoint_ships_config_inside_the_project(tmp_path):
-    from mmim.jobs import PROJECT_ROOT, training_entrypoint
+    from mmim.cluster.jobs import PROJECT_ROOT, training_entrypoint
 
     command = training_entrypoint(PROJECT_ROOT / "configs" / "mosi.yaml", ["ray.num_workers=4", "train.epochs=2"])
     assert command == (

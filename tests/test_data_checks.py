@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 
-from mmim.data_checks import check_store, ks_statistic, store_profile
-from mmim.store import sha256_of
-from mmim.store_writer import write_store
-from mmim.synthetic import synthesize
-from mmim.text_encoder import load_tokenizer
+from mmim.core.store import sha256_of
+from mmim.core.text_encoder import load_tokenizer
+from mmim.data.checks import check_store, ks_statistic, store_profile
+from mmim.data.store_writer import write_store
+from mmim.data.synthetic import synthesize
 from tests.helpers import TINY_SIZES, run_mmim
 
 

@@ -8,9 +8,9 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from mmim.distributed import train_distributed
-from mmim.errors import DistributedTrainingError, MMIMInputError
-from mmim.train import train
+from mmim.cluster.distributed import train_distributed
+from mmim.core.errors import DistributedTrainingError, MMIMInputError
+from mmim.training.train import train
 
 pytestmark = pytest.mark.service  # a local Ray cluster
 

@@ -13,10 +13,17 @@ import transformers
 from safetensors.torch import load_file
 
 import mmim
-from mmim.checkpoint import load_weights
-from mmim.data import make_loader
-from mmim.distributed import load_training_state, save_training_state
-from mmim.engine import (
+from mmim.cluster.distributed import load_training_state, save_training_state
+from mmim.core.batches import make_loader
+from mmim.core.errors import TrainingDiverged
+from mmim.core.files import read_json
+from mmim.core.model import build_model
+from mmim.core.store import FeatureStore, bind_store
+from mmim.core.text_encoder import load_tokenizer
+from mmim.data.store_writer import write_store
+from mmim.data.synthetic import synthesize
+from mmim.training.checkpoint import load_weights
+from mmim.training.engine import (
     Engine,
     EpochRecord,
     Loaders,
@@ -27,15 +34,8 @@ from mmim.engine import (
     seed_everything,
     split_parameters,
 )
-from mmim.errors import TrainingDiverged
-from mmim.files import read_json
-from mmim.model import build_model
-from mmim.predict import evaluate_checkpoint
-from mmim.store import FeatureStore, bind_store
-from mmim.store_writer import write_store
-from mmim.synthetic import synthesize
-from mmim.text_encoder import load_tokenizer
-from mmim.train import setup_training, train
+from mmim.training.predict import evaluate_checkpoint
+from mmim.training.train import setup_training, train
 from tests.helpers import TINY_SIZES
 
 BF16_TOLERANCE = 0.01  # absolute, on the loss and MAE (about 1 after one epoch); measured: about 1e-3

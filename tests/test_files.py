@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from mmim.errors import MMIMInputError
-from mmim.files import atomic_directory
+from mmim.core.errors import MMIMInputError
+from mmim.core.files import atomic_directory
 
 
 def write_version(target, text):
@@ -76,7 +76,11 @@ def test_sigkill_at_any_step_loses_neither_version(tmp_path, caplog, kill_at, su
     assert survivor in whole
 
     # The next call in the same parent restores or cleans up, even when its own block fails.
-    with caplog.at_level(logging.WARNING, logger="mmim.files"), pytest.raises(RuntimeError), atomic_directory(target):
+    with (
+        caplog.at_level(logging.WARNING, logger="mmim.core.files"),
+        pytest.raises(RuntimeError),
+        atomic_directory(target),
+    ):
         raise RuntimeError("this run fails too")
     assert list(tmp_path.iterdir()) == [target] and version(target) == survivor
     assert any(path.name in caplog.text for path in leftovers)

@@ -19,12 +19,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-import mmim.distributed
+import mmim.cluster.distributed
 from flows.retrain import RetrainSummary, config_file, main, pipeline_config, retrain, summary_rows
-from mmim.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError
-from mmim.formats.mult import write_mult
-from mmim.synthetic import synthesize
-from mmim.versioning import data_version
+from mmim.core.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError
+from mmim.data.formats.mult import write_mult
+from mmim.data.synthetic import synthesize
+from mmim.data.versioning import data_version
 from tasks import FeatureStoreRef, push_features
 from tasks.retries import is_transient
 from tests.helpers import PROJECT, dvc, free_port, make_dvc_project, run
@@ -224,7 +224,7 @@ def test_failure_in_train_fails_the_flow_and_registers_nothing(pipeline, monkeyp
         on_report({"epoch": 1, "valid_MAE": 0.9, "stage1_loss": 1.0, "valid_Corr": 0.1, "seconds": 1.0})
         raise DistributedTrainingError("Ray training failed (ray.max_failures=0): worker died")
 
-    monkeypatch.setattr(mmim.distributed, "train_distributed", lost_worker)  # what the task imports
+    monkeypatch.setattr(mmim.cluster.distributed, "train_distributed", lost_worker)  # what the task imports
     versions_before = versions(pipeline)
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
     # another config, so that training is not restored from the cache
@@ -294,7 +294,7 @@ def test_a_tuning_run_trains_its_best_config_over_seeds_and_later_runs_read_that
     assert search["search"].startswith("tune-synthetic-") and search["best_settings"] == {"train.lr_main": 0.002}
     assert len(children(pipeline.mlflow, search["parent_run_id"])) == 1  # the trial's run
     parent = pipeline.mlflow.get_run(summary["run_id"])
-    assert parent.data.params["train.lr_main"] == "0.002" and parent.data.tags["mmim.seeds"] == "1,2,3"
+    assert parent.data.params["train.lr_main"] == "0.002" and parent.data.tags["mmim.cluster.seeds"] == "1,2,3"
 
     # three seeds, three child runs; the parent's mean and std are those of the children's figures,
     # each at its own selected epoch (lowest validation MAE)

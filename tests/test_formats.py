@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from mmim.cli import main
-from mmim.errors import MMIMInputError
-from mmim.extract import extract
-from mmim.store import FeatureStore
-from mmim.synthetic import synthesize, write_synthetic_raw
-from mmim.text_encoder import load_tokenizer, tokenize
-from mmim.untrusted_pickle import load_untrusted_pickle
+from mmim.core.errors import MMIMInputError
+from mmim.core.store import FeatureStore
+from mmim.core.text_encoder import load_tokenizer, tokenize
+from mmim.data.extract import extract
+from mmim.data.synthetic import synthesize, write_synthetic_raw
+from mmim.data.untrusted_pickle import load_untrusted_pickle
 
 SPLIT_SIZES = {"train": 4, "valid": 2, "test": 3}
 WORDS = [

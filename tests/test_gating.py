@@ -1,5 +1,5 @@
 """Gating head to head, against a real `mlflow server` (sqlite) on 127.0.0.1, as the flow's
-evaluate and register steps do it (mmim.tracking.compare_with_champion, mmim.registry.register).
+evaluate and register steps do it (mmim.registry.tracking.compare_with_champion, mmim.registry.versions.register).
 
 The models are real checkpoints whose score is a constant (the last layer's weights zeroed,
 its bias set), so every figure below is known in advance: a constant c scores
@@ -20,17 +20,17 @@ from mlflow import MlflowClient
 from rich.console import Console
 from transformers import BertTokenizer
 
-from mmim.checkpoint import save_checkpoint
 from mmim.cli import _registry_table, main
-from mmim.gating import paired_bootstrap
-from mmim.metrics import pearson
-from mmim.model import build_model
-from mmim.registry import champion_version, describe, figure, promote, register
-from mmim.store import FeatureStore, bind_store
-from mmim.store_writer import write_store
-from mmim.synthetic import synthesize
-from mmim.text_encoder import load_tokenizer
-from mmim.tracking import PYFUNC_ENTRY, compare_with_champion
+from mmim.core.metrics import pearson
+from mmim.core.model import build_model
+from mmim.core.store import FeatureStore, bind_store
+from mmim.core.text_encoder import load_tokenizer
+from mmim.data.store_writer import write_store
+from mmim.data.synthetic import synthesize
+from mmim.registry.gating import paired_bootstrap
+from mmim.registry.tracking import PYFUNC_ENTRY, compare_with_champion
+from mmim.registry.versions import champion_version, describe, figure, promote, register
+from mmim.training.checkpoint import save_checkpoint
 from tests.helpers import TINY_SIZES, compared, start_mlflow_server
 
 LONG_VERSION = "b18a22a3b9effafe5e7a9b919ea4b276.dir"  # as DVC names a store: the registry table folds it

@@ -14,23 +14,37 @@ import pytest
 from tests.helpers import PROJECT
 
 SERVICES = ("ray", "mlflow", "dvc", "prefect", "matplotlib", "botocore")
-TRAINING = ("mmim.engine", "mmim.train", "mmim.distributed")
+TRAINING = ("mmim.training.engine", "mmim.training.train", "mmim.cluster.distributed")
 
-CORE = ("mmim.config", "mmim.model", "mmim.engine", "mmim.metrics", "mmim.store", "mmim.data")
+CORE = (
+    "mmim.core.config",
+    "mmim.core.model",
+    "mmim.training.engine",
+    "mmim.core.metrics",
+    "mmim.core.store",
+    "mmim.core.batches",
+)
 
-# module -> what importing it must not load. A module's imports are checked with it: mmim.train
-# imports the whole core (asserted below), mmim.predict the checkpoint, flows.retrain every task.
+# module -> what importing it must not load. A module's imports are checked with it: mmim.training.train
+# imports the whole core (asserted below), mmim.training.predict the checkpoint, flows.retrain every task.
 CONTRACT = {
     # the core and the single-process training on it
-    "mmim.train": SERVICES,
+    "mmim.training.train": SERVICES,
     # inference: predictions and the checkpoint never pull in training
-    "mmim.predict": SERVICES + TRAINING,
+    "mmim.training.predict": SERVICES + TRAINING,
     # serving is MLflow's, and nothing else's
-    "mmim.serving": ("ray", "dvc", "prefect", "matplotlib") + TRAINING,
+    "mmim.registry.serving": ("ray", "dvc", "prefect", "matplotlib") + TRAINING,
     # `mmim predict`, `mmim --help`: adapters load when a command needs them
-    "mmim.cli": SERVICES + ("mmim.distributed", "mmim.tracking", "mmim.versioning"),
+    "mmim.cli": SERVICES + ("mmim.cluster.distributed", "mmim.registry.tracking", "mmim.data.versioning"),
     # the pipeline: Prefect and DVC, but Ray, MLflow and plotting only inside the steps that use them
-    "flows.retrain": ("ray", "mlflow", "matplotlib", "mmim.distributed", "mmim.tracking", "mmim.registry"),
+    "flows.retrain": (
+        "ray",
+        "mlflow",
+        "matplotlib",
+        "mmim.cluster.distributed",
+        "mmim.registry.tracking",
+        "mmim.registry.versions",
+    ),
 }
 
 # One interpreter imports what every layer may use (torch, transformers, ...) once, then forks a
@@ -72,17 +86,17 @@ def test_import_contract(module, loaded):
     loaded = loaded[module]
     broken = sorted(name for name in CONTRACT[module] if name in loaded)
     assert not broken, f"importing {module} loads {', '.join(broken)}"
-    if module == "mmim.train":
+    if module == "mmim.training.train":
         assert set(CORE) <= loaded  # so the core is checked with it
-    if module == "mmim.predict":
-        assert "mmim.checkpoint" in loaded
+    if module == "mmim.training.predict":
+        assert "mmim.training.checkpoint" in loaded
     if module == "flows.retrain":
         assert {"tasks.features", "tasks.checks", "tasks.training", "tasks.registration"} <= loaded
 
 
 def test_the_probe_sees_what_an_import_loads(loaded):
     """The check can fail: what a layer is allowed to load does show up."""
-    assert "mlflow" in loaded["mmim.serving"] and "prefect" in loaded["flows.retrain"]
+    assert "mlflow" in loaded["mmim.registry.serving"] and "prefect" in loaded["flows.retrain"]
 
 
 def test_the_command_line_starts_without_torch():

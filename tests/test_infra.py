@@ -16,7 +16,7 @@ import ray
 import yaml
 
 from mmim.cli import build_parser
-from mmim.config import load_config
+from mmim.core.config import load_config
 from tests.helpers import PROJECT
 
 INFRA = PROJECT / "infra"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from mmim.metrics import compute_metrics, over_seeds, pearson, weighted_f1
+from mmim.core.metrics import compute_metrics, over_seeds, pearson, weighted_f1
 
 PREDICTIONS = [2.6, -0.4, 0.0, 1.2, -2.7]
 TRUTHS = [3.0, 0.0, -0.5, 1.0, -2.2]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmim.checkpoint import read_official_weights
-from mmim.config import ModelConfig
-from mmim.errors import MMIMInputError
-from mmim.model import MMILB, LabelGroups, build_model, gaussian_entropy_term, load_official_state_dict
+from mmim.core.config import ModelConfig
+from mmim.core.errors import MMIMInputError
+from mmim.core.model import MMILB, LabelGroups, build_model, gaussian_entropy_term, load_official_state_dict
+from mmim.training.checkpoint import read_official_weights
 
 # The official module names (declare-lab/Multimodal-Infomax, src/model.py + modules/encoders.py).
 OFFICIAL_KEYS = [

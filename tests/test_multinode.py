@@ -18,12 +18,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from mmim.checkpoint import load_checkpoint
-from mmim.distributed import train_distributed
-from mmim.errors import DistributedTrainingError
-from mmim.files import read_json
-from mmim.tracking import tracked_run
-from mmim.versioning import push, reproduce
+from mmim.cluster.distributed import train_distributed
+from mmim.core.errors import DistributedTrainingError
+from mmim.core.files import read_json
+from mmim.data.versioning import push, reproduce
+from mmim.registry.tracking import tracked_run
+from mmim.training.checkpoint import load_checkpoint
 from tests.helpers import make_dvc_project, run, run_in_thread, tracked
 
 pytestmark = pytest.mark.service  # a three-node Ray cluster, S3, DVC

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import ray
 
-from mmim.recordings.extractor import ClipExtractor, ExtractorSettings, IsolatedExtractor
-from mmim.recordings.job import extract_recordings
-from mmim.recordings.layout import hash_split, read_dataset
-from mmim.recordings.media import MediaError
-from mmim.recordings.sample import write_blank_clip, write_face_clip, write_voice
-from mmim.store import FeatureStore
-from mmim.tracking import track_and_register
-from mmim.train import train
+from mmim.core.store import FeatureStore
+from mmim.data.recordings.extractor import ClipExtractor, ExtractorSettings, IsolatedExtractor
+from mmim.data.recordings.job import extract_recordings
+from mmim.data.recordings.layout import hash_split, read_dataset
+from mmim.data.recordings.media import MediaError
+from mmim.data.recordings.sample import write_blank_clip, write_face_clip, write_voice
+from mmim.registry.tracking import track_and_register
+from mmim.training.train import train
 from tests.helpers import free_port, invocations, run_mmim, start
 
 SETTINGS = ExtractorSettings()  # the defaults: eGeMAPSv02 at 50 Hz, faces at 15 fps

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mmim.registry import champion_moves, promote, register, rollback
+from mmim.registry.versions import champion_moves, promote, register, rollback
 from tests.helpers import compared
 
 NAME = "mmim-gating"

@@ -15,13 +15,13 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from mmim.checkpoint import save_checkpoint
-from mmim.model import build_model
-from mmim.predict import MAX_FRAMES, MAX_INPUT_BYTES, MAX_UTTERANCES
-from mmim.serving import MMIMPyfunc
-from mmim.store import FeatureStore, bind_store
-from mmim.synthetic import AUDIO_DIM, VISION_DIM
-from mmim.text_encoder import load_tokenizer
+from mmim.core.model import build_model
+from mmim.core.store import FeatureStore, bind_store
+from mmim.core.text_encoder import load_tokenizer
+from mmim.data.synthetic import AUDIO_DIM, VISION_DIM
+from mmim.registry.serving import MMIMPyfunc
+from mmim.training.checkpoint import save_checkpoint
+from mmim.training.predict import MAX_FRAMES, MAX_INPUT_BYTES, MAX_UTTERANCES
 from tests.helpers import EXAMPLE, free_port, run_mmim
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from mmim.cli import main
-from mmim.data import make_loader
-from mmim.errors import MMIMInputError
-from mmim.store import FeatureStore, sha256_of
-from mmim.store_writer import PaddedSequences, SequenceList, SourceSplit, write_store
-from mmim.synthetic import synthesize
-from mmim.text_encoder import load_tokenizer, tokenize
+from mmim.core.batches import make_loader
+from mmim.core.errors import MMIMInputError
+from mmim.core.store import FeatureStore, sha256_of
+from mmim.core.text_encoder import load_tokenizer, tokenize
+from mmim.data.store_writer import PaddedSequences, SequenceList, SourceSplit, write_store
+from mmim.data.synthetic import synthesize
 
 WORDS = ["the movie was good", "the plot was not bad", "i watched it", "the acting was very dull and weak"]
 
@@ -286,7 +286,7 @@ def extract_synthetic(capsys, out, encoder, *extra):
 def small_synthetic(monkeypatch):
     """`--source synthetic` at a few examples per split, so an extraction takes no time."""
     sizes = {"train": 8, "valid": 4, "test": 4}
-    monkeypatch.setattr("mmim.extract.synthesize", lambda seed: synthesize(seed, sizes))
+    monkeypatch.setattr("mmim.data.extract.synthesize", lambda seed: synthesize(seed, sizes))
 
 
 def _precious_directory(out, write):

@@ -16,10 +16,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmim.registry import describe, promote, rollback
-from mmim.store import FeatureStore
-from mmim.tracking import input_example, registered_model_name, track_and_register
-from mmim.train import train
+from mmim.core.store import FeatureStore
+from mmim.registry.tracking import input_example, registered_model_name, track_and_register
+from mmim.registry.versions import describe, promote, rollback
+from mmim.training.train import train
 from tests.helpers import EXAMPLE, free_port, invocations, postgres_database, run_mmim, start, start_mlflow_server
 
 pytestmark = pytest.mark.service  # an MLflow server on PostgreSQL and S3 (moto), `mmim serve`

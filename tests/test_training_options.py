@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from mmim.data import make_loader
-from mmim.engine import Engine, seed_everything
-from mmim.model import build_model
-from mmim.store import FeatureStore, bind_store
+from mmim.core.batches import make_loader
+from mmim.core.model import build_model
+from mmim.core.store import FeatureStore, bind_store
+from mmim.training.engine import Engine, seed_everything
 
 
 def setup(config, model=None, **train):

@@ -15,10 +15,10 @@ import ray
 import yaml
 
 from mmim.cli import _training_overrides, build_parser, main
-from mmim.config import load_config
-from mmim.errors import MMIMInputError
-from mmim.train import train
-from mmim.tune import load_search_spec, search
+from mmim.cluster.tune import load_search_spec, search
+from mmim.core.config import load_config
+from mmim.core.errors import MMIMInputError
+from mmim.training.train import train
 from tests.helpers import tracked
 
 pytestmark = pytest.mark.service  # a local Ray cluster

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from configobj import ConfigObj
 
-from mmim.errors import MMIMInputError, ServiceUnavailableError
-from mmim.versioning import (
+from mmim.core.errors import MMIMInputError, ServiceUnavailableError
+from mmim.data.versioning import (
     data_version,
     ensure_store,
     fetch_store,

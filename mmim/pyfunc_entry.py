@@ -1,7 +1,0 @@
-"""Entry point of the logged MLflow model ("model from code": nothing is pickled)."""
-
-import mlflow
-
-from mmim.serving import MMIMPyfunc
-
-mlflow.models.set_model(MMIMPyfunc())

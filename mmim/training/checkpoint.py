@@ -1,0 +1,123 @@
+"""Checkpoints: everything needed to rebuild and run a trained model, and no pickle.
+
+    CHECKPOINT/
+      model.safetensors   the state dict (official parameter names)
+      config.json         the validated run config, with the store's input dims
+      text_encoder/       the encoder's Hugging Face config + tokenizer files
+      metrics.json        optional: selected epoch, valid/test metrics
+
+This is the inference artifact: serving and evaluation load it, and nothing here
+imports training. (A Ray checkpoint adds the resume state beside it: mmim.cluster.distributed.)
+
+A checkpoint is self-contained: evaluating or serving it needs neither the network
+nor the original encoder directory. It is written to a temporary directory and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from mmim.core.config import Config, config_from_dict, config_to_json
+from mmim.core.errors import MMIMInputError, first_line
+from mmim.core.files import atomic_directory, read_json
+from mmim.core.model import MMIM, load_official_state_dict
+from mmim.core.text_encoder import load_tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TEXT_ENCODER = "text_encoder"
+METRICS = "metrics.json"
+
+
+def save_checkpoint(
+    directory: str | Path, model: MMIM, config: Config, tokenizer: PreTrainedTokenizerBase, metrics: dict | None = None
+) -> Path:
+    directory = Path(directory)
+    with atomic_directory(directory) as staging:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS))
+        (staging / CONFIG).write_text(config_to_json(config))
+        model.text_enc.bertmodel.config.save_pretrained(staging / TEXT_ENCODER)
+        tokenizer.save_pretrained(staging / TEXT_ENCODER)
+        if metrics is not None:
+            (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return directory
+
+
+def read_official_weights(path: str | Path) -> dict:
+    """The state dict the reference code saves (`torch.save(model.state_dict(), ...)`).
+
+    Read with `weights_only=True`: tensors and plain containers only; anything else in
+    the pickle (code to run on load included) is refused, never executed.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MMIMInputError(f"{path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        reason = first_line(error)
+        raise MMIMInputError(f"{path}: not a plain state dict of tensors ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MMIMInputError(f"{path}: expected a state dict (parameter name -> tensor)")
+    return state
+
+
+def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[MMIM, Config, PreTrainedTokenizerBase]:
+    """(model in eval mode, its config, its tokenizer) from a checkpoint directory."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG, TEXT_ENCODER):
+        if not (directory / name).exists():
+            raise MMIMInputError(f"{directory / name}: missing; {directory} is not an mmim checkpoint")
+    config = config_from_dict(read_json(directory / CONFIG), str(directory / CONFIG))
+    encoder_dir = str(directory / TEXT_ENCODER)
+    try:
+        encoder_config = AutoConfig.from_pretrained(encoder_dir)
+        # Built without memory first: a config that asks for more than the weights file holds
+        # (a vocab_size of 1e11, say) is refused before anything is allocated.
+        with torch.device("meta"):
+            _check_shapes(directory / WEIGHTS, MMIM(config.model, AutoModel.from_config(encoder_config)))
+        backbone = AutoModel.from_config(encoder_config)
+    except (OSError, ValueError) as error:
+        raise MMIMInputError(f"{encoder_dir}: cannot read the encoder config ({first_line(error)})") from None
+    model = MMIM(config.model, backbone)
+    load_weights(directory, model)
+    return model.to(device).eval(), config, load_tokenizer(encoder_dir)
+
+
+def _check_shapes(path: Path, model: MMIM) -> None:
+    """Every parameter of `model` (built on the meta device) has the shape the weights file declares."""
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            declared = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (SafetensorError, OSError) as error:
+        raise MMIMInputError(f"{path}: corrupt or truncated ({error})") from None
+    for name, tensor in model.state_dict().items():
+        if name in declared and declared[name] != tuple(tensor.shape):
+            raise MMIMInputError(
+                f"{path}: {name} has shape {declared[name]}, but the checkpoint's config builds {tuple(tensor.shape)}"
+            )
+
+
+def load_weights(directory: str | Path, model: MMIM) -> None:
+    """Load a checkpoint's `model.safetensors` into an already built model (strict)."""
+    path = Path(directory) / WEIGHTS
+    try:
+        state = load_file(str(path), device=str(next(model.parameters()).device))
+    except (SafetensorError, OSError) as error:
+        raise MMIMInputError(f"{path}: corrupt or truncated ({error})") from None
+    broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise MMIMInputError(f"{path}: {broken} contains NaN or inf")
+    try:
+        load_official_state_dict(model, state)
+    except MMIMInputError as error:
+        raise MMIMInputError(f"{path}: {error}") from None
