@@ -31,31 +31,18 @@ On a schedule: prefect.yaml (docs/pipeline.md).
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-import yaml
 from prefect import State, Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.logging.handlers import PrefectConsoleHandler
-from pydantic import BaseModel
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from flows.summary import RetrainSummary, champion_line, summary_markdown, what_was_trained
 from mmim.core.config import Config, check_ray_settings, load_config
 from mmim.core.errors import MMIMInputError, first_line
-from mmim.core.metrics import METRIC_NAMES
-from mmim.data.recordings.layout import read_dataset
-from mmim.data.versioning import check_inputs, store_path
-from mmim.registry.server import registered_model_name, tracking_uri
-from mmim.terminal import quiet_libraries
+from mmim.registry.server import registered_model_name
 from tasks import (
     DataChecks,
     FeatureStoreRef,
@@ -70,9 +57,8 @@ from tasks import (
     register,
     train,
 )
-from tasks.caching import Origin
 from tasks.checks import artifact_key
-from tasks.registration import Champion, champion_to_compare, current_champion
+from tasks.registration import champion_to_compare, current_champion
 from tasks.tuning import TunedConfig, tune_hyperparameters
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -85,39 +71,6 @@ class StepFailed(RuntimeError):
         reason = first_line(error)
         super().__init__(f"step {step} failed: {reason}")
         self.step, self.bad_input = step, isinstance(error, MMIMInputError)
-
-
-class RetrainSummary(BaseModel):
-    dataset: str
-    data_version: str
-    stages_run: list[str]  # what DVC ran for the extraction step (this run's, or the restored run's)
-    extraction: Origin | None  # the flow run that extracted
-    files_pushed: int | None  # None: push skipped
-    data_checks: DataChecks
-    run_id: str
-    run_link: str  # the run in the MLflow UI, or its runs:/ URI when there is no UI for the tracking URI
-    model_uri: str
-    checkpoint: str | None  # the local copy of the selected epoch's checkpoint (OUTPUT_DIR/best)
-    selected_epoch: int
-    evaluation: dict[str, dict[str, float]]  # split -> metric -> value, from the logged checkpoint
-    registration: Registration
-    champion: Champion | None  # the registry's champion when the run ended
-    cached_steps: list[str]  # restored from an earlier run with the same content key
-    config: str  # the config file trained (as given, or `tuned_config`)
-    tuning: TunedConfig | None = None  # this run's search, when it ran one
-    seeds: dict | None = None  # with train.seeds: each seed's figures, their mean and std
-
-    @property
-    def decision(self) -> str:
-        r = self.registration
-        return f"{r.model_name} v{r.version}: {r.decision}"
-
-    def provenance(self, step: str, what: str, origin: Origin | None = None) -> str:
-        """`what` a step did in this run, or which earlier flow run did it when it was restored."""
-        if step not in self.cached_steps:
-            return f"this run: {what}"
-        source = f"flow run {origin.flow_run} at {origin.at}" if origin else "an earlier flow run"
-        return f"restored from cache: {what}, by {source}"
 
 
 class Steps:
@@ -178,163 +131,6 @@ def pipeline_config(project: Path, config: str, overrides: list[str]) -> Config:
             "tracking": tracking,
         }
     )
-
-
-MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local tracking store
-
-
-def what_was_trained(trained: TrainedModel) -> dict[str, Any]:
-    """The summary's fields about the trained model: its run, model and checkpoint."""
-    return {
-        "run_id": trained.run_id,
-        "run_link": run_link(trained),
-        "model_uri": trained.model_uri,
-        "checkpoint": trained.checkpoint,
-        "selected_epoch": trained.epoch,
-    }
-
-
-def run_link(trained: TrainedModel) -> str:
-    """The run's page: on the tracking server, or under `mlflow ui` for a local store."""
-    uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        base = uri.rstrip("/")
-    elif uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        base = MLFLOW_UI
-    else:  # databricks and other hosted stores: no URL we can know
-        return f"runs:/{trained.run_id}"
-    # MLflow 3.17's UI opens in its GenAI mode unless the address (or the browser's last
-    # choice) asks for model training, whatever the experiment's kind tag says.
-    return f"{base}/#/experiments/{trained.experiment_id}/runs/{trained.run_id}?workflowType=machine_learning"
-
-
-def _local(path: str | Path) -> str:
-    """`path` relative to the working directory when it is below it (shorter to copy)."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
-
-
-def figure_columns(summary: RetrainSummary) -> dict[str, dict[str, float]]:
-    """Column -> metric -> value: the new model's figures, then the champion's on the same data."""
-    compared = summary.registration.compared
-    columns = dict(summary.evaluation)
-    columns.update(
-        {
-            f"champion v{compared.champion_version} {split}": figures
-            for split, figures in (compared.champion or {}).items()
-        }
-    )
-    return columns
-
-
-def summary_table(summary: RetrainSummary) -> Table:
-    table = Table(
-        title=f"retrain {summary.dataset}: selected epoch {summary.selected_epoch}, "
-        f"scored on data {summary.data_version}"
-    )
-    table.add_column("metric")
-    columns = figure_columns(summary)
-    for column in columns:
-        table.add_column(column, justify="right")
-    for name in METRIC_NAMES:
-        table.add_row(name, *(f"{figures[name]:.4f}" for figures in columns.values()))
-    return table
-
-
-def _checkpoint_here(summary: RetrainSummary) -> str | None:
-    """The local checkpoint, if it is on this machine (a cached result may name another's)."""
-    if summary.checkpoint and Path(summary.checkpoint).is_dir():
-        return _local(summary.checkpoint)
-    return None
-
-
-def _champion(champion: Champion | None) -> str:
-    if champion is None:
-        return "none"
-    figure = (
-        f"no {champion.metric} on this data"
-        if champion.value is None
-        else f"{champion.metric}={champion.value:.4f} on this data"
-    )
-    return f"{champion.model_name} v{champion.version} ({figure})"
-
-
-def _seeds(seeds: dict) -> str:
-    mean, std = seeds["mean"]["valid_MAE"], seeds["std"]["valid_MAE"]
-    listed = ", ".join(seeds["seeds"])
-    return f"{listed}: valid MAE {mean:.4f} ± {std:.4f} (gated on the mean); registered: seed {seeds['best_seed']}"
-
-
-def _checks(checks: DataChecks) -> str:
-    against = f"against {checks.previous_version}" if checks.previous_version else "no previous data to compare with"
-    return f"{checks.verdict} ({against})" + "".join(f"; {warning}" for warning in checks.warnings)
-
-
-def summary_rows(
-    summary: RetrainSummary, link: Callable[[str, str], str] = lambda text, url: url
-) -> list[tuple[str, str]]:
-    """(label, text) of what this run did and what it restored; `link(text, url)` renders a link."""
-    ran = f"ran {', '.join(summary.stages_run)}" if summary.stages_run else "store up to date"
-    pushed = (
-        "skipped"
-        if summary.files_pushed is None
-        else f"{summary.files_pushed} files sent"
-        if summary.files_pushed
-        else "0 files sent (the remote had them)"
-    )
-    extracted = summary.provenance("extract_features", ran, summary.extraction)
-    trained = summary.provenance("train", f"epoch {summary.selected_epoch} selected")
-    review = summary.registration.needs_review
-    return [
-        ("data version", f"{summary.data_version} ({extracted})"),
-        ("DVC push", pushed),
-        ("data checks", _checks(summary.data_checks)),
-        ("config", summary.tuning.text() if summary.tuning else summary.config),
-        *([("seeds", _seeds(summary.seeds))] if summary.seeds else []),
-        ("MLflow run", f"{link(summary.run_id, summary.run_link)} ({trained})"),
-        ("model", summary.model_uri),
-        ("checkpoint", _checkpoint_here(summary) or "not on this machine (use the model)"),
-        ("compared", summary.registration.compared.text()),
-        ("registry", summary.provenance("register", summary.decision, summary.registration.origin)),
-        *(
-            [
-                (
-                    "NEEDS REVIEW",
-                    f"{review}; a person decides: mmim registry promote --name "
-                    f"{summary.registration.model_name} --version {summary.registration.version}",
-                )
-            ]
-            if review
-            else []
-        ),
-        ("champion now", _champion(summary.champion)),
-        ("from cache", ", ".join(summary.cached_steps) or "nothing"),
-    ]
-
-
-def summary_markdown(summary: RetrainSummary) -> str:
-    columns = figure_columns(summary)
-    rows = "\n".join(
-        f"| {name} | " + " | ".join(f"{figures[name]:.4f}" for figures in columns.values()) + " |"
-        for name in METRIC_NAMES
-    )
-    facts = "\n".join(
-        f"| {label} | {text} |" for label, text in summary_rows(summary, lambda text, url: f"[{text}]({url})")
-    )
-    return f"""# Retraining on {summary.dataset}
-
-| | |
-|---|---|
-{facts}
-| serve | `mmim serve --model models:/{summary.registration.model_name}@champion` |
-
-Selected epoch {summary.selected_epoch} (lowest validation MAE); figures of the logged checkpoint,
-and of the champion it was compared with, on data {summary.data_version}:
-
-| metric | {" | ".join(columns)} |
-|---|{"---|" * len(columns)}
-{rows}
-"""
 
 
 @flow(name="retrain", description="DVC extraction -> Ray training -> MLflow -> gated registration")
@@ -411,153 +207,14 @@ def retrain(
         seeds=trained.seeds,
     )
     registry_row = summary.provenance("register", summary.decision, registration.origin)
-    log.info("%s; champion now %s", registry_row, _champion(champion))
+    log.info("%s; champion now %s", registry_row, champion_line(champion))
     if registration.needs_review:
         log.warning("%s v%s needs review: %s", model_name, registration.version, registration.needs_review)
     create_markdown_artifact(summary_markdown(summary), key=artifact_key("retrain", dataset), description=registry_row)
     return summary.model_dump()
 
 
-# ---------------------------------------------------------------- command line
-
-
-def _hints(summary: RetrainSummary, project: Path) -> list[str]:
-    scripts = _local(Path(sys.executable).parent)  # where mlflow, prefect and mmim are
-    uri = tracking_uri()
-    mlflow_ui = (
-        summary.run_link
-        if uri.startswith("http")
-        else f"{scripts}/mlflow ui --backend-store-uri {uri}   then {summary.run_link}"
-    )
-    name = summary.registration.model_name
-    checkpoints = [c for c in (_checkpoint_here(summary), f"models:/{name}@champion") if c]
-    given = _prediction_input(project, summary.dataset)
-    predict = [f"{scripts}/mmim predict --checkpoint {c} {given}" for c in checkpoints]
-    return [
-        f"MLflow UI:   {mlflow_ui}",
-        f"Prefect UI:  {scripts}/prefect server start   (http://127.0.0.1:4200; shows this run)",
-        *(f"{'predict:' if i == 0 else '':<13}{line}" for i, line in enumerate(predict)),
-        (
-            f"evaluate:    {scripts}/mmim evaluate --checkpoint {checkpoints[0]} "
-            f"--store {_local(project / store_path(summary.dataset))}"
-        ),
-        f"registry:    {scripts}/mmim registry list --name {name}",
-        f"serve:       {scripts}/mmim serve --model models:/{name}@champion",
-    ]
-
-
-def _prediction_input(project: Path, dataset: str) -> str:
-    """What the hints give `mmim predict`: a clip of a recordings dataset (a whole file, with its
-    transcript), else the shipped example utterances."""
-    entry = (yaml.safe_load((project / "params.yaml").read_text()).get("datasets") or {}).get(dataset) or {}
-    if entry.get("source") == "recordings":
-        clips, _ = read_dataset(project / entry["input"])
-        whole = next((clip for clip in clips if clip.start is None and clip.end is None), None)
-        if whole is not None:
-            return f"--recording {_local(whole.path)} --text {shlex.quote(whole.text)}"
-    return f"--input {_local(project / 'examples' / 'utterances.json')}"
-
-
-def _print_error(message: str) -> None:
-    Console(stderr=True).print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
-
-
-class RoutineLines(logging.Filter):
-    """Prefect's console lines that tell a person nothing the summary does not: steps that
-    finished or were restored, the flow starting, its temporary API server. They still go to
-    the Prefect API (the UI shows them); failures and every step's own lines are printed."""
-
-    ROUTINE = (
-        "Finished in state Completed",
-        "Finished in state Cached",
-        "Beginning flow run",
-        "Starting temporary server",
-        "Stopping temporary server",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.ROUTINE)
-
-
-def default_config(project: Path, dataset: str) -> str:
-    """configs/<dataset>.yaml when the project has one (mosi, mosei, recordings-sample), else the
-    demo's: a dataset's own settings, and its own output_dir and registered model."""
-    own = f"configs/{dataset}.yaml"
-    return own if (project / own).is_file() else "configs/demo.yaml"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=retrain.description)
-    parser.add_argument("--dataset", default="synthetic", help="entry of params.yaml `datasets`")
-    parser.add_argument(
-        "--config",
-        help="YAML config, relative to --project-dir (default: configs/<dataset>.yaml "
-        "when there is one, else configs/demo.yaml)",
-    )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    parser.add_argument("--project-dir", default=".", help="checkout with dvc.yaml and params.yaml")
-    parser.add_argument("--no-push", action="store_true", help="do not push the store to the DVC remote")
-    parser.add_argument("--remote", help="DVC remote (default: the repository's default)")
-    parser.add_argument("--refresh", action="store_true", help="ignore cached step results")
-    parser.add_argument(
-        "--tune-trials",
-        type=int,
-        default=0,
-        metavar="N",
-        help="search hyperparameters with N Ray Tune trials before training, and train the best config",
-    )
-    parser.add_argument("--search-space", default="configs/search/mmim.yaml", help="search space file")
-    parser.add_argument(
-        "--tuned-config",
-        metavar="FILE",
-        help="where a search writes its best config (default runs/search/<dataset>.yaml); "
-        "without --tune-trials, trained instead of --config when it exists",
-    )
-    args = parser.parse_args(argv)
-    quiet_libraries()
-    for library in ("mlflow", "dvc"):  # their progress lines repeat what the steps log
-        logging.getLogger(library).setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
-        if isinstance(handler, PrefectConsoleHandler):
-            handler.addFilter(RoutineLines())
-    project = Path(args.project_dir).resolve()
-    args.config = args.config or default_config(project, args.dataset)
-    try:  # the flow checks these too; here they fail in one line, before Prefect starts
-        pipeline_config(project, config_file(project, args.config, args.tuned_config, args.tune_trials), args.set)
-        if args.tune_trials:
-            from mmim.cluster.tune import load_search_spec
-
-            load_search_spec(_under(project, args.search_space))
-        check_inputs(args.dataset, args.project_dir)  # names data/raw/<dataset> as the user would
-    except MMIMInputError as error:
-        _print_error(str(error))
-        return EXIT_BAD_INPUT
-    try:
-        result = retrain(
-            dataset=args.dataset,
-            config=args.config,
-            overrides=args.set,
-            project_dir=str(project),
-            push=not args.no_push,
-            remote=args.remote,
-            refresh=args.refresh,
-            tune_trials=args.tune_trials,
-            search_space=args.search_space,
-            tuned_config=args.tuned_config,
-        )
-    except StepFailed as error:
-        _print_error(str(error))
-        return EXIT_BAD_INPUT if error.bad_input else EXIT_FAILED
-    summary = RetrainSummary.model_validate(result)
-    stdout = Console()
-    stdout.print(summary_table(summary))
-    for label, text in summary_rows(summary):
-        stdout.print(f"{label:<14}{text}", highlight=False, soft_wrap=True)
-    stdout.print()
-    for line in _hints(summary, project):
-        stdout.print(line, highlight=False, soft_wrap=True)
-    return 0
-
-
 if __name__ == "__main__":
+    from flows.command_line import main
+
     sys.exit(main())

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 def quiet_libraries() -> None:
@@ -21,3 +26,11 @@ def quiet_libraries() -> None:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def counter(console: Console, description: str) -> Iterator[tuple[Progress, TaskID]]:
+    """A transient progress bar with a count, on `console`: (progress, its task)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield progress, progress.add_task(description, total=None)

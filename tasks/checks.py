@@ -8,9 +8,10 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from mmim.core.errors import MMIMInputError
-from mmim.data.checks import check_store
+from mmim.data.checks import DataReport
 from mmim.data.versioning import ensure_store
+from mmim.lifecycle import checks as lifecycle_checks
+from mmim.lifecycle.checks import DataChecksFailed
 from tasks.features import FeatureStoreRef
 from tasks.retries import service_task
 
@@ -35,24 +36,16 @@ def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> 
     The report is the markdown artifact `data-checks-<dataset>`; a failed hard check fails
     the step, naming the check and the ids, before anything trains.
     """
-    from mmim.registry.tracking import champion_profile  # MLflow, only when the step runs
-
     log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
-    report = check_store(store, features.data_version, champion_profile(model_name))
-    tags = report.tags()
-    create_markdown_artifact(
-        report.markdown(),
-        key=artifact_key("data-checks", features.dataset),
-        description=f"data checks of {features.data_version}: {tags['data_checks']}",
-    )
+    try:
+        report = lifecycle_checks.check_data(store, features.data_version, model_name)
+    except DataChecksFailed as failed:
+        _report(features, failed.report)
+        raise
+    tags = _report(features, report)
     for check in report.warnings:
         log.warning("data check %s", check.line())
-    if report.failed:
-        raise MMIMInputError(
-            f"data version {features.data_version} failed the data checks: "
-            + "; ".join(check.line() for check in report.failed)
-        )
     log.info(
         "data checks of %s %s%s",
         features.data_version,
@@ -66,3 +59,14 @@ def check_data(features: FeatureStoreRef, project_dir: str, model_name: str) -> 
         warnings=[check.line() for check in report.warnings],
         tags=tags,
     )
+
+
+def _report(features: FeatureStoreRef, report: DataReport) -> dict[str, str]:
+    """The report as the markdown artifact data-checks-<dataset>; its tags."""
+    tags = report.tags()
+    create_markdown_artifact(
+        report.markdown(),
+        key=artifact_key("data-checks", features.dataset),
+        description=f"data checks of {features.data_version}: {tags['data_checks']}",
+    )
+    return tags

@@ -37,14 +37,11 @@ class Champion(BaseModel):
 def register(
     trained: TrainedModel, compared: HeadToHead, model_name: str, margin: float, min_confidence: float | None
 ) -> Registration:
-    """Register the run's model; `champion` moves only if it beats the champion on the same data."""
-    from mlflow import MlflowClient
+    """mmim.lifecycle's registration step: a new version of the run's model; `champion` moves only
+    if it beats the champion on the same data."""
+    from mmim.lifecycle.registration import register_model
 
-    from mmim.registry import versions as registry
-
-    decision = registry.register(
-        MlflowClient(tracking_uri()), trained.model_uri, model_name, compared, margin, min_confidence
-    )
+    decision = register_model(trained.model_uri, compared, model_name, margin, min_confidence)
     log = get_run_logger()
     log.info("%s v%s: %s", model_name, decision.version, decision.text)
     if decision.needs_review:
@@ -79,8 +76,6 @@ def current_champion(model_name: str, metric: str, data_version: str) -> Champio
 
 def champion_to_compare(model_name: str) -> str | None:
     """The champion's version right before evaluation: the one the challenger is scored against."""
-    from mlflow import MlflowClient
+    from mmim.lifecycle.registration import champion_now  # MLflow, only when the flow gets here
 
-    from mmim.registry import versions as registry
-
-    return registry.champion_version(MlflowClient(tracking_uri()), model_name)
+    return champion_now(model_name)

@@ -13,19 +13,14 @@ from prefect import get_run_logger
 from pydantic import BaseModel
 
 from mmim.core.config import Config
-from mmim.core.errors import MMIMInputError
 from mmim.data.versioning import ensure_store
+from mmim.lifecycle.training import Trained
 from mmim.registry.gating import HeadToHead
-from mmim.registry.server import local_checkpoint
 from mmim.training.engine import epoch_line
 from mmim.training.train import BEST_CHECKPOINT, TrainingResult
 from tasks.caching import evaluation_key, logging_key, training_key
 from tasks.features import FeatureStoreRef
 from tasks.retries import service_task
-
-# Training and the re-evaluation of its logged checkpoint run the same code on the same
-# weights; larger gaps mean the logged artifact is not what was trained (or another device).
-EVALUATION_TOLERANCE = 1e-3
 
 
 class FinishedTraining(BaseModel):
@@ -40,8 +35,9 @@ class FinishedTraining(BaseModel):
     other_seeds: list[str] = []  # with train.seeds: the other seeds' checkpoints (gating takes the mean)
     seeds: dict | None = None  # with train.seeds: each seed's figures, their mean and std (seeds.json)
 
-    def result(self) -> TrainingResult:
-        return TrainingResult(self.epochs, self.best, Path(self.checkpoint), self.stopped_early, self.ray_run)
+    def trained(self) -> Trained:
+        result = TrainingResult(self.epochs, self.best, Path(self.checkpoint), self.stopped_early, self.ray_run)
+        return Trained(result, [Path(path) for path in self.other_seeds], self.seeds)
 
 
 class TrainedModel(BaseModel):
@@ -66,11 +62,10 @@ def run_config(config: Config, features: FeatureStoreRef, project_dir: str) -> C
 def train(
     features: FeatureStoreRef, config: Config, project_dir: str, run_tags: dict[str, str] | None = None
 ) -> FinishedTraining:
-    """Ray Train on the store (RAY_ADDRESS names the cluster), every epoch logged as it is
-    reported to a new MLflow run (tagged with `run_tags`: the data checks' results). With
-    `train.seeds`, one Ray Train run per seed, each a child run; the best seed is the result."""
-    from mmim.cluster.distributed import train_distributed
-    from mmim.cluster.seeds import train_seeds
+    """mmim.lifecycle's training step on the store (Ray Train; RAY_ADDRESS names the cluster), every
+    epoch logged as it is reported to a new MLflow run (tagged with `run_tags`: the data checks'
+    results). With `train.seeds`, one Ray Train run per seed, each a child run."""
+    from mmim.lifecycle.training import train_model
     from mmim.registry.tracking import tracked_run
 
     log = get_run_logger()
@@ -82,27 +77,19 @@ def train(
         config.ray.num_workers,
         " on GPUs" if config.ray.use_gpu else "",
     )
+    if (Path(config.output_dir) / BEST_CHECKPOINT).exists():
+        log.info(
+            "replacing %s/%s: every run's checkpoint is kept in its MLflow run's model",
+            config.output_dir,
+            BEST_CHECKPOINT,
+        )
     # Left open when training succeeds: log_model attaches to it and ends it.
     with tracked_run(config, data_version=features.data_version, tags=run_tags, finished=False) as run:
         log.info("MLflow run %s", run.run_id)
-
-        def on_report(metrics: dict) -> None:
-            log.info(epoch_line(metrics, config.train.epochs))
-            run.log_epoch(metrics)
-
-        if (Path(config.output_dir) / BEST_CHECKPOINT).exists():
-            log.info(
-                "replacing %s/%s: every run's checkpoint is kept in its MLflow run's model",
-                config.output_dir,
-                BEST_CHECKPOINT,
-            )
-        other_seeds, seeds = [], None
-        if config.train.seeds:
-            trained = train_seeds(config, run, overwrite=True)
-            result, other_seeds, seeds = trained.best, trained.other_checkpoints(), trained.summary()
-            log.info("seeds %s: selected seed %d", ", ".join(map(str, trained.seeds)), trained.best_seed)
-        else:
-            result = train_distributed(config, on_report, overwrite=True)
+        trained = train_model(config, run, lambda metrics: log.info(epoch_line(metrics, config.train.epochs)), True)
+    result = trained.result
+    if trained.seeds:
+        log.info("seeds %s: selected seed %s", ", ".join(trained.seeds["seeds"]), trained.seeds["best_seed"])
     log.info("selected epoch %d, valid MAE %.4f", result.best_epoch, result.best["valid_MAE"])
     return FinishedTraining(
         run_id=run.run_id,
@@ -111,19 +98,17 @@ def train(
         best=result.best,
         stopped_early=result.stopped_early,
         ray_run=result.ray_run,
-        other_seeds=[str(path) for path in other_seeds],
-        seeds=seeds,
+        other_seeds=[str(path) for path in trained.other_seeds],
+        seeds=trained.seeds,
     )
 
 
 @service_task("log_model[{features.dataset}]", logging_key)
 def log_model(training: FinishedTraining, features: FeatureStoreRef, config: Config, project_dir: str) -> TrainedModel:
-    """Log the selected epoch's checkpoint as the run's pyfunc model, with its figures and plots."""
-    from mmim.registry.tracking import TrainingRun, ending
+    """mmim.lifecycle's logging step: the selected checkpoint as the run's pyfunc model."""
+    from mmim.lifecycle.registration import log_trained
 
-    config = run_config(config, features, project_dir)
-    with ending(TrainingRun.attach(config, training.run_id)) as run:
-        tracked = run.log_model(training.result())
+    tracked = log_trained(run_config(config, features, project_dir), training.run_id, training.trained())
     return TrainedModel(
         run_id=tracked.run_id,
         experiment_id=tracked.experiment_id,
@@ -145,29 +130,15 @@ def evaluate(
     model_name: str,
     champion: str | None,
 ) -> HeadToHead:
-    """Score the checkpoint as logged to MLflow (not the local copy) and version `champion` of
-    `model_name` (None: no champion) on valid and test of the run's data version.
+    """mmim.lifecycle's scoring step: the model as logged to MLflow and version `champion` of
+    `model_name` (None: no champion) on valid and test of the run's data version; the figures go
+    back to the run (eval_*, champion_*, gate.*), and registration gates on them."""
+    from mmim.lifecycle.registration import score
+    from mmim.registry.tracking import TrackedRun
 
-    The figures go back to the run (eval_*, champion_*, gate.*); registration gates on them.
-    """
-    from mmim.registry.tracking import compare_with_champion
-
-    log = get_run_logger()
     store = ensure_store(features.dataset, project_dir, features.data_version)
+    logged = TrackedRun(trained.run_id, trained.model_uri, trained.experiment_id, features.data_version)
     other_seeds = [Path(path) for path in trained.other_seeds]
-    missing = [str(path) for path in other_seeds if not path.is_dir()]
-    if missing:
-        raise MMIMInputError(f"{missing[0]}: a seed's checkpoint is not on this machine; rerun with refresh=True")
-    with local_checkpoint(trained.model_uri) as checkpoint:
-        compared = compare_with_champion(
-            config, trained.run_id, checkpoint, store, features.data_version, model_name, champion, other_seeds
-        )
-    gap = abs(compared.challenger["valid"]["MAE"] - trained.metrics["valid_MAE"])
-    if compared.seeds == 1 and gap > EVALUATION_TOLERANCE:  # with seeds, the figures are their mean
-        log.warning(
-            "the logged checkpoint scores valid MAE %.4f, training reported %.4f",
-            compared.challenger["valid"]["MAE"],
-            trained.metrics["valid_MAE"],
-        )
-    log.info("%s", compared.text())
+    compared = score(config, logged, trained.metrics["valid_MAE"], other_seeds, store, model_name, champion)
+    get_run_logger().info("%s", compared.text())
     return compared

@@ -20,8 +20,11 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 from prefect.testing.utilities import prefect_test_harness
 
 import mmim.cluster.distributed
-from flows.retrain import RetrainSummary, config_file, main, pipeline_config, retrain, summary_rows
+from flows.command_line import main
+from flows.retrain import config_file, pipeline_config, retrain
+from flows.summary import RetrainSummary, summary_rows
 from mmim.core.errors import DistributedTrainingError, MMIMInputError, ServiceUnavailableError
+from mmim.core.selection import SELECTION
 from mmim.data.formats.mult import write_mult
 from mmim.data.synthetic import synthesize
 from mmim.data.versioning import data_version
@@ -294,10 +297,10 @@ def test_a_tuning_run_trains_its_best_config_over_seeds_and_later_runs_read_that
     assert search["search"].startswith("tune-synthetic-") and search["best_settings"] == {"train.lr_main": 0.002}
     assert len(children(pipeline.mlflow, search["parent_run_id"])) == 1  # the trial's run
     parent = pipeline.mlflow.get_run(summary["run_id"])
-    assert parent.data.params["train.lr_main"] == "0.002" and parent.data.tags["mmim.cluster.seeds"] == "1,2,3"
+    assert parent.data.params["train.lr_main"] == "0.002" and parent.data.tags["mmim.seeds"] == "1,2,3"
 
     # three seeds, three child runs; the parent's mean and std are those of the children's figures,
-    # each at its own selected epoch (lowest validation MAE)
+    # each at its own selected epoch (the one rule, mmim.core.selection)
     runs = children(pipeline.mlflow, summary["run_id"])
     assert sorted(child.info.run_name for child in runs) == ["seed-1", "seed-2", "seed-3"]
     assert all(child.info.status == "FINISHED" for child in runs) and parent.info.status == "FINISHED"
@@ -308,7 +311,8 @@ def test_a_tuning_run_trains_its_best_config_over_seeds_and_later_runs_read_that
             for name in ("valid_MAE", "test_MAE", "test_Corr")
         }
         assert sorted(history["valid_MAE"]) == [1, 2]
-        epoch = min(history["valid_MAE"], key=lambda step: (history["valid_MAE"][step], step))
+        steps = sorted(history["valid_MAE"])
+        epoch = steps[SELECTION.best_index([history["valid_MAE"][step] for step in steps])]
         selected[child.data.params["train.seed"]] = {name: values[epoch] for name, values in history.items()}
     assert len({figures["valid_MAE"] for figures in selected.values()}) == 3  # the seeds made a difference
     for name in ("valid_MAE", "test_MAE", "test_Corr"):
@@ -317,7 +321,8 @@ def test_a_tuning_run_trains_its_best_config_over_seeds_and_later_runs_read_that
         assert parent.data.metrics[f"seeds_std_{name}"] == pytest.approx(np.std(values), abs=1e-9)
 
     # registered: the best seed's model; gated on the three seeds' mean, rescored on the same data
-    best_seed = min(selected, key=lambda seed: selected[seed]["valid_MAE"])
+    listed = ["1", "2", "3"]  # train.seeds, in order: the rule's tie goes to the first
+    best_seed = listed[SELECTION.best_index([selected[seed]["valid_MAE"] for seed in listed])]
     assert parent.data.tags["seeds.best_seed"] == best_seed == str(summary["seeds"]["best_seed"])
     assert "done" not in parent.data.metrics  # Tune's flag is not a figure
     assert parent.data.metrics["selected_valid_MAE"] == pytest.approx(selected[best_seed]["valid_MAE"], abs=1e-9)

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from rich.console import Console
 from transformers import BertTokenizer
 
-from mmim.cli import _registry_table, main
+from mmim.cli import main
 from mmim.core.metrics import pearson
 from mmim.core.model import build_model
 from mmim.core.store import FeatureStore, bind_store
@@ -28,8 +28,10 @@ from mmim.core.text_encoder import load_tokenizer
 from mmim.data.store_writer import write_store
 from mmim.data.synthetic import synthesize
 from mmim.registry.gating import paired_bootstrap
-from mmim.registry.tracking import PYFUNC_ENTRY, compare_with_champion
+from mmim.registry.logged_model import PYFUNC_ENTRY
+from mmim.registry.scoring import compare_with_champion
 from mmim.registry.versions import champion_version, describe, figure, promote, register
+from mmim.tables import registry_table
 from mmim.training.checkpoint import save_checkpoint
 from tests.helpers import TINY_SIZES, compared, start_mlflow_server
 
@@ -240,7 +242,7 @@ def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, t
     assert f"{name}" in capsys.readouterr().out
     # readable at 80 columns: versions and aliases whole, nothing cut
     console = Console(width=80, record=True, file=io.StringIO())
-    console.print(_registry_table(name, describe(client, name)))
+    console.print(registry_table(name, describe(client, name)))
     table = console.export_text()
     assert "…" not in table and max(len(line) for line in table.splitlines()) <= 80
     for row in describe(client, name):

@@ -5,9 +5,11 @@ an edge that runs sideways (the core importing Ray, `mmim predict` loading DVC, 
 loading Ray at import) shows up here as a package that should not be there.
 """
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ CORE = (
     "mmim.core.metrics",
     "mmim.core.store",
     "mmim.core.batches",
+    "mmim.core.selection",
 )
 
 # module -> what importing it must not load. A module's imports are checked with it: mmim.training.train
@@ -32,10 +35,15 @@ CONTRACT = {
     "mmim.training.train": SERVICES,
     # inference: predictions and the checkpoint never pull in training
     "mmim.training.predict": SERVICES + TRAINING,
+    # the lifecycle's first step runs before anything trains: no Ray, and MLflow only for drift
+    "mmim.lifecycle.checks": ("ray", "mlflow", "prefect", "matplotlib") + TRAINING,
+    # the MLflow side and the Ray side meet only in the lifecycle
+    "mmim.registry.scoring": ("ray", "prefect") + TRAINING,
     # serving is MLflow's, and nothing else's
     "mmim.registry.serving": ("ray", "dvc", "prefect", "matplotlib") + TRAINING,
     # `mmim predict`, `mmim --help`: adapters load when a command needs them
-    "mmim.cli": SERVICES + ("mmim.cluster.distributed", "mmim.registry.tracking", "mmim.data.versioning"),
+    "mmim.cli": SERVICES
+    + ("mmim.cluster.distributed", "mmim.registry.tracking", "mmim.data.versioning", "mmim.lifecycle.retrain"),
     # the pipeline: Prefect and DVC, but Ray, MLflow and plotting only inside the steps that use them
     "flows.retrain": (
         "ray",
@@ -105,3 +113,54 @@ def test_the_command_line_starts_without_torch():
     probe = "import sys, mmim.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- how many modules a module needs
+
+# Entry points parse, call and render: they import what their commands need.
+ENTRY_POINTS = {"mmim/cli.py", "mmim/cli_parser.py", "mmim/__init__.py"}
+# What every layer may use without it being a dependency worth counting: exceptions, size
+# limits, atomic writes.
+LEAVES = {"mmim.core.errors", "mmim.core.limits", "mmim.core.files"}
+MAX_PROJECT_IMPORTS = 7
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules `path` imports (at the top, in functions, for type checking alike):
+    `from mmim.registry import versions` counts as mmim.registry.versions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.split(".")[0] == "mmim"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mmim":
+            for alias in node.names:
+                submodule = PROJECT / f"{node.module}.{alias.name}".replace(".", "/")
+                is_module = submodule.with_suffix(".py").is_file() or submodule.is_dir()
+                names.add(f"{node.module}.{alias.name}" if is_module else node.module)
+    own = ".".join(path.relative_to(PROJECT).with_suffix("").parts)
+    return names - {own, own.removesuffix(".__init__")} - LEAVES
+
+
+LIBRARY = sorted(
+    str(path.relative_to(PROJECT)) for path in (PROJECT / "mmim").rglob("*.py") if path.name != "__main__.py"
+)
+
+
+def test_no_library_module_is_a_hub():
+    """A module that needs many others is where a change anywhere ripples to: it should be split."""
+    counts = {module: project_imports(PROJECT / module) for module in LIBRARY if module not in ENTRY_POINTS}
+    hubs = {module: sorted(names) for module, names in counts.items() if len(names) > MAX_PROJECT_IMPORTS}
+    assert not hubs, f"more than {MAX_PROJECT_IMPORTS} project modules imported: {hubs}"
+    assert len(counts) > 40 and max(len(names) for names in counts.values()) >= 5  # it counts what it should
+
+
+def test_the_import_count_sees_every_form_of_import():
+    probe = project_imports(PROJECT / "mmim" / "lifecycle" / "registration.py")
+    assert {"mmim.registry.versions", "mmim.registry.scoring", "mmim.core.config"} <= probe
+    assert len(project_imports(PROJECT / "mmim" / "cli.py")) > MAX_PROJECT_IMPORTS  # entry points are exempt
+
+
+@pytest.mark.parametrize("entry, limit", [("mmim/cli.py", 400), ("flows/retrain.py", 250)])
+def test_entry_points_stay_thin(entry, limit):
+    lines = len((PROJECT / entry).read_text().splitlines())
+    assert lines <= limit, f"{entry}: {lines} lines; parsing, calling and rendering fit in {limit}"

@@ -22,6 +22,7 @@ from mmim.cluster.distributed import train_distributed
 from mmim.core.errors import DistributedTrainingError
 from mmim.core.files import read_json
 from mmim.data.versioning import push, reproduce
+from mmim.registry.logged_model import log_model
 from mmim.registry.tracking import tracked_run
 from mmim.training.checkpoint import load_checkpoint
 from tests.helpers import make_dvc_project, run, run_in_thread, tracked
@@ -130,7 +131,7 @@ def test_two_nodes_train_exactly_what_one_node_trains(
     alone = train_distributed(one_node)
     with tracked_run(two_nodes) as run:
         spread = train_distributed(two_nodes, on_report)
-        tracked_model = run.log_model(spread)
+        tracked_model = log_model(run, spread)
     assert [e["valid_MAE"] for e in spread.epochs] == [e["valid_MAE"] for e in alone.epochs]
     assert [e["stage1_loss"] for e in spread.epochs] == [e["stage1_loss"] for e in alone.epochs]
     assert spread.best_epoch == alone.best_epoch and spread.best == {**alone.best, "seconds": spread.best["seconds"]}

@@ -19,8 +19,7 @@ from mmim.data.recordings.job import extract_recordings
 from mmim.data.recordings.layout import hash_split, read_dataset
 from mmim.data.recordings.media import MediaError
 from mmim.data.recordings.sample import write_blank_clip, write_face_clip, write_voice
-from mmim.registry.tracking import track_and_register
-from mmim.training.train import train
+from mmim.lifecycle.retrain import retrain
 from tests.helpers import free_port, invocations, run_mmim, start
 
 SETTINGS = ExtractorSettings()  # the defaults: eGeMAPSv02 at 50 Hz, faces at 15 fps
@@ -288,7 +287,7 @@ def test_a_served_model_scores_a_base64_recording_like_predict(media, tmp_path, 
             ),
         }
     )
-    run, _ = track_and_register(config, train(config))
+    run = retrain(config, lambda metrics: None).logged
 
     text, model = "a really good movie", f"runs:/{run.run_id}/model"
     code, out, err = run_mmim("predict", "--checkpoint", model, "--recording", str(media / "face.mp4"), "--text", text)

@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mmim.core.store import FeatureStore
-from mmim.registry.tracking import input_example, registered_model_name, track_and_register
+from mmim.lifecycle.retrain import retrain
+from mmim.registry.logged_model import input_example
+from mmim.registry.server import registered_model_name
 from mmim.registry.versions import describe, promote, rollback
-from mmim.training.train import train
 from tests.helpers import EXAMPLE, free_port, invocations, postgres_database, run_mmim, start, start_mlflow_server
 
 pytestmark = pytest.mark.service  # an MLflow server on PostgreSQL and S3 (moto), `mmim serve`
@@ -50,7 +51,9 @@ def tracked_config(tiny_config, tmp_path, artifacts, name, **train):
 
 
 def train_and_track(config):
-    return track_and_register(config, train(config), data_version="abc.dir")
+    """`mmim train --track` in this process: checks, training, logging, scoring, registration."""
+    done = retrain(config, lambda metrics: None)
+    return done.logged, done.decision
 
 
 def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tmp_path):
@@ -63,7 +66,8 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
 
     logged = client.get_run(run.run_id)
     assert logged.data.params["train.lr_main"] == "0.001" and logged.data.params["model.add_va"] == "False"
-    assert logged.data.tags["data_version"] == "abc.dir" and logged.data.tags["ray_workers"] == "0"
+    assert logged.data.tags["data_version"] == FeatureStore(good.data.store).content_version  # not a DVC output
+    assert logged.data.tags["ray_workers"] == "0" and logged.data.tags["data_checks"] == "passed"
     assert len(client.get_metric_history(run.run_id, "valid_MAE")) == 2
     assert {"stage0_neg_lld", "stage1_H", "lr_bert", "test_Acc_2_non0", "selected_test_MAE"} <= set(logged.data.metrics)
     names = {a.path for a in client.list_artifacts(run.run_id)}

@@ -3,7 +3,7 @@
     driver: train_distributed(config, on_report)
               -> TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig)
               -> every epoch's report, as it arrives: on_report(metrics) (MLflow, a line)
-              -> best checkpoint (lowest validation MAE), weights only, in OUTPUT_DIR/best
+              -> the selected epoch's checkpoint (mmim.core.selection), weights only, in OUTPUT_DIR/best
               -> TrainingResult, as mmim.training.train.train returns
     worker: train_loop_per_worker
               store (local, or fetched with DVC) -> mmim.training.train.setup_training (DDP when N > 1)
@@ -74,7 +74,10 @@ from mmim.training.train import (
 
 log = logging.getLogger(__name__)
 
-SCORE = "valid_MAE"  # what CheckpointConfig keeps the best checkpoints by
+# What CheckpointConfig keeps the best checkpoint by: the epoch if the worker's ModelSelection
+# selected it when it ended, else 0. The highest is the selected epoch, whatever its figure ties
+# with, so Ray keeps exactly the epoch the one rule (mmim.core.selection) chose.
+SELECTED = "selected_epoch_rank"
 
 
 def parameter_digest(model: torch.nn.Module) -> int:
@@ -169,6 +172,7 @@ class ReportEpochs(TrainingHooks):
             "valid_Corr": record.valid["Corr"],
             **flat_metrics(record),
             "improved": int(improved),
+            SELECTED: record.epoch if improved else 0,
             "resumed_from": self.resumed_from,  # > 0 after a restart (a lost worker or node, a resize)
             "workers": self.world,  # changes when elastic training (ray.min_workers) resizes
         }
@@ -281,7 +285,9 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
             storage_path=storage_path,
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=ray_config.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
+                num_to_keep=ray_config.keep_checkpoints,
+                checkpoint_score_attribute=SELECTED,
+                checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=ray_config.max_failures),
             callbacks=callbacks,  # type: ignore[arg-type]
@@ -325,7 +331,7 @@ def train_distributed(
             ) from None
     if not result.best_checkpoints:
         raise DistributedTrainingError("Ray training finished without reporting a checkpoint")
-    best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda item: item[1][SCORE])
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1][SELECTED])
     destination = Path(config.output_dir) / BEST_CHECKPOINT
     with atomic_directory(destination) as staging:
         best_checkpoint.to_directory(str(staging))

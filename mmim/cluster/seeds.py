@@ -9,9 +9,9 @@ from seed to seed, and MMSA reports every model as the mean over several. So wit
                  (mmim.cluster.tune's trial: the project's Ray Train run; no search, no early stopping),
                  as many seeds at once as the cluster has room for
               -> each seed an MLflow child run of `parent`, every epoch logged (SeedRuns)
-              -> each seed's selected epoch (lowest validation MAE): its checkpoint copied from
+              -> each seed's selected epoch (mmim.core.selection): its checkpoint copied from
                  Ray's storage to OUTPUT_DIR/seed-<seed>/best, its figures to .../metrics.json
-              -> the seed with the lowest validation MAE: its checkpoint to OUTPUT_DIR/best
+              -> the best seed (the same rule; a tie goes to the seed listed first): its checkpoint to OUTPUT_DIR/best
                  (what the parent run logs and registers)
               -> SeedsResult: every seed's TrainingResult and each metric's mean and standard
                  deviation over seeds (the parent's metrics seeds_mean_* / seeds_std_*)
@@ -38,18 +38,28 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.result import AUTO_RESULT_KEYS, DONE
 
 from mmim.cluster.distributed import check_config, remove_training_state, storage_location
-from mmim.cluster.tune import METRIC, TrialRuns, ended, trial_error, trial_trainable, trials_run_config, trials_that_fit
+from mmim.cluster.tune import (
+    TrialRuns,
+    ended,
+    reported_epochs,
+    selected_report,
+    trial_error,
+    trial_trainable,
+    trials_run_config,
+    trials_that_fit,
+)
 from mmim.core.config import Config
 from mmim.core.errors import DistributedTrainingError, MMIMInputError
 from mmim.core.files import atomic_directory, atomic_write
 from mmim.core.metrics import METRIC_NAMES, over_seeds
+from mmim.core.selection import SELECTION
 from mmim.registry.tracking import TrainingRun, log_figures
 from mmim.training.train import BEST_CHECKPOINT, METRICS_FILE, TrainingResult, prepare_output_dir, write_metrics
 
 log = logging.getLogger(__name__)
 
 SEEDS_FILE = "seeds.json"  # OUTPUT_DIR/seeds.json and the parent run's artifact: every seed's figures
-SEED_TAG = "mmim.cluster.seeds"  # on the parent run: the seeds, comma-separated
+SEED_TAG = "mmim.seeds"  # on the parent run: the seeds, comma-separated
 
 
 @dataclass
@@ -137,7 +147,7 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
         if result.error:
             raise DistributedTrainingError(f"seed {seed} failed: {trial_error(result.error)}")
         trained[seed] = _fetch_seed(config, result, output / f"seed-{seed}")
-    best_seed = min(trained, key=lambda seed: trained[seed].best["valid_MAE"])
+    best_seed = pick_seed(trained, seeds)
     with atomic_directory(output / BEST_CHECKPOINT) as staging:
         shutil.copytree(trained[best_seed].checkpoint, staging, dirs_exist_ok=True)
     best = replace(trained[best_seed], checkpoint=output / BEST_CHECKPOINT)
@@ -152,6 +162,11 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
     if parent is not None:
         _record(parent, outcome, output / SEEDS_FILE)
     return outcome
+
+
+def pick_seed(trained: dict[int, TrainingResult], listed: list[int]) -> int:
+    """The seed whose selected epoch is best (mmim.core.selection); of equals, the one listed first."""
+    return listed[SELECTION.best_index([trained[seed].best[SELECTION.key] for seed in listed])]
 
 
 def _record(parent: TrainingRun, outcome: SeedsResult, summary: Path) -> None:
@@ -171,9 +186,9 @@ def _fetch_seed(config: Config, result: tune.Result, directory: Path) -> Trainin
     """A seed's epochs (as Tune heard them) and its selected epoch's checkpoint, copied from the
     seed's Ray Train run (`<run name>-<trial id>` in ray.storage_path) to `directory`/best."""
     frame = result.metrics_dataframe
-    if frame is None or METRIC not in frame or frame.empty:
+    if frame is None or SELECTION.key not in frame or frame.empty:
         raise DistributedTrainingError(f"seed {_seed(result)}: no epoch was reported")
-    frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a restarted run repeats epochs
+    frame = reported_epochs(frame)
     reported = [
         column
         for column in frame.columns
@@ -182,12 +197,11 @@ def _fetch_seed(config: Config, result: tune.Result, directory: Path) -> Trainin
         and is_numeric_dtype(frame[column])
     ]
     epochs = [{key: float(row[key]) for key in reported} for _, row in frame.iterrows()]
-    # the last of equal figures: Ray Train keeps the later of equally scored checkpoints
-    selected = min(range(len(epochs)), key=lambda index: (epochs[index][METRIC], -index))
-    best = epochs[selected]
+    selected = selected_report(frame)
+    best = {key: float(selected[key]) for key in reported}
     # the checkpoint rank 0 reported with that epoch, as Ray Train stored it (TuneReportCallback passes its path)
     _, filesystem = storage_location(config.ray)
-    kept = Checkpoint(str(frame.iloc[selected][CHECKPOINT_PATH_KEY]), filesystem)
+    kept = Checkpoint(str(selected[CHECKPOINT_PATH_KEY]), filesystem)
     with atomic_directory(directory / BEST_CHECKPOINT) as staging:
         kept.to_directory(str(staging))
         remove_training_state(staging)

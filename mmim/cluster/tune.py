@@ -22,7 +22,7 @@ Choices, and why:
   - Trials are new actors (no reuse): the actor of a trial that ASHA stops is killed with
     the Ray Train run it owns. Ray Train then frees that run's placement group once the
     dashboard's state API reports its controller dead, so the cluster needs its dashboard.
-  - A trial's figure is its best epoch's validation MAE (what training selects on);
+  - A trial's figure is its selected epoch's validation MAE (mmim.core.selection, as training);
     ASHA compares trials at the same epoch.
   - A setting that cannot be trained (a sampled value the config refuses) fails its own
     trial with the config's message; the search goes on.
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 import yaml
 from mlflow import MlflowClient
@@ -56,12 +57,13 @@ from mmim.cluster.distributed import build_trainer, check_config, storage_locati
 from mmim.core.config import Config, config_from_dict, config_to_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
 from mmim.core.files import atomic_write
+from mmim.core.selection import SELECTION
 from mmim.registry.server import answering, tracking_uri
 from mmim.registry.tracking import TrainingRun, ending, flatten, log_epoch_metrics
 
 log = logging.getLogger(__name__)
 
-METRIC, MODE = "valid_MAE", "min"
+METRIC, MODE = SELECTION.key, SELECTION.mode  # ASHA compares trials at an epoch on this
 PARENT_TAG, TRIAL_OF_TAG, TRIAL_ID_TAG = "mmim.search", "mmim.trial_of", "mmim.trial_id"
 FINGERPRINT_TAG = "mmim.search_fingerprint"
 SEARCH_METRIC = "best_valid_MAE"  # what Optuna learns from: a trial's selected epoch so far
@@ -339,7 +341,7 @@ def _summary(result: ray.tune.Result, planned_epochs: int) -> TrialSummary:
     epochs, best = 0, None
     if frame is not None and METRIC in frame and len(frame) > 0:
         epochs = int(frame["epoch"].max())  # a restarted trial reports some epochs twice
-        best = frame.loc[frame[METRIC].idxmin()]
+        best = selected_report(frame)
     if result.error:
         status = "failed"
     else:  # by ASHA, or by early stopping (train.patience)
@@ -353,6 +355,26 @@ def _summary(result: ray.tune.Result, planned_epochs: int) -> TrialSummary:
         best_epoch=int(best["epoch"]) if best is not None else 0,
         error=trial_error(result.error) if result.error else None,
     )
+
+
+def reported_epochs(frame: pd.DataFrame) -> pd.DataFrame:
+    """A trial's reports (Tune's metrics_dataframe), one per epoch in epoch order: a restarted
+    trial reports some epochs again, and its latest report of each counts."""
+    return frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def selected_report(frame: pd.DataFrame) -> pd.Series:
+    """The report of the epoch a trial's training selected: the one rule (mmim.core.selection) over
+    its reports, as its workers' ModelSelection applied it; of equal figures, the earlier epoch."""
+    frame = reported_epochs(frame)
+    return frame.iloc[SELECTION.best_index(frame[METRIC].tolist())]
+
+
+def best_trial(trials: list[TrialSummary]) -> TrialSummary:
+    """The trial whose selected epoch is best (mmim.core.selection); of equals, the one Tune
+    created first (trial ids count up)."""
+    ordered = sorted(trials, key=lambda summary: summary.trial_id)
+    return ordered[SELECTION.best_index([summary.valid_MAE for summary in ordered])]
 
 
 def search_fingerprint(config: Config, spec: SearchSpec, trials: int) -> str:
@@ -496,7 +518,7 @@ def search(
         if not trained:
             reasons = "; ".join(sorted({s.error for s in summaries if s.error}))
             raise MMIMInputError(f"search {name}: no trial finished an epoch ({reasons})")
-        best = min(trained, key=lambda summary: summary.valid_MAE)
+        best = best_trial(trained)
         best_config = trial_config(config, best.settings)
         # its own output_dir: training it must not meet the base config's checkpoint there
         best_config = best_config.model_copy(update={"output_dir": str(Path(config.output_dir).parent / name)})

@@ -28,6 +28,7 @@ from dvc.stage import Stage
 
 from mmim.core.config import DataConfig
 from mmim.core.errors import MMIMInputError, ServiceUnavailableError, first_line
+from mmim.core.store import FeatureStore
 
 STORES_DIR = "data/stores"
 
@@ -225,6 +226,20 @@ def local_store(data: DataConfig) -> str:
         raise MMIMInputError("data.dvc_dataset: required with data.dvc_url")
     destination = Path(tempfile.mkdtemp(prefix="mmim-store-")) / data.dvc_dataset
     return str(fetch_store(data.dvc_url, data.dvc_dataset, destination, data.dvc_rev))
+
+
+def store_version(data: DataConfig) -> str:
+    """The data version of the store `data` names: DVC's, when it is `data/stores/<name>` of a DVC
+    project in this working directory; else its manifest's (FeatureStore.content_version)."""
+    store = Path(local_store(data))
+    root = Path.cwd()
+    try:
+        relative = store.resolve().relative_to(root / STORES_DIR)
+        if len(relative.parts) == 1:
+            return data_version(relative.parts[0], root)
+    except (ValueError, MMIMInputError):
+        pass  # not under data/stores, or not a DVC output (yet)
+    return FeatureStore(store, verify_checksums=False).content_version
 
 
 def fetch_store(url: str, dataset: str, destination: str | Path, rev: str | None = None) -> Path:

@@ -5,11 +5,14 @@ utterances. When the data grows or is relabelled, the champion's figure recorded
 ago is about other utterances than the challenger's, so the gate never uses it: both
 models are scored now, on the same splits of the run's data version.
 
-    head_to_head(challenger, store, data_version, metric, champion)
+    head_to_head(data_version, metric, challenger scores, champion scores)
         -> HeadToHead: both models' figures on valid and test, the champion's version,
            the data version, and a paired bootstrap of the validation improvement;
-           or, when the champion cannot be scored on this data (another tokenizer,
+           or, when the champion could not be scored on this data (another tokenizer,
            other feature dims, another extractor), the reason, and no figure of it.
+
+Statistics only: the scores (predictions and labels per split) come from the registry's side
+(mmim.registry.scoring), which scores both models on the run's data.
 
 A challenger trained once per seed (`train.seeds`) is gated on its seeds' mean: its
 figures are each metric's mean over the seeds' checkpoints, and the bootstrap compares
@@ -24,18 +27,10 @@ Its seed is fixed, so the same two models on the same data always get the same i
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import numpy as np
 from pydantic import BaseModel
 
-from mmim.core.errors import MMIMInputError, first_line
 from mmim.core.metrics import compute_metrics, over_seeds, pearson
-from mmim.registry.server import local_checkpoint
-from mmim.training.predict import predict_checkpoint
-
-log = logging.getLogger(__name__)
 
 Scores = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (predictions, labels), as predict_checkpoint
 
@@ -160,41 +155,32 @@ def paired_bootstrap(
 
 
 def head_to_head(
-    challenger: str | Path,
-    store: str | Path,
     data_version: str,
     metric: str,
-    champion_uri: str | None,
-    champion_version: str | None,
+    challenger: list[Scores],
+    champion: Scores | None = None,
+    champion_version: str | None = None,
     *,
+    unscorable: str | None = None,
     resamples: int = 1000,
     confidence: float | None = None,
-    challenger_scores: list[Scores] | None = None,
 ) -> HeadToHead:
-    """Score the challenger's checkpoint and the champion (a model URI, None when there is no
-    champion) on the valid and test splits of `store`, whose data version is `data_version`.
-    `challenger_scores`: the challenger's scores when already computed; one per seed when it was
-    trained once per seed (its figures are then their mean)."""
-    seeds = challenger_scores or [predict_checkpoint(challenger, store)]
+    """Compare the challenger's scores (one per seed: its figures are their mean) with the
+    champion's (None: no champion, or `unscorable` says why it could not be scored), both on the
+    valid and test splits of data version `data_version`."""
     result = HeadToHead(
         data_version=data_version,
         metric=metric,
         champion_version=champion_version,
-        challenger=mean_figures([{split: compute_metrics(*scores) for split, scores in s.items()} for s in seeds]),
-        seeds=len(seeds),
+        challenger=mean_figures([{split: compute_metrics(*scores) for split, scores in s.items()} for s in challenger]),
+        seeds=len(challenger),
+        unscorable=unscorable,
     )
-    if champion_uri is None:
+    if champion is None:
         return result
-    try:
-        with local_checkpoint(champion_uri) as checkpoint:
-            theirs = predict_checkpoint(checkpoint, store)
-    except MMIMInputError as error:  # another tokenizer, other dims or extractor: no guess
-        result.unscorable = first_line(error)
-        log.warning("champion v%s cannot be scored on %s: %s", champion_version, data_version, result.unscorable)
-        return result
-    result.champion = {split: compute_metrics(*scores) for split, scores in theirs.items()}
-    theirs_valid, truths = theirs["valid"]
-    ours_valid = np.stack([scores["valid"][0] for scores in seeds])
+    result.champion = {split: compute_metrics(*scores) for split, scores in champion.items()}
+    theirs_valid, truths = champion["valid"]
+    ours_valid = np.stack([scores["valid"][0] for scores in challenger])
     result.bootstrap = paired_bootstrap(
         truths, theirs_valid, ours_valid, metric, resamples, confidence or REPORTED_CONFIDENCE
     )

@@ -1,61 +1,40 @@
-"""MLflow adapter: one run per training job, logged from the driver while it trains.
+"""MLflow runs: one run per training job, logged from the driver while it trains.
 
 params     the flattened, validated config (model.*, data.*, train.*, ray.*)
 tags       git commit, data version, source format, text encoder, Ray workers and GPUs
 metrics    every epoch (step = epoch): stage0_neg_lld, stage1_{loss,task,nce,lld,H},
-           lr_{bert,main,mmilb}, {valid,test}_{MAE,Corr,Acc-7,Acc-5,Acc-2_*,F1_*};
-           then selected_{valid,test}_* for the epoch chosen on validation
-artifacts  config.json, metrics.json, learning_curves.png, test_scatter.png,
-           data_profile.json (the labels of each split: the next data version's drift
-           check compares with it), and the pyfunc model "model" (its
-           artifacts/checkpoint: weights, config, tokenizer)
-gate       the run's model and the registry's champion scored on the run's data
-           (mmim.registry.gating): tags gate.*, metrics eval_<split>_* and champion_<split>_*
+           lr_{bert,main,mmilb}, {valid,test}_{MAE,Corr,Acc-7,Acc-5,Acc-2_*,F1_*}
+artifacts  data_profile.json (the labels of each split: the next data version's drift
+           check compares with it)
+
+What is logged after training lives beside this module: the model, its selected figures and
+plots (mmim.registry.logged_model), and the head-to-head with the champion
+(mmim.registry.scoring: tags gate.*, metrics eval_<split>_* and champion_<split>_*).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-
-from mmim.core.config import Config  # noqa: E402
-from mmim.core.errors import MMIMInputError, first_line  # noqa: E402
-from mmim.core.store import FeatureStore  # noqa: E402
-from mmim.data.checks import LabelProfile  # noqa: E402
-from mmim.data.versioning import STORES_DIR, data_version, local_store  # noqa: E402
-from mmim.registry.gating import HeadToHead, head_to_head  # noqa: E402
-from mmim.registry.server import dataset_name, registered_model_name, tracking_uri  # noqa: E402
-from mmim.registry.serving import model_signature  # noqa: E402
-from mmim.registry.versions import Decision, champion_version, register  # noqa: E402
-from mmim.training.predict import predict_checkpoint  # noqa: E402
-from mmim.training.train import TrainingResult  # noqa: E402
+from mmim.core.config import Config
+from mmim.core.store import FeatureStore
+from mmim.data.checks import LabelProfile
+from mmim.data.versioning import local_store, store_version
+from mmim.registry.server import dataset_name, tracking_uri
 
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview; with it, on the runs.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 DATA_PROFILE = "data_profile.json"  # the run's LabelProfile
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,21 +53,6 @@ def flatten(config: Config) -> dict[str, str]:
         else:
             params[section] = str(values)
     return params
-
-
-def store_data_version(config: Config) -> str | None:
-    """The DVC data version of `data/stores/<name>` in this working directory, if it has one."""
-    root = Path.cwd()
-    try:
-        relative = Path(config.data.store).resolve().relative_to(root / STORES_DIR)
-    except ValueError:
-        return None
-    if len(relative.parts) != 1:
-        return None
-    try:
-        return data_version(relative.parts[0], root)
-    except MMIMInputError:
-        return None  # not a DVC output (yet): named by its manifest (FeatureStore.content_version)
 
 
 def git_commit() -> str:
@@ -121,54 +85,15 @@ def ensure_experiment(config: Config) -> str:
     )
 
 
-def _learning_curves(path: Path, epochs: list[dict]) -> None:
-    steps = [int(e["epoch"]) for e in epochs]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(steps, [e["stage1_loss"] for e in epochs], marker="o", label="stage 1 loss")
-    axes[0].set_xlabel("epoch")
-    axes[0].legend()
-    for split in ("valid", "test"):
-        axes[1].plot(steps, [e[f"{split}_MAE"] for e in epochs], marker="o", label=f"{split} MAE")
-    axes[1].set_xlabel("epoch")
-    axes[1].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _test_scatter(path: Path, predictions: np.ndarray, truths: np.ndarray) -> None:
-    figure, axis = plt.subplots(figsize=(5, 5))
-    axis.scatter(truths, predictions, s=6, alpha=0.5)
-    axis.plot([-3, 3], [-3, 3], color="grey", linewidth=1)
-    axis.set_xlabel("true sentiment")
-    axis.set_ylabel("predicted")
-    axis.set_title("test split, selected epoch")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def input_example(store: FeatureStore, texts: list[str]) -> pd.DataFrame:
-    """Two rows shaped like real requests, from the store's test split."""
-    split = store["test"]
-    return pd.DataFrame(
-        {
-            "text": texts,
-            "audio": [split.sequence("audio", i)[:4].tolist() for i in range(len(texts))],
-            "vision": [split.sequence("vision", i)[:4].tolist() for i in range(len(texts))],
-        }
-    )
-
-
 class TrainingRun:
     """One MLflow run per training job, open from before the first epoch to the logged model.
 
     Started by the driver before training starts, so the run's duration is the training's
     and the UI shows each epoch as it is reported; `tracked_run` marks it FAILED when
-    training raises. The model is logged after training, possibly by another process that
-    attaches to the run by id (the pipeline's log_model step). All writes name the run id
-    (no active-run state), so `log_epoch` may be called from another thread of the driver
-    (Ray reports arrive on one).
+    training raises. The model is logged after training (mmim.registry.logged_model),
+    possibly by another process that attaches to the run by id (the pipeline's log_model
+    step). All writes name the run id (no active-run state), so `log_epoch` may be called
+    from another thread of the driver (Ray reports arrive on one).
     """
 
     def __init__(self, config: Config, run_id: str, experiment_id: str, data_version: str):
@@ -181,7 +106,7 @@ class TrainingRun:
         """A new run: tags, the flattened config as params, the data's label profile."""
         store = FeatureStore(local_store(config.data), verify_checksums=False)
         experiment_id = ensure_experiment(config)
-        data_version = data_version or store_data_version(config) or store.content_version
+        data_version = data_version or store_version(config.data)
         tags = {
             **(tags or {}),
             "git_commit": git_commit(),
@@ -207,34 +132,6 @@ class TrainingRun:
     def log_epoch(self, metrics: dict) -> None:
         """An epoch's flat metrics (a Ray report or `flat_metrics(record)`), at step = epoch."""
         log_epoch_metrics(self.client, self.run_id, metrics)
-
-    def log_model(self, result: TrainingResult) -> TrackedRun:
-        """Log the selected epoch's figures, the learning curves, the config and the pyfunc model.
-        (Logging a model needs MLflow's active-run API, which marks the run FINISHED as it lets go
-        of it; `tracked_run` still sets the final status, FAILED if anything after this raises.)"""
-        selected = {f"selected_{k}": v for k, v in result.best.items() if k.startswith(("valid_", "test_"))}
-        log_figures(self.client, self.run_id, selected)
-        epochs = sorted(result.epochs, key=lambda e: e["epoch"])
-        with tempfile.TemporaryDirectory() as workdir:
-            work = Path(workdir)
-            (work / "config.json").write_text(json.dumps(self.config.model_dump(), indent=2))
-            (work / "metrics.json").write_text(json.dumps({"epochs": epochs, "selected": result.best}, indent=2))
-            _learning_curves(work / "learning_curves.png", epochs)
-            for name in ("config.json", "metrics.json", "learning_curves.png"):
-                self.client.log_artifact(self.run_id, str(work / name))
-        example = input_example(self.store, ["the movie was very good", "the plot was not great"])
-        signature = model_signature(example, recordings=self.store.extractor is not None)
-        # The model carries the checkpoint (weights, config, tokenizer): the run's only copy.
-        with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_ENTRY),
-                artifacts={"checkpoint": str(result.checkpoint)},
-                signature=signature,
-                input_example=example,
-                pip_requirements=["mmim-pipeline"],
-            )
-        return TrackedRun(self.run_id, info.model_uri, self.experiment_id, self.data_version)
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
@@ -283,95 +180,3 @@ def log_figures(
 
 def metric_name(key: str) -> str:
     return key.replace("-", "_")  # MLflow metric names: Acc-7 -> Acc_7
-
-
-def logged_profile(run_id: str) -> LabelProfile | None:
-    """The label profile a run logged (None, with a warning, when it has none or it is unreadable:
-    runs from before profiles, models registered by hand)."""
-    with tempfile.TemporaryDirectory(prefix="mmim-profile-") as workdir:
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=DATA_PROFILE, dst_path=workdir, tracking_uri=tracking_uri()
-            )
-            return LabelProfile.model_validate_json(Path(path).read_bytes())
-        except (MlflowException, OSError, ValidationError) as error:
-            log.warning("run %s: no readable %s (%s); drift not compared", run_id, DATA_PROFILE, first_line(error))
-            return None
-
-
-def champion_profile(model_name: str) -> LabelProfile | None:
-    """The label profile of the data the registry's champion was trained on (None: no champion,
-    or its run logged none)."""
-    client = MlflowClient(tracking_uri())
-    version = champion_version(client, model_name)
-    if version is None:
-        return None
-    run_id = client.get_model_version(model_name, version).run_id
-    return logged_profile(run_id) if run_id else None
-
-
-def track_and_register(
-    config: Config, result: TrainingResult, data_version: str | None = None
-) -> tuple[TrackedRun, Decision]:
-    """Log a finished training and register its model, gating `champion` head to head."""
-    with tracked_run(config, data_version=data_version) as run:
-        for epoch in result.epochs:
-            run.log_epoch(epoch)
-        tracked = run.log_model(result)
-    return tracked, register_run(config, tracked, result.checkpoint)
-
-
-def compare_with_champion(
-    config: Config,
-    run_id: str,
-    checkpoint: Path,
-    store: str | Path,
-    data_version: str,
-    name: str,
-    champion: str | None,
-    other_seeds: list[Path] | None = None,
-) -> HeadToHead:
-    """Score `checkpoint` and version `champion` of `name` (None: no champion) on `store` (data
-    version `data_version`) and record both on the run: tags gate.*, metrics eval_* and champion_*,
-    and test_scatter.png (the only time the run's model is scored on test after training).
-    `other_seeds`: the checkpoints of the run's other seeds; the run is then gated on the mean."""
-    client = MlflowClient(tracking_uri())
-    ours = predict_checkpoint(checkpoint, store)
-    with tempfile.TemporaryDirectory() as workdir:
-        scatter = Path(workdir) / "test_scatter.png"
-        _test_scatter(scatter, *ours["test"])
-        client.log_artifact(run_id, str(scatter))
-    seeds = [ours, *(predict_checkpoint(other, store) for other in other_seeds or [])]
-    compared = head_to_head(
-        checkpoint,
-        store,
-        data_version,
-        config.tracking.metric,
-        f"models:/{name}/{champion}" if champion else None,
-        champion,
-        resamples=config.tracking.bootstrap_resamples,
-        confidence=config.tracking.min_confidence,
-        challenger_scores=seeds,
-    )
-    scored = [(f"eval_{split}", values) for split, values in compared.challenger.items()]
-    scored += [(f"champion_{split}", values) for split, values in (compared.champion or {}).items()]
-    figures = {f"{prefix}_{metric}": value for prefix, values in scored for metric, value in values.items()}
-    log_figures(client, run_id, figures, tags=compared.tags())
-    return compared
-
-
-def register_run(config: Config, run: TrackedRun, checkpoint: Path, other_seeds: list[Path] | None = None) -> Decision:
-    """Register a tracked run's model as a new version; `champion` moves only if the model (with
-    `other_seeds`, the mean of the run's seeds) beats it on the run's own data."""
-    client, name = MlflowClient(tracking_uri()), registered_model_name(config)
-    compared = compare_with_champion(
-        config,
-        run.run_id,
-        checkpoint,
-        local_store(config.data),
-        run.data_version,
-        name,
-        champion_version(client, name),
-        other_seeds,
-    )
-    return register(client, run.model_uri, name, compared, config.tracking.margin, config.tracking.min_confidence)

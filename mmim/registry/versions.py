@@ -50,7 +50,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mmim.core.errors import MMIMInputError
+from mmim.core.selection import Rule
 from mmim.registry.gating import HeadToHead
+from mmim.registry.server import tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SET_BY, SET_AT, MOVE_PREFIX = "champion_set_by", "champion_set_at", "champion_move."
@@ -71,6 +73,11 @@ class Decision:
     champion_after: str | None  # and after it
     text: str  # what happened to the alias, as tagged on the version (registry_decision)
     needs_review: str | None = None  # why the gate could not decide (tag needs_review)
+
+
+def registry_client() -> MlflowClient:
+    """A client of the registry that MLFLOW_TRACKING_URI (or the local default) names."""
+    return MlflowClient(tracking_uri())
 
 
 def _write(call, *args) -> None:
@@ -97,10 +104,6 @@ def figure(version: ModelVersion, metric: str, data_version: str) -> float | Non
     return None if tagged is None else float(tagged)
 
 
-def _better(a: float, b: float, metric: str, margin: float) -> bool:
-    return a < b - margin if metric == "MAE" else a > b + margin
-
-
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version behind `alias`; None only when the model or the alias does not exist (a server
     that fails or does not answer raises)."""
@@ -120,9 +123,9 @@ def _scored(
 ) -> list[tuple[ModelVersion, float]]:
     """Versions gating may pick on `data_version`: with a figure on it, not rolled back,
     registered after `since` (ms)."""
-    versions = client.search_model_versions(f"name='{name}'")
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     tag = figure_tag(metric, data_version)
-    return [
+    return [  # oldest first: of equal figures, the rule picks the earliest registered
         (v, float(v.tags[tag]))  # figure(v, metric, data_version), present
         for v in versions
         if tag in v.tags and v.tags.get("rolled_back") != "true" and int(v.creation_timestamp or 0) > since
@@ -172,11 +175,11 @@ def reconcile(
     for _ in range(MAX_RECONCILE_ROUNDS):
         champion = _alias(client, name, CHAMPION)
         scored = _scored(client, name, metric, data_version, _chosen_since(client, name))
-        pick = min if metric == "MAE" else max
+        rule = Rule(metric)
         if champion is None:
             if not scored:
                 return None
-            best, best_value = pick(scored, key=lambda item: item[1])
+            best, best_value = scored[rule.best_index([value for _, value in scored])]
             move_champion(
                 client,
                 name,
@@ -192,12 +195,12 @@ def reconcile(
             (v, value)
             for v, value in scored
             if v.version != champion.version
-            and _better(value, champion_value, metric, margin)
+            and Rule(metric).beats(value, champion_value, margin)
             and (min_confidence is None or _confident(v, champion, data_version, min_confidence))
         ]
         if not candidates:
             return champion
-        best, best_value = pick(candidates, key=lambda item: item[1])
+        best, best_value = candidates[rule.best_index([value for _, value in candidates])]
         _write(client.set_model_version_tag, name, best.version, "previous_champion", champion.version)
         move_champion(
             client,
@@ -313,7 +316,7 @@ def _decision_text(
         reason = f"needs review: {review}"
     elif theirs is None:  # register() passes a review (see _review) for this case
         reason = f"it has no {metric} figure on data {data}"
-    elif not _better(value, theirs, metric, margin):
+    elif not Rule(metric).beats(value, theirs, margin):
         reason = f"{ours} does not beat its {theirs:.4f} on data {data} by margin {margin}"
     elif compared.bootstrap is not None and compared.champion_version == str(champion.version):
         reason = (

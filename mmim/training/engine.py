@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ from mmim.core.config import TrainConfig
 from mmim.core.errors import MMIMInputError, TrainingDiverged
 from mmim.core.metrics import compute_metrics
 from mmim.core.model import MMIM
+from mmim.core.selection import SELECTION
 from mmim.training.predict import predict_scores
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class Loaders:
 
 @dataclass
 class FitResult:
-    best: EpochRecord  # the selected epoch (lowest validation loss), possibly from before a resume
+    best: EpochRecord  # the selected epoch (mmim.core.selection), possibly from before a resume
     history: list[EpochRecord]  # the epochs this call trained
     stopped_early: bool
 
@@ -139,6 +141,16 @@ class TrainingHooks:
     def on_batch_end(self, epoch: int, stage: int) -> None: ...
 
     def on_epoch_end(self, record: EpochRecord, improved: bool) -> None: ...
+
+
+class EpochReports(TrainingHooks):
+    """Every finished epoch's flat metrics, with `improved`, to `on_epoch` (as a Ray worker reports them)."""
+
+    def __init__(self, on_epoch: Callable[[dict], None]) -> None:
+        self.on_epoch = on_epoch
+
+    def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
+        self.on_epoch({**flat_metrics(record), "improved": int(improved)})
 
 
 class StageTotals:
@@ -194,7 +206,8 @@ class StageTotals:
 
 
 class ModelSelection:
-    """The epoch with the lowest validation loss so far, and early-stopping patience."""
+    """The selected epoch so far (`mmim.core.selection`: lowest validation MAE, the official
+    validation loss; the first of equal figures), and early-stopping patience."""
 
     def __init__(self, patience: int):
         self.patience = patience
@@ -203,7 +216,9 @@ class ModelSelection:
 
     def update(self, record: EpochRecord) -> bool:
         """Take an epoch's record; True when it is the new best."""
-        improved = self.best is None or record.valid["loss"] < self.best.valid["loss"]
+        improved = self.best is None or SELECTION.beats(
+            record.valid[SELECTION.metric], self.best.valid[SELECTION.metric]
+        )
         if improved:
             self.best, self.patience_left = record, self.patience
         else:
@@ -346,7 +361,7 @@ def fit(
     start_epoch: int = 1,
     rank: int = 0,
 ) -> FitResult:
-    """Train from `start_epoch` to `train.epochs` with early stopping; select on validation loss only.
+    """Train from `start_epoch` to `train.epochs` with early stopping; select on validation only (SELECTION).
 
     The one epoch loop of every path: `mmim train` in one process and every Ray worker (which
     passes the selection and epoch it resumed from, and reports each epoch through `hooks`).

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from mmim.training.engine import EpochRecord, TrainingHooks, flat_metrics
+from mmim.training.engine import EpochReports
 
 
 def stage_progress(console: Console) -> Progress:
@@ -16,12 +16,12 @@ def stage_progress(console: Console) -> Progress:
     return Progress(*columns, console=console, transient=True)
 
 
-class ProgressHooks(TrainingHooks):
+class ProgressHooks(EpochReports):
     """A rich bar per stage; every finished epoch's flat metrics go to `on_epoch`."""
 
     def __init__(self, progress: Progress, on_epoch: Callable[[dict], None]) -> None:
+        super().__init__(on_epoch)
         self.progress = progress
-        self.on_epoch = on_epoch
         self.task: TaskID | None = None
 
     def on_stage_start(self, epoch: int, stage: int, batches: int) -> None:
@@ -35,6 +35,3 @@ class ProgressHooks(TrainingHooks):
         # stage means are in the epoch's line.
         if self.task is not None:  # the engine starts a stage before its batches
             self.progress.update(self.task, advance=1)
-
-    def on_epoch_end(self, record: EpochRecord, improved: bool) -> None:
-        self.on_epoch({**flat_metrics(record), "improved": int(improved)})
