@@ -91,7 +91,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if config.tracking.enabled:
         stdout.print(
             f"data checks: {done.checks.tags()['data_checks']}\n"
-            f"MLflow run {done.logged.run_id}; {done.decision.name} v{done.decision.version}: {done.decision.text}"
+            f"MLflow run {done.logged.run_id}; {done.decision.name} v{done.decision.version}: {done.decision.text}",
+            highlight=False,
+            soft_wrap=True,  # one line each, to read or to grep
         )
 
 

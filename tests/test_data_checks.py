@@ -27,16 +27,44 @@ def test_a_clean_store_passes_and_names_its_versions(tiny_store):
     assert report.tags()["data_checks"] == "passed" and report.tags()["data_checks.previous_version"] == "v1.dir"
 
 
-def test_a_video_in_train_and_test_fails_naming_it(tiny_encoder, tmp_path):
+def leaky_store(root, encoder) -> tuple:
+    """A store with a new clip of a training video in test: (its root, the video)."""
     splits = synthesize(0, TINY_SIZES)
     leaked_video = splits["train"].ids[0].rsplit("_", 1)[0]
-    splits["test"].ids[0] = f"{leaked_video}_99"  # a new clip of a training video, in test
-    root = store(tmp_path / "leaky", tiny_encoder, splits)
+    splits["test"].ids[0] = f"{leaked_video}_99"
+    return store(root, encoder, splits), leaked_video
+
+
+def test_a_video_in_train_and_test_fails_naming_it(tiny_encoder, tmp_path):
+    root, leaked_video = leaky_store(tmp_path / "leaky", tiny_encoder)
     report = check_store(root, "leaky.dir")
     assert [check.name for check in report.failed] == ["videos"]
     assert report.failed[0].offending == [f"{leaked_video} (train+test)"]
     code, _, err = run_mmim("data", "check", "--store", str(root))
     assert code == 2 and f"videos: 1 videos in more than one split ({leaked_video} (train+test))" in err
+
+
+def test_mmim_train_track_refuses_a_leaky_store_before_anything_trains_or_registers(
+    tiny_encoder, tmp_path, mlflow_sqlite
+):
+    """The same guarantee as the flow's check_data step: exit 2, the check's message, no MLflow run,
+    no model version."""
+    root, leaked_video = leaky_store(tmp_path / "leaky", tiny_encoder)
+    settings = {
+        "model.text_encoder": tiny_encoder,
+        "model.text_pretrained": "false",
+        "data.store": str(root),
+        "output_dir": str(tmp_path / "run"),
+        "tracking.artifact_location": str(tmp_path / "artifacts"),
+    }
+    overrides = [argument for key, value in settings.items() for argument in ("--set", f"{key}={value}")]
+    code, _, err = run_mmim("train", "--track", "--workers", "0", *overrides)
+    assert code == 2, err
+    assert "failed the data checks: videos: 1 videos in more than one split" in err and leaked_video in err
+    assert mlflow_sqlite.search_registered_models() == []
+    experiments = [experiment.experiment_id for experiment in mlflow_sqlite.search_experiments()]
+    assert mlflow_sqlite.search_runs(experiments) == []
+    assert not (tmp_path / "run" / "best").exists()
 
 
 def test_label_drift_warns_and_a_damaged_store_fails(tiny_encoder, tiny_store, tmp_path):

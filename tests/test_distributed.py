@@ -3,6 +3,8 @@
 Several nodes, S3, DVC, MLflow reporting and the loss of a node: tests/test_multinode.py.
 """
 
+import json
+
 import pytest
 import ray
 import torch
@@ -74,3 +76,17 @@ def test_elastic_worker_counts_must_share_the_batch(tiny_config, tmp_path, worke
     config = ray_config(tiny_config, tmp_path, num_workers=workers, min_workers=minimum)
     with pytest.raises(MMIMInputError, match=error):
         train_distributed(config)
+
+
+def test_equal_epochs_select_the_first_in_one_process_and_on_a_ray_worker(ray_cluster, tiny_config, tmp_path):
+    """Learning rates so small that no weight moves: both epochs score the same, and the first is
+    selected, its checkpoint the one kept (Ray keeps one best checkpoint: ray.keep_checkpoints 1)."""
+    still = {"epochs": 2, "lr_main": 1e-30, "lr_bert": 1e-30, "lr_mmilb": 1e-30}
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update=still)})
+    alone = train(config.model_copy(update={"output_dir": str(tmp_path / "single")}))
+    ray_run = ray_config(config, tmp_path, num_workers=1, keep_checkpoints=1)
+    distributed = train_distributed(ray_run.model_copy(update={"output_dir": str(tmp_path / "ray1")}))
+    for trained in (alone, distributed):
+        assert trained.epochs[0]["valid_MAE"] == trained.epochs[1]["valid_MAE"]  # the tie
+        assert trained.best_epoch == 1
+        assert json.loads((trained.checkpoint / "metrics.json").read_text())["epoch"] == 1

@@ -30,7 +30,7 @@ from mmim.data.synthetic import synthesize
 from mmim.data.versioning import data_version
 from tasks import FeatureStoreRef, push_features
 from tasks.retries import is_transient
-from tests.helpers import PROJECT, dvc, free_port, make_dvc_project, run
+from tests.helpers import PROJECT, dvc, free_port, make_dvc_project, run, run_mmim
 
 MODEL = "mmim-flowtest"
 STEPS = ["extract_features", "push_features", "check_data", "train", "log_model", "evaluate", "register"]
@@ -153,6 +153,31 @@ def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
     link = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{summary['run_id']}?workflowType=machine_learning"
     assert summary["run_link"] == link and f"[{summary['run_id']}]({link})" in artifact.data
     assert Path(summary["checkpoint"]).is_dir()
+
+
+@pytest.mark.service
+def test_mmim_train_track_decides_as_the_flow_did(pipeline, monkeypatch):
+    """The same store and settings through `mmim train --track` (one process, no Prefect): the same
+    data checks, decision text and gate.* tags as the flow's first run, ids and times aside. (Next
+    to the first run: later tests in this module change the project's data.)"""
+    monkeypatch.chdir(pipeline.project)
+    name = "mmim-clitest"  # a registry of its own, as the flow's had no champion either
+    settings = ["--set", f"tracking.registered_model={name}", "--set", "output_dir=runs/clitest"]
+    code, out, err = run_mmim("train", "--config", "configs/flowtest.yaml", "--track", *settings)
+    assert code == 0, err
+    flow, cli = pipeline.mlflow.get_model_version(MODEL, "1"), pipeline.mlflow.get_model_version(name, "1")
+    assert cli.tags["data_version"] == flow.tags["data_version"] == pipeline.first["data_version"]
+
+    def decided(version) -> dict[str, str]:
+        figure = f"valid_MAE/{pipeline.first['data_version']}"
+        return {k: v for k, v in version.tags.items() if k.startswith("gate.") or k in ("registry_decision", figure)}
+
+    assert decided(cli) == decided(flow) and len(decided(flow)) >= 6
+    assert f"{name} v1: {flow.tags['registry_decision']}" in out
+    checks = {k: v for k, v in pipeline.mlflow.get_run(cli.run_id).data.tags.items() if k.startswith("data_checks")}
+    assert checks == {
+        k: v for k, v in pipeline.mlflow.get_run(flow.run_id).data.tags.items() if k.startswith("data_checks")
+    }
 
 
 @pytest.mark.service
