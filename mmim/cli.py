@@ -26,6 +26,7 @@ import os
 import re
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         job_id = submit_training_job(args.submit, args.config, overrides)
         stdout.print(f"submitted Ray job {job_id} to {args.submit}")
         return
+    from mmim.lifecycle.retrain import retrain, train_checked  # MLflow is imported only to track
     from mmim.training.engine import epoch_line
     from mmim.training.progress import ProgressHooks, stage_progress
 
@@ -77,16 +79,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         stdout.print(epoch_line(metrics, config.train.epochs), highlight=False)
 
     with stage_progress(console) as progress:
-        bars = lambda report: ProgressHooks(progress, report)  # noqa: E731  (one process only)
+        bars = partial(ProgressHooks, progress)  # a bar per stage, when training in this process
         if config.tracking.enabled:
-            from mmim.lifecycle.retrain import retrain
-
             if not args.verbose:  # importing mlflow configures its own logger at INFO
                 logging.getLogger("mlflow").setLevel(logging.WARNING)
             done = retrain(config, on_epoch, args.overwrite, bars, on_step=lambda what: console.print(what + " ..."))
             trained = done.trained
         else:
-            trained = _train_untracked(config, on_epoch, args.overwrite, bars)
+            trained = train_checked(config, on_epoch, args.overwrite, bars)
     _print_training(config, trained)
     if config.tracking.enabled:
         stdout.print(
@@ -95,17 +95,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             highlight=False,
             soft_wrap=True,  # one line each, to read or to grep
         )
-
-
-def _train_untracked(config: Config, on_epoch, overwrite: bool, hooks) -> Trained:
-    """The data checks (no drift: no registry to compare with), then the training."""
-    from mmim.data.versioning import local_store, store_version
-    from mmim.lifecycle.checks import check_data
-    from mmim.lifecycle.training import check_training, train_model
-
-    check_training(config, overwrite)
-    check_data(local_store(config.data), store_version(config.data), None)
-    return train_model(config, None, on_epoch, overwrite, hooks)
 
 
 def _print_training(config: Config, trained: Trained) -> None:

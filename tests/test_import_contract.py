@@ -37,6 +37,8 @@ CONTRACT = {
     "mmim.training.predict": SERVICES + TRAINING,
     # the lifecycle's first step runs before anything trains: no Ray, and MLflow only for drift
     "mmim.lifecycle.checks": ("ray", "mlflow", "prefect", "matplotlib") + TRAINING,
+    # `mmim train` without --track: the checks and the training, no MLflow until a run is tracked
+    "mmim.lifecycle.retrain": ("ray", "mlflow", "prefect", "matplotlib"),
     # the MLflow side and the Ray side meet only in the lifecycle
     "mmim.registry.scoring": ("ray", "prefect") + TRAINING,
     # serving is MLflow's, and nothing else's

@@ -1,18 +1,22 @@
 """A whole retraining in one process, without Prefect: what `mmim train --track` runs. The
-same steps, in the same order, as the flow's tasks (flows/retrain.py)."""
+same steps, in the same order, as the flow's tasks (flows/retrain.py). Without tracking,
+`mmim train` runs the first two (`train_checked`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mmim.core.config import Config
 from mmim.data.versioning import local_store, store_version
 from mmim.lifecycle.checks import DataReport, check_data
-from mmim.lifecycle.registration import Decision, HeadToHead, champion_now, log_trained, register_model, score
 from mmim.lifecycle.training import EpochCallback, EpochReports, Trained, TrainingHooks, check_training, train_model
 from mmim.registry.server import registered_model_name
-from mmim.registry.tracking import TrackedRun, tracked_run
+
+if TYPE_CHECKING:  # MLflow: imported when a run is tracked
+    from mmim.lifecycle.registration import Decision, HeadToHead
+    from mmim.registry.tracking import TrackedRun
 
 
 @dataclass
@@ -33,6 +37,9 @@ def retrain(
 ) -> Retrained:
     """Check, train, log, score and register on `config`'s store; `on_step(what)` hears each step
     after training start (for progress output)."""
+    from mmim.lifecycle.registration import champion_now, log_trained, register_model, score
+    from mmim.registry.tracking import tracked_run
+
     check_training(config, overwrite)  # before an MLflow run exists for a training refused here
     store, model_name = local_store(config.data), registered_model_name(config)
     data_version = store_version(config.data)
@@ -50,3 +57,16 @@ def retrain(
     tracking = config.tracking
     decision = register_model(logged.model_uri, compared, model_name, tracking.margin, tracking.min_confidence)
     return Retrained(checks, trained, logged, compared, decision)
+
+
+def train_checked(
+    config: Config,
+    on_epoch: EpochCallback,
+    overwrite: bool = False,
+    hooks: Callable[[EpochCallback], TrainingHooks] = EpochReports,
+) -> Trained:
+    """The data checks (with no drift comparison: no registry to compare with), then the
+    training, with nothing logged or registered."""
+    check_training(config, overwrite)
+    check_data(local_store(config.data), store_version(config.data), None)
+    return train_model(config, None, on_epoch, overwrite, hooks)
