@@ -5,6 +5,7 @@
     mmim data recordings-sample --out DIR         write generated recordings (label.csv + Raw/)
     mmim data check --store DIR [--previous DIR]  leakage, lengths and label drift before training
     mmim train --config FILE [--set key=value]    train (one process, or --workers N with Ray)
+    mmim train --config FILE --track              and log, score against the champion, register
     mmim train --config FILE --seeds 1111,1112,1113   once per seed with Ray: mean ± std, gated on the mean
     mmim tune --config FILE --trials N            search hyperparameters with Ray Tune (resumable)
     mmim evaluate --checkpoint DIR --store DIR    metrics of a checkpoint on valid/test
@@ -132,7 +133,8 @@ def _training_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from mmim.cluster.tune import load_search_spec, search
+    from mmim.cluster.tune import load_search_spec
+    from mmim.lifecycle.search import search_checked
 
     config = load_config(args.config, _training_overrides(args))
     spec = load_search_spec(args.search)
@@ -141,7 +143,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     best_path = Path(args.best_config or Path("runs") / "search" / f"{name}.yaml")
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    result = search(config, spec, args.trials, name, best_path, args.concurrent)
+    result = search_checked(config, spec, args.trials, name, best_path, args.concurrent)
     stdout.print(
         trials_table(
             f"search {name}: {len(result.trials)} trials" + (" (resumed)" if result.resumed else ""), result.trials

@@ -40,7 +40,9 @@ def build_parser(handlers: dict[str, Command]) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_cmd = commands.add_parser("train", help="train in one process on a feature store")
+    train_cmd = commands.add_parser(
+        "train", help="check a feature store and train on it (one process, Ray workers, or a run per seed)"
+    )
     _add_training_options(train_cmd)
     train_cmd.add_argument(
         "--seeds",

@@ -4,6 +4,7 @@ label drift against the previous version warns, a damaged store fails naming the
 import json
 
 import numpy as np
+import pytest
 
 from mmim.core.store import sha256_of
 from mmim.core.text_encoder import load_tokenizer
@@ -44,8 +45,11 @@ def test_a_video_in_train_and_test_fails_naming_it(tiny_encoder, tmp_path):
     assert code == 2 and f"videos: 1 videos in more than one split ({leaked_video} (train+test))" in err
 
 
-def test_mmim_train_track_refuses_a_leaky_store_before_anything_trains_or_registers(
-    tiny_encoder, tmp_path, mlflow_sqlite
+@pytest.mark.parametrize(
+    "command", [("train", "--track", "--workers", "0"), ("tune", "--trials", "1", "--workers", "1")], ids=str
+)
+def test_mmim_train_and_tune_refuse_a_leaky_store_before_anything_trains_or_registers(
+    command, tiny_encoder, tmp_path, mlflow_sqlite
 ):
     """The same guarantee as the flow's check_data step: exit 2, the check's message, no MLflow run,
     no model version."""
@@ -58,7 +62,7 @@ def test_mmim_train_track_refuses_a_leaky_store_before_anything_trains_or_regist
         "tracking.artifact_location": str(tmp_path / "artifacts"),
     }
     overrides = [argument for key, value in settings.items() for argument in ("--set", f"{key}={value}")]
-    code, _, err = run_mmim("train", "--track", "--workers", "0", *overrides)
+    code, _, err = run_mmim(*command, *overrides)
     assert code == 2, err
     assert "failed the data checks: videos: 1 videos in more than one split" in err and leaked_video in err
     assert mlflow_sqlite.search_registered_models() == []
