@@ -125,3 +125,24 @@ def test_predict_refuses_deeply_nested_json(untrained_checkpoint, tmp_path, monk
         Path(source).write_bytes(nested)
     code, _, err = run_mmim("predict", "--checkpoint", str(untrained_checkpoint), "--input", source)
     assert (code, err.strip()) == (2, f"error: {source}: JSON nested too deeply")
+
+
+def test_a_model_logged_before_the_layered_layout_still_loads(tiny_config, tmp_path, mlflow_sqlite):
+    """Its MLflow artifact holds the old entry file, which imports mmim.serving: a champion logged by
+    an earlier release must stay servable and scorable."""
+    import mlflow
+
+    config = bind_store(tiny_config, FeatureStore(tiny_config.data.store))
+    checkpoint = save_checkpoint(
+        tmp_path / "old", build_model(config.model), config, load_tokenizer(config.model.text_encoder)
+    )
+    old_entry = tmp_path / "pyfunc_entry.py"  # as logged by 0.1
+    old_entry.write_text("import mlflow\nfrom mmim.serving import MMIMPyfunc\nmlflow.models.set_model(MMIMPyfunc())\n")
+    experiment = mlflow.create_experiment("old-models", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(old_entry), artifacts={"checkpoint": str(checkpoint)}
+        )
+    frame = pd.DataFrame(json.loads(EXAMPLE.read_text()))
+    scores = mlflow.pyfunc.load_model(info.model_uri).predict(frame)
+    assert len(scores) == len(frame) and list(scores.columns) == ["score", "polarity", "class7"]

@@ -48,11 +48,6 @@ class Bootstrap(BaseModel):
     confidence: float  # 0.95: a 95% interval
     resamples: int
 
-    @property
-    def above_zero(self) -> bool:
-        """The challenger is better in (nearly) every resample."""
-        return self.low > 0
-
     def text(self) -> str:
         return (
             f"improvement {self.improvement:+.4f}, {self.confidence:.0%} interval {self.low:+.4f} to {self.high:+.4f}"
