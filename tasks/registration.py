@@ -6,7 +6,6 @@ from prefect import get_run_logger
 from pydantic import BaseModel
 
 from mmim.registry.gating import HeadToHead
-from mmim.registry.server import tracking_uri
 from tasks.caching import Origin, origin, registration_key
 from tasks.retries import service_task
 from tasks.training import TrainedModel
@@ -60,11 +59,9 @@ def register(
 
 def current_champion(model_name: str, metric: str, data_version: str) -> Champion | None:
     """The registry's `champion` of `model_name` as it is now (None when there is none)."""
-    from mlflow import MlflowClient
-
     from mmim.registry import versions as registry
 
-    client = MlflowClient(tracking_uri())
+    client = registry.registry_client()
     version = registry.champion_version(client, model_name)
     if version is None:
         return None

@@ -141,7 +141,10 @@ def test_a_model_logged_before_the_layered_layout_still_loads(tiny_config, tmp_p
     experiment = mlflow.create_experiment("old-models", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(old_entry), artifacts={"checkpoint": str(checkpoint)}
+            name="model",
+            python_model=str(old_entry),
+            artifacts={"checkpoint": str(checkpoint)},
+            pip_requirements=["mmim-pipeline"],
         )
     frame = pd.DataFrame(json.loads(EXAMPLE.read_text()))
     scores = mlflow.pyfunc.load_model(info.model_uri).predict(frame)
