@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from mmim.cli import main
 from mmim.core.config import load_config
 from mmim.core.errors import MMIMInputError
+from tests.helpers import free_port
 
 
 def write_config(tmp_path, config, **sections):
@@ -213,3 +214,14 @@ def test_submit_to_an_unreachable_cluster_exits_1(capsys):
     """Nothing wrong with the input: the service did not answer (exit 1, not 2)."""
     code, _, err = run_cli(capsys, "train", "--config", "configs/demo.yaml", "--submit", "http://127.0.0.1:9")
     assert code == 1 and "cannot reach the Ray job server" in err
+
+
+def test_train_track_with_no_tracking_server_is_one_line_before_anything_trains(
+    tiny_config, tmp_path, capsys, monkeypatch
+):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code, _, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, tiny_config)), "--track")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: registered model mmim-synthetic: tracking server {uri}")
+    assert not (tmp_path / "run" / "best").exists()

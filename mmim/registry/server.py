@@ -5,7 +5,8 @@ its failures read. Light on purpose: mlflow itself is imported only where a call
     tracking_uri()          MLFLOW_TRACKING_URI, default sqlite:///mlflow.db (the working directory)
     registered_model_name() tracking.registered_model, default mmim-<dataset>
     answering(what)         a block of MLflow calls for a command a person waits on: a server
-                            that does not answer fails within seconds, as one line
+                            that does not answer fails within seconds, as one line (or, not
+                            quick, after MLflow's own retries)
     local_checkpoint(spec)  a checkpoint directory, or the one inside a registered model
 
 MLflow's HTTP client retries a failing request for minutes (7 retries with exponential
@@ -46,12 +47,13 @@ def registered_model_name(config: Config) -> str:
 
 
 @contextmanager
-def answering(what: str) -> Iterator[None]:
+def answering(what: str, quick: bool = True) -> Iterator[None]:
     """MLflow failures inside the block as one-line errors about `what`: a server that does not
-    answer (or fails) is a ServiceUnavailableError, anything it refuses an MMIMInputError."""
+    answer (or fails) is a ServiceUnavailableError, anything it refuses an MMIMInputError. Not
+    `quick`: MLflow keeps its own retries (for what comes after an hour of training)."""
     from mlflow.exceptions import MlflowException
 
-    unset = [key for key in QUICK_FAILURE if key not in os.environ]
+    unset = [key for key in QUICK_FAILURE if key not in os.environ] if quick else []
     os.environ.update({key: QUICK_FAILURE[key] for key in unset})
     try:
         yield
