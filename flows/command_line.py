@@ -14,7 +14,7 @@ from prefect.logging.handlers import PrefectConsoleHandler
 from rich.console import Console
 from rich.text import Text
 
-from flows.retrain import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed, _under, config_file, pipeline_config, retrain
+from flows.retrain import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed, config_file, in_project, pipeline_config, retrain
 from flows.summary import RetrainSummary, checkpoint_here, local, summary_rows, summary_table
 from mmim.core.errors import MMIMInputError
 from mmim.data.recordings.layout import read_dataset
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tune_trials:
             from mmim.cluster.tune import load_search_spec
 
-            load_search_spec(_under(project, args.search_space))
+            load_search_spec(in_project(project, args.search_space))
         check_inputs(args.dataset, args.project_dir)  # names data/raw/<dataset> as the user would
     except MMIMInputError as error:
         _print_error(str(error))

@@ -3,20 +3,23 @@
     retrain(dataset, config)
       extract_features   dvc repro extract@<dataset>   params.yaml + data/raw/<dataset> -> data/stores/<dataset>
       push_features      dvc push                      the store (restored first if missing) -> the DVC remote
-      check_data         mmim.data.checks              leakage, lengths, drift against the champion's data; a
+      check_data         lifecycle.checks              leakage, lengths, drift against the champion's data; a
                                                        failed check stops the flow (artifact data-checks-<dataset>)
       tune (off unless   Ray Tune + MLflow             a search over the space file on this data version; its
       tune_trials > 0)                                 best config is what the flow trains, and is written to
                                                        `tuned_config` for later runs
-      train              Ray Train + MLflow            store + config -> MLflow run (every epoch), checkpoint
+      train              lifecycle.training (Ray)      store + config -> MLflow run (every epoch), checkpoint
                                                        (with train.seeds: a run per seed, each a child run)
-      log_model          MLflow                        the selected checkpoint as the run's pyfunc model
-      evaluate           the logged checkpoint and     both on valid/test of this data version, a paired
-                         the registry's champion       bootstrap on valid -> eval_*, champion_*, gate.* on the run
-      register           MLflow Model Registry         -> mmim-<dataset> vN; champion only if it beats the
+      log_model          lifecycle.registration        the selected checkpoint as the run's pyfunc model
+      evaluate           lifecycle.registration: the   both on valid/test of this data version, a paired
+                         logged model and the champion bootstrap on valid -> eval_*, champion_*, gate.* on the run
+      register           lifecycle.registration        -> mmim-<dataset> vN; champion only if it beats the
                                                        champion on the same data (or needs_review)
-    -> the decision in the flow run's log, a summary as markdown artifact `retrain-<dataset>`;
-       the command line prints the summary and the commands to look at the results
+    -> the decision in the flow run's log, a summary as markdown artifact `retrain-<dataset>`
+       (flows/summary.py); the command line (flows/command_line.py) prints the summary and the
+       commands to look at the results
+
+The steps are mmim.lifecycle's functions, which `mmim train --track` runs in one process.
 
 Steps whose content key matches an earlier run are restored from Prefect's result
 storage instead of running (tasks/caching.py): a rerun with the same data, config and
@@ -102,7 +105,7 @@ def _run(name: str, call: Callable[..., Any], *args: Any) -> Any:
         raise StepFailed(name, error) from error
 
 
-def _under(project: Path, path: str) -> str:
+def in_project(project: Path, path: str) -> str:
     """`path` as given if absolute or a URI, otherwise relative to the project."""
     return path if "://" in path or Path(path).is_absolute() else str(project / path)
 
@@ -112,22 +115,22 @@ def config_file(project: Path, config: str, tuned_config: str | None, tune_trial
     does not search itself, else `config`."""
     if tune_trials < 0:
         raise MMIMInputError(f"tune_trials {tune_trials}: 0 (no search) or more")
-    if tuned_config and not tune_trials and Path(_under(project, tuned_config)).is_file():
+    if tuned_config and not tune_trials and Path(in_project(project, tuned_config)).is_file():
         return tuned_config
     return config
 
 
 def pipeline_config(project: Path, config: str, overrides: list[str]) -> Config:
     """The run's config; relative paths in it (and the config's own) are relative to the project."""
-    settings = load_config(_under(project, config), overrides)
+    settings = load_config(in_project(project, config), overrides)
     check_ray_settings(settings)  # before extraction, which can take a while
     tracking = settings.tracking.model_copy(update={"enabled": True})
     if settings.tracking.artifact_location:
-        tracking.artifact_location = _under(project, settings.tracking.artifact_location)
+        tracking.artifact_location = in_project(project, settings.tracking.artifact_location)
     return settings.model_copy(
         update={
-            "output_dir": _under(project, settings.output_dir),
-            "ray": settings.ray.model_copy(update={"storage_path": _under(project, settings.ray.storage_path)}),
+            "output_dir": in_project(project, settings.output_dir),
+            "ray": settings.ray.model_copy(update={"storage_path": in_project(project, settings.ray.storage_path)}),
             "tracking": tracking,
         }
     )
@@ -176,8 +179,8 @@ def retrain(
     checks: DataChecks = step("check_data", check_data, features, str(project), model_name)
     tuned: TunedConfig | None = None
     if tune_trials:
-        best_path = _under(project, tuned_config or f"runs/search/{dataset}.yaml")
-        space = _under(project, search_space)
+        best_path = in_project(project, tuned_config or f"runs/search/{dataset}.yaml")
+        space = in_project(project, search_space)
         tuned = step("tune", tune_hyperparameters, features, settings, str(project), tune_trials, space, best_path)
         settings = tuned.config
     training: FinishedTraining = step("train", train, features, settings, str(project), checks.tags)
