@@ -133,8 +133,8 @@ def _training_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from mmim.cluster.tune import load_search_spec
-    from mmim.lifecycle.search import search_checked
+    from mmim.cluster.tune import load_search_spec, search
+    from mmim.lifecycle.checks import check_config_store
 
     config = load_config(args.config, _training_overrides(args))
     spec = load_search_spec(args.search)
@@ -143,7 +143,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     best_path = Path(args.best_config or Path("runs") / "search" / f"{name}.yaml")
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    result = search_checked(config, spec, args.trials, name, best_path, args.concurrent)
+    check_config_store(config)  # before any trial, as mmim train and the flow
+    result = search(config, spec, args.trials, name, best_path, args.concurrent)
     stdout.print(
         trials_table(
             f"search {name}: {len(result.trials)} trials" + (" (resumed)" if result.resumed else ""), result.trials

@@ -12,8 +12,8 @@ challenger and champion on the same data, register.
     registration.register_model   a new version; `champion` moves only when it is earned
     retrain.retrain            all of the above in one process (`mmim train --track`)
     retrain.train_checked      the checks and the training only (`mmim train`)
-    search.search_checked      the checks, then a Ray Tune search (`mmim tune`); its best
-                               config is then trained like any other
+    checks.check_config_store  the checks alone, as `mmim tune` runs them before its search
+                               (whose best config is then trained like any other)
 
 The Prefect tasks (tasks/) wrap the same steps one by one (retries, caching, artifacts), so
 the guarantees, the decision text and the gate.* tags do not depend on the door.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmim.core.config import Config
 from mmim.core.errors import MMIMInputError
 from mmim.data.checks import DataReport, check_store
+from mmim.data.versioning import local_store, store_version
 
-__all__ = ["DataChecksFailed", "DataReport", "check_data"]  # the step, its result and its refusal
+__all__ = ["DataChecksFailed", "DataReport", "check_data", "check_config_store"]  # the step, its result and its refusal
 
 
 class DataChecksFailed(MMIMInputError):
@@ -34,3 +36,9 @@ def check_data(store: str | Path, data_version: str, model_name: str | None) -> 
     if report.failed:
         raise DataChecksFailed(report)
     return report
+
+
+def check_config_store(config: Config) -> DataReport:
+    """The checks of the store `config` trains on, at its data version, with no drift comparison
+    (no registry): what `mmim train` and `mmim tune` run before anything trains."""
+    return check_data(local_store(config.data), store_version(config.data), None)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from mmim.core.config import Config
 from mmim.data.versioning import local_store, store_version
-from mmim.lifecycle.checks import DataReport, check_data
+from mmim.lifecycle.checks import DataReport, check_config_store, check_data
 from mmim.lifecycle.training import EpochCallback, EpochReports, Trained, TrainingHooks, check_training, train_model
 from mmim.registry.server import answering, registered_model_name
 
@@ -71,5 +71,5 @@ def train_checked(
     """The data checks (with no drift comparison: no registry to compare with), then the
     training, with nothing logged or registered."""
     check_training(config, overwrite)
-    check_data(local_store(config.data), store_version(config.data), None)
+    check_config_store(config)
     return train_model(config, None, on_epoch, overwrite, hooks)
