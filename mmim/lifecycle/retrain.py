@@ -36,7 +36,7 @@ def retrain(
     on_step: Callable[[str], None] = lambda step: None,
 ) -> Retrained:
     """Check, train, log, score and register on `config`'s store; `on_step(what)` hears each step
-    after training start (for progress output)."""
+    but training (which reports its epochs to `on_epoch`) as it starts, for progress output."""
     from mmim.lifecycle.registration import champion_now, log_trained, register_model, score
     from mmim.registry.tracking import TrainingRun, ending
 
