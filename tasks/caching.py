@@ -34,7 +34,11 @@ from mmim.registry.server import tracking_uri
 
 CODE_ROOT = Path(mmim.__file__).parent
 # Settings that name places, not content: the data version stands in for the store.
-PLACES = {"data": ("store", "dvc_url", "dvc_rev"), "ray": ("storage_path", "run_name"), None: ("output_dir",)}
+PLACES = {
+    "data": ("store", "dvc_url", "dvc_rev"),
+    "ray": ("address", "storage_path", "run_name"),
+    None: ("output_dir",),
+}
 
 
 class Origin(BaseModel):

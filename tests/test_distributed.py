@@ -4,6 +4,12 @@ Several nodes, S3, DVC, MLflow reporting and the loss of a node: tests/test_mult
 """
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import ray
@@ -13,6 +19,7 @@ from safetensors.torch import load_file
 from mmim.cluster.distributed import train_distributed
 from mmim.core.errors import DistributedTrainingError, MMIMInputError
 from mmim.training.train import train
+from tests.helpers import PROJECT, free_port
 
 pytestmark = pytest.mark.service  # a local Ray cluster
 
@@ -90,3 +97,25 @@ def test_equal_epochs_select_the_first_in_one_process_and_on_a_ray_worker(ray_cl
         assert trained.epochs[0]["valid_MAE"] == trained.epochs[1]["valid_MAE"]  # the tie
         assert trained.best_epoch == 1
         assert json.loads((trained.checkpoint / "metrics.json").read_text())["epoch"] == 1
+
+
+def test_a_command_starts_a_private_cluster_and_never_joins_the_one_the_machine_names(tmp_path):
+    """`ray start` leaves <temp dir>/ray/ray_current_cluster, which a bare ray.init() joins. Here it
+    names a cluster that is not there: connect() with no address and no RAY_ADDRESS starts its own."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mmim-ray-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (ray_tmp / "ray").mkdir()
+        stranger = f"127.0.0.1:{free_port()}"
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(stranger)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+        probe = (
+            "import ray; from mmim.cluster.connect import connect; connect(); "
+            "print(ray.get_runtime_context().gcs_address); ray.shutdown()"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180, cwd=PROJECT
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() and done.stdout.strip() != stranger
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -122,8 +122,9 @@ def test_the_command_line_starts_without_torch():
 # Entry points parse, call and render: they import what their commands need.
 ENTRY_POINTS = {"mmim/cli.py", "mmim/cli_parser.py", "mmim/__init__.py"}
 # What every layer may use without it being a dependency worth counting: exceptions, size
-# limits, atomic writes.
-LEAVES = {"mmim.core.errors", "mmim.core.limits", "mmim.core.files"}
+# limits, atomic writes, and the one way to reach a Ray cluster (each imports nothing of the
+# project but the exceptions).
+LEAVES = {"mmim.core.errors", "mmim.core.limits", "mmim.core.files", "mmim.cluster.connect"}
 MAX_PROJECT_IMPORTS = 7
 
 

@@ -54,6 +54,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mmim.cluster.connect import connect
 from mmim.cluster.reports import ForwardReports, ReportFollower
 from mmim.core.config import Config, check_ray_settings, config_from_dict
 from mmim.core.errors import DistributedTrainingError, MMIMInputError, first_line
@@ -315,12 +316,10 @@ def train_distributed(
     only with `overwrite`."""
     check_config(config)
     prepare_output_dir(config, overwrite)
-    if not ray.is_initialized():
-        # RAY_ADDRESS (if set) names the cluster; otherwise a local one starts. Worker and
-        # controller logs, and the driver's own notices (token auth on, dashboard URL), stay
-        # in Ray's session logs unless ray.log_to_driver asks for them; errors always show.
-        verbose = config.ray.log_to_driver
-        ray.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    # Worker and controller logs, and the driver's own notices (token auth on, dashboard URL),
+    # stay in Ray's session logs unless ray.log_to_driver asks for them; errors always show.
+    verbose = config.ray.log_to_driver
+    connect(config.ray.address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     with ReportFollower(on_report) as follower:
         trainer = build_trainer(with_absolute_paths(config), [ForwardReports(follower.inbox)])
         try:

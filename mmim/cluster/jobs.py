@@ -2,11 +2,12 @@
 
 The job ships this project's code with `runtime_env={"working_dir": <project>}` (data,
 runs, virtual environments and Git metadata excluded) and runs
-`python -m mmim.cli train` on the cluster, where `ray.init()` joins the cluster it runs
-in. The `python` of the cluster's nodes must have the dependencies installed (see
-infra/); the feature store must be readable there (a shared path, or `data.dvc_url`
-so that workers fetch it with DVC). Ray 2.60 clusters use token authentication: the
-submitting side needs RAY_AUTH_MODE=token and the cluster's token.
+`python -m mmim.cli train` on the cluster, where RAY_ADDRESS (which Ray sets for a job's
+entrypoint) names the cluster it runs in (mmim.cluster.connect). The `python` of the
+cluster's nodes must have the dependencies installed (see infra/); the feature store must
+be readable there (a shared path, or `data.dvc_url` so that workers fetch it with DVC).
+Ray 2.60 clusters use token authentication: the submitting side needs RAY_AUTH_MODE=token
+and the cluster's token.
 """
 
 from __future__ import annotations

@@ -30,13 +30,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import ray
 from pandas.api.types import is_numeric_dtype
 from ray import tune
 from ray.train import Checkpoint
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.result import AUTO_RESULT_KEYS, DONE
 
+from mmim.cluster.connect import connect
 from mmim.cluster.distributed import check_config, remove_training_state, storage_location
 from mmim.cluster.tune import (
     TrialRuns,
@@ -124,8 +124,7 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
     seeds = config.train.seeds
     check_seeds(config)
     output = prepare_output_dir(config, overwrite)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=config.ray.log_to_driver, logging_level=logging.ERROR)
+    connect(config.ray.address, log_to_driver=config.ray.log_to_driver)
     name = _run_name(config)
     callbacks: list[tune.Callback] = []
     if parent is not None:

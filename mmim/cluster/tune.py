@@ -53,6 +53,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from mmim.cluster.connect import connect
 from mmim.cluster.distributed import build_trainer, check_config, storage_location, with_absolute_paths
 from mmim.core.config import Config, config_from_dict, config_to_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
@@ -488,8 +489,7 @@ def search(
     if concurrent is not None and concurrent < 1:
         raise MMIMInputError(f"--concurrent {concurrent}: must be at least 1")
     check_config(config)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=config.ray.log_to_driver, logging_level=logging.ERROR)
+    connect(config.ray.address, log_to_driver=config.ray.log_to_driver)
     concurrent = concurrent or trials_that_fit(config)
     storage_path, filesystem = storage_location(config.ray, with_keys=False)  # Tune pickles it into storage
     experiment_path = f"{storage_path.rstrip('/')}/{name}"

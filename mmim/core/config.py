@@ -117,6 +117,11 @@ class RayConfig(_Section):
     num_workers: int = Field(
         default=0, ge=0, description="Ray Train workers (DDP); 0 trains in one process without Ray."
     )
+    address: str | None = Field(
+        default=None,
+        description="The Ray cluster to run on (`auto` on a cluster node, `ray://head:10001`); unset: "
+        "RAY_ADDRESS, else a new private local cluster (never one found on the machine).",
+    )
     min_workers: int | None = Field(
         default=None,
         ge=1,

@@ -15,7 +15,6 @@ default), or stops the job before any store is written (`on_error="fail"`).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from mmim.core.errors import MMIMInputError, ServiceUnavailableError, first_line
+from mmim.core.errors import MMIMInputError
 from mmim.core.store import SPLITS
 from mmim.core.text_encoder import load_tokenizer
 from mmim.data.recordings.cache import FeatureCache
@@ -122,18 +121,13 @@ def _from_row(row: dict) -> _Outcome:
 
 
 def connect_ray(address: str | None) -> int:
-    """Join the cluster at `address` (None: RAY_ADDRESS, a running local one, or a new one);
-    returns its CPUs."""
+    """Join the cluster at `address` (None: RAY_ADDRESS, else a private local one: see
+    mmim.cluster.connect); returns its CPUs."""
     import ray
 
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-        except (ConnectionError, TimeoutError, RuntimeError) as error:
-            raise ServiceUnavailableError(
-                f"Ray cluster {address or os.environ.get('RAY_ADDRESS', '(local)')} "
-                f"does not answer ({first_line(error)})"
-            ) from None
+    from mmim.cluster.connect import connect
+
+    connect(address)
     return int(ray.cluster_resources().get("CPU", 1))
 
 
