@@ -13,6 +13,7 @@ from rich.table import Table
 
 from mmim.core.metrics import METRIC_NAMES
 from mmim.registry.server import tracking_uri
+from mmim.tables import metrics_table
 from tasks import DataChecks, Registration, TrainedModel
 from tasks.caching import Origin
 from tasks.registration import Champion
@@ -100,17 +101,8 @@ def figure_columns(summary: RetrainSummary) -> dict[str, dict[str, float]]:
 
 
 def summary_table(summary: RetrainSummary) -> Table:
-    table = Table(
-        title=f"retrain {summary.dataset}: selected epoch {summary.selected_epoch}, "
-        f"scored on data {summary.data_version}"
-    )
-    table.add_column("metric")
-    columns = figure_columns(summary)
-    for column in columns:
-        table.add_column(column, justify="right")
-    for name in METRIC_NAMES:
-        table.add_row(name, *(f"{figures[name]:.4f}" for figures in columns.values()))
-    return table
+    title = f"retrain {summary.dataset}: selected epoch {summary.selected_epoch}, scored on data {summary.data_version}"
+    return metrics_table(title, figure_columns(summary))
 
 
 def checkpoint_here(summary: RetrainSummary) -> str | None:

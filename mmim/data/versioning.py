@@ -228,13 +228,13 @@ def local_store(data: DataConfig) -> str:
     return str(fetch_store(data.dvc_url, data.dvc_dataset, destination, data.dvc_rev))
 
 
-def store_version(data: DataConfig) -> str:
-    """The data version of the store `data` names: DVC's, when it is `data/stores/<name>` of a DVC
-    project in this working directory; else its manifest's (FeatureStore.content_version)."""
-    store = Path(local_store(data))
+def store_version(store: str | Path) -> str:
+    """The data version of the store at `store` (on this machine: see local_store): DVC's, when it
+    is `data/stores/<name>` of a DVC project in this working directory; else its manifest's
+    (FeatureStore.content_version)."""
     root = Path.cwd()
     try:
-        relative = store.resolve().relative_to(root / STORES_DIR)
+        relative = Path(store).resolve().relative_to(root / STORES_DIR)
         if len(relative.parts) == 1:
             return data_version(relative.parts[0], root)
     except (ValueError, MMIMInputError):

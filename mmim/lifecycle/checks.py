@@ -41,4 +41,5 @@ def check_data(store: str | Path, data_version: str, model_name: str | None) -> 
 def check_config_store(config: Config) -> DataReport:
     """The checks of the store `config` trains on, at its data version, with no drift comparison
     (no registry): what `mmim train` and `mmim tune` run before anything trains."""
-    return check_data(local_store(config.data), store_version(config.data), None)
+    store = local_store(config.data)
+    return check_data(store, store_version(store), None)

@@ -42,7 +42,7 @@ def retrain(
 
     check_training(config, overwrite)  # before an MLflow run exists for a training refused here
     store, model_name = local_store(config.data), registered_model_name(config)
-    data_version = store_version(config.data)
+    data_version = store_version(store)  # the store fetched once, when it comes from a DVC remote
     on_step("checking the data")
     with answering(f"registered model {model_name}"):  # a server that does not answer: before anything trains
         checks = check_data(store, data_version, model_name)

@@ -106,7 +106,7 @@ class TrainingRun:
         """A new run: tags, the flattened config as params, the data's label profile."""
         store = FeatureStore(local_store(config.data), verify_checksums=False)
         experiment_id = ensure_experiment(config)
-        data_version = data_version or store_version(config.data)
+        data_version = data_version or store_version(store.root)
         tags = {
             **(tags or {}),
             "git_commit": git_commit(),

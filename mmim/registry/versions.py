@@ -195,7 +195,7 @@ def reconcile(
             (v, value)
             for v, value in scored
             if v.version != champion.version
-            and Rule(metric).beats(value, champion_value, margin)
+            and rule.beats(value, champion_value, margin)
             and (min_confidence is None or _confident(v, champion, data_version, min_confidence))
         ]
         if not candidates:
