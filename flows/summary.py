@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mmim.core.metrics import METRIC_NAMES
 from mmim.registry.server import tracking_uri
-from mmim.tables import metrics_table
+from mmim.tables import metrics_table, one_line, shorten
 from tasks import DataChecks, Registration, TrainedModel
 from tasks.caching import Origin
 from tasks.registration import Champion
@@ -101,8 +101,9 @@ def figure_columns(summary: RetrainSummary) -> dict[str, dict[str, float]]:
 
 
 def summary_table(summary: RetrainSummary) -> Table:
-    title = f"retrain {summary.dataset}: selected epoch {summary.selected_epoch}, scored on data {summary.data_version}"
-    return metrics_table(title, figure_columns(summary))
+    version = shorten(summary.data_version, 20)  # whole on the `data version` line below the table
+    title = f"retrain {summary.dataset}: epoch {summary.selected_epoch}, on data {version}"
+    return one_line(metrics_table(title, figure_columns(summary)))
 
 
 def checkpoint_here(summary: RetrainSummary) -> str | None:

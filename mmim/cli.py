@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
-from mmim import cli_parser
+from mmim import cli_parser, tables
 from mmim.core.config import Config, load_config
 from mmim.core.errors import (
     DistributedTrainingError,
@@ -48,7 +48,6 @@ from mmim.core.metrics import METRIC_NAMES
 from mmim.data.extract import extract
 from mmim.data.store_writer import ExtractionSummary
 from mmim.data.synthetic import write_synthetic_raw
-from mmim.tables import checks_table, metrics_table, registry_table, seeds_table, store_table, trials_table
 from mmim.terminal import counter, quiet_libraries
 
 # torch, and what needs it (training, checkpoints, predictions), is imported by the commands
@@ -101,13 +100,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _print_training(config: Config, trained: Trained) -> None:
     result = trained.result
     if trained.seeds:
-        stdout.print(seeds_table(trained.seeds))
+        stdout.print(tables.seeds_table(trained.seeds))
         stdout.print(f"selected: seed {trained.seeds['best_seed']}, epoch {result.best_epoch} (lowest validation MAE)")
     else:
         title = f"selected epoch {result.best_epoch} (lowest validation MAE)"
         if config.ray.num_workers > 0:
             title += f", {config.ray.num_workers} Ray workers"
-        stdout.print(metrics_table(title, {split: _split(result.best, split) for split in ("valid", "test")}))
+        stdout.print(tables.metrics_table(title, {split: _split(result.best, split) for split in ("valid", "test")}))
     stdout.print(f"checkpoint: {result.checkpoint}")
 
 
@@ -146,10 +145,12 @@ def cmd_tune(args: argparse.Namespace) -> None:
     check_config_store(config)  # before any trial, as mmim train and the flow
     result = search(config, spec, args.trials, name, best_path, args.concurrent)
     stdout.print(
-        trials_table(
+        tables.trials_table(
             f"search {name}: {len(result.trials)} trials" + (" (resumed)" if result.resumed else ""), result.trials
         )
     )
+    for line in tables.trial_errors(result.trials):
+        stdout.print(line, highlight=False, soft_wrap=True, markup=False)
     stdout.print(
         f"best: valid MAE {result.best_valid_MAE:.4f} at epoch {result.best_epoch}; its config: {best_path}\n"
         f"MLflow parent run {result.parent_run_id} (each trial a child run)\n"
@@ -163,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     with local_checkpoint(args.checkpoint) as checkpoint:
         results = evaluate_checkpoint(checkpoint, args.store, tuple(args.split))
-    stdout.print(metrics_table(f"{args.checkpoint} on {args.store}", results))
+    stdout.print(tables.metrics_table(f"{args.checkpoint} on {args.store}", results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
@@ -226,7 +227,7 @@ def cmd_check(args: argparse.Namespace) -> None:
     previous = store_profile(args.previous, args.previous) if args.previous else None
     report = check_store(args.store, args.store, previous)
     title = f"data checks of {args.store}" + (f" against {args.previous}" if args.previous else "")
-    stdout.print(checks_table(title, report))
+    stdout.print(tables.checks_table(title, report))
     if report.failed:
         raise MMIMInputError(f"{args.store}: data check(s) failed: " + "; ".join(c.line() for c in report.failed))
 
@@ -235,7 +236,7 @@ def _print_store_summary(summary: ExtractionSummary, listed: frozenset[str] = fr
     """The store's table (or one line), then what was dropped, except the ids already `listed`."""
     repaired = sum(summary.nonfinite_zeroed.values()) + sum(summary.empty_padded.values())
     if summary.dropped or repaired:  # the table, when there is something in it to read
-        stdout.print(store_table(summary))
+        stdout.print(tables.store_table(summary))
     else:
         counts = ", ".join(f"{name} {count}" for name, count in summary.counts.items())
         stdout.print(
@@ -332,7 +333,10 @@ def cmd_registry(args: argparse.Namespace) -> None:
         elif args.registry_command == "rollback":
             stdout.print(f"{args.name}: champion -> v{rollback(client, args.name)}")
         rows = describe(client, args.name)
-    stdout.print(registry_table(f"{args.name} ({tracking_uri()})", rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        stdout.print(tables.registry_table(f"{args.name} ({tracking_uri()})", rows))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

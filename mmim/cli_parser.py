@@ -215,6 +215,9 @@ def build_parser(handlers: dict[str, Command]) -> argparse.ArgumentParser:
         sub.add_argument("--name", required=True, help="registered model, e.g. mmim-mosi")
         if name == "promote":
             sub.add_argument("--version", required=True)
+        sub.add_argument(
+            "--json", action="store_true", help="print the versions as JSON, every value whole, instead of the table"
+        )
         sub.set_defaults(run=handlers["registry"])
 
     serve = commands.add_parser("serve", help="REST predictions from a registered model (MLflow's scoring server)")

@@ -1,10 +1,14 @@
-"""The tables the command line and the flow print (rich), each fitting 80 columns where it can."""
+"""The tables the command line and the flow print (rich). Each fits 80 columns with one line per
+row: long ids are shortened in the middle (`shorten`), long text ends in an ellipsis, and the
+whole value is in the command's JSON output or file (`registry list --json`, seeds.json, the
+tuned config, MLflow)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from rich.table import Table
+from rich.text import Text
 
 from mmim.core.metrics import METRIC_NAMES
 
@@ -25,38 +29,70 @@ def metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-def seeds_table(seeds: dict) -> Table:
-    """MMSA's way: each metric's mean ± standard deviation over seeds, then every seed's test
-    figure (`seeds`: seeds.json, as mmim.cluster.seeds writes it)."""
-    listed = seeds["seeds"]
-    table = Table(
-        title=f"{len(listed)} seeds, each at its selected epoch: mean ± std on valid and test, "
-        "then each seed's test figure"
-    )
-    table.add_column("metric")
-    for column in ("valid", "test", *(f"seed {seed}" for seed in listed)):
-        table.add_column(column, justify="right", no_wrap=True)
-    for name in METRIC_NAMES:
-        spread = [(seeds["mean"][f"{split}_{name}"], seeds["std"][f"{split}_{name}"]) for split in ("valid", "test")]
-        each = [f"{figures[f'test_{name}']:.4f}" for figures in listed.values()]
-        table.add_row(name, *(f"{mean:.4f} ± {std:.4f}" for mean, std in spread), *each)
+def shorten(text: str, width: int) -> str:
+    """`text` cut in the middle to `width` characters: both ends of an id stay readable."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head) :]}"
+
+
+def cut(text: str) -> Text:
+    """A cell that takes what the terminal has left and ends in an ellipsis there: measured by
+    its words, so the table narrows its column; never wrapped onto a second line."""
+    return Text(text, no_wrap=True, overflow="ellipsis")
+
+
+def one_line(table: Table) -> Table:
+    """No cell of `table` wraps: each column of plain text keeps the width of its longest cell
+    (the `cut` cells give way)."""
+    for column in table.columns:
+        cells = [column.header, *column.cells]
+        texts = [cell for cell in cells if isinstance(cell, str)]
+        if len(texts) == len(cells):
+            column.no_wrap, column.min_width = True, max(len(text) for text in texts)
     return table
 
 
+# The seeds table's test figures: the paper's columns (Acc-2 and F1 without zero labels)
+SEED_COLUMNS = {"MAE": "MAE", "Corr": "Corr", "Acc-7": "Acc-7", "Acc-2": "Acc-2_non0", "F1": "F1_non0"}
+
+
+def seeds_table(seeds: dict) -> Table:
+    """MMSA's way: every seed's figures at its selected epoch, then their mean and standard
+    deviation (`seeds`: seeds.json, as mmim.cluster.seeds writes it, which has every metric)."""
+    listed = seeds["seeds"]
+    table = Table(title=f"{len(listed)} seeds, each at its selected epoch", caption="test Acc-2, F1: non0")
+    for column in ("seed", "epoch", "valid MAE", *(f"test {name}" if name == "MAE" else name for name in SEED_COLUMNS)):
+        table.add_column(column, justify="left" if column == "seed" else "right")
+    for seed, figures in listed.items():
+        test = (f"{figures[f'test_{name}']:.4f}" for name in SEED_COLUMNS.values())
+        table.add_row(seed, str(figures["epoch"]), f"{figures['valid_MAE']:.4f}", *test)
+    for row in ("mean", "std"):
+        test = (f"{seeds[row][f'test_{name}']:.4f}" for name in SEED_COLUMNS.values())
+        table.add_row(row, "", f"{seeds[row]['valid_MAE']:.4f}", *test, style="bold" if row == "mean" else None)
+    return one_line(table)
+
+
 def trials_table(title: str, trials: list[TrialSummary]) -> Table:
-    """A search's trials, best first (those with no figure last)."""
+    """A search's trials, best first (those with no figure last); a failed trial's error follows
+    the table (`trial_errors`), whole."""
     table = Table(title=title)
     for column in ("trial", "status", "epochs", "valid MAE", "settings"):
         table.add_column(column, justify="right" if column in ("epochs", "valid MAE") else "left")
     for trial in sorted(trials, key=lambda t: (t.valid_MAE != t.valid_MAE, t.valid_MAE)):  # nan last
         settings = ", ".join(
-            f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+            f"{key.split('.')[-1]}={value:.3g}" if isinstance(value, float) else f"{key.split('.')[-1]}={value}"
             for key, value in sorted(trial.settings.items())
         )
-        status = f"{trial.status}: {trial.error}" if trial.error else trial.status
         figure = "" if trial.valid_MAE != trial.valid_MAE else f"{trial.valid_MAE:.4f}"
-        table.add_row(trial.trial_id, status, str(trial.epochs), figure, settings)
-    return table
+        table.add_row(shorten(trial.trial_id, 12), trial.status, str(trial.epochs), figure, cut(settings))
+    return one_line(table)
+
+
+def trial_errors(trials: list[TrialSummary]) -> list[str]:
+    """`trial <id> failed: <its error>`, one line per failed trial."""
+    return [f"trial {trial.trial_id} failed: {trial.error}" for trial in trials if trial.error]
 
 
 def store_table(summary: ExtractionSummary) -> Table:
@@ -85,19 +121,16 @@ def metric_cell(row: dict) -> str:
 
 
 def registry_table(title: str, rows: list[dict]) -> Table:
-    """Versions and aliases never wrap or shorten; at 80 columns the decision and the
-    run id (folded, never cut) take the lines they need."""
+    """Versions and aliases whole; the run id shortened in the middle, the decision cut at the
+    terminal's edge (`mmim registry list --json` has both whole)."""
     table = Table(title=title)
-    table.add_column("version", justify="right", no_wrap=True)
-    table.add_column("aliases", no_wrap=True)
-    table.add_column("valid", no_wrap=True)
-    table.add_column("decision", overflow="fold")
-    table.add_column("run", overflow="fold")
+    for column in ("version", "aliases", "valid", "run", "decision"):
+        table.add_column(column, justify="right" if column == "version" else "left")
     for row in rows:
-        table.add_row(
-            str(row["version"]), row["aliases"], metric_cell(row), row.get("registry_decision", ""), row["run_id"] or ""
-        )
-    return table
+        run = shorten(row["run_id"] or "", 11)
+        decision = cut(row.get("registry_decision", ""))
+        table.add_row(str(row["version"]), row["aliases"], metric_cell(row), run, decision)
+    return one_line(table)
 
 
 def checks_table(title: str, report: DataReport) -> Table:

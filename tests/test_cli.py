@@ -216,6 +216,26 @@ def test_submit_to_an_unreachable_cluster_exits_1(capsys):
     assert code == 1 and "cannot reach the Ray job server" in err
 
 
+def test_an_unreachable_ray_address_is_one_line_naming_it(tiny_config, tmp_path, capsys):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens
+    config = write_config(tmp_path, tiny_config, ray={"address": address, "num_workers": 1})
+    code, _, err = run_cli(capsys, "train", "--config", str(config))
+    assert code == 1 and f"Ray cluster {address}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_ray_version_mismatch_is_one_line_with_both_versions():
+    """Ray's own check, with a cluster's metadata from another Ray and Python."""
+    from ray._private.utils import check_version_info
+
+    from mmim.cluster.connect import why_not
+
+    with pytest.raises(RuntimeError) as raised:
+        check_version_info({"ray_version": "2.9.0", "python_version": "3.11.7"}, "127.0.0.1:6379")
+    line = why_not("Ray cluster 127.0.0.1:6379", raised.value)
+    assert "\n" not in line
+    assert line.startswith("Ray cluster 127.0.0.1:6379 runs Ray 2.9.0 on Python 3.11.7, this process Ray 2.")
+
+
 def test_train_track_with_no_tracking_server_is_one_line_before_anything_trains(
     tiny_config, tmp_path, capsys, monkeypatch
 ):
@@ -225,3 +245,16 @@ def test_train_track_with_no_tracking_server_is_one_line_before_anything_trains(
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"error: registered model mmim-synthetic: tracking server {uri}")
     assert not (tmp_path / "run" / "best").exists()
+
+
+def test_rays_false_alarms_are_dropped_where_ray_prints_them_and_errors_are_not(capsys):
+    import ray._private.worker as ray_worker
+
+    from mmim.cluster.connect import quiet_false_alarms
+
+    quiet_false_alarms()
+    alarm = "WARNING: 8 PYTHON worker processes have been started on node: abc with address: 127.0.0.1."
+    error = "ERROR: a worker died: the raylet is out of memory"
+    ray_worker.print_to_stdstream({"lines": [alarm, error], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    printed = capsys.readouterr().out
+    assert error in printed and "PYTHON worker processes" not in printed

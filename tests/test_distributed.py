@@ -3,17 +3,21 @@
 Several nodes, S3, DVC, MLflow reporting and the loss of a node: tests/test_multinode.py.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mmim.cluster.distributed import train_distributed
@@ -99,23 +103,58 @@ def test_equal_epochs_select_the_first_in_one_process_and_on_a_ray_worker(ray_cl
         assert json.loads((trained.checkpoint / "metrics.json").read_text())["epoch"] == 1
 
 
-def test_a_command_starts_a_private_cluster_and_never_joins_the_one_the_machine_names(tmp_path):
-    """`ray start` leaves <temp dir>/ray/ray_current_cluster, which a bare ray.init() joins. Here it
-    names a cluster that is not there: connect() with no address and no RAY_ADDRESS starts its own."""
+def _stop_processes_under(directory: Path) -> None:
+    """Stop what `ray start` began for a cluster living in `directory` (never `ray stop`: that
+    stops every Ray cluster on the machine)."""
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(directory) in part for part in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def test_mmim_train_neither_joins_nor_disturbs_the_cluster_the_machine_runs(tiny_config, tmp_path):
+    """Another project's cluster, live, named in <temp dir>/ray/ray_current_cluster (where a bare
+    ray.init() finds it): `mmim train --workers 1` starts its own, finishes, and the stranger
+    still answers with no driver of ours in its job table."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="mmim-ray-", dir="/tmp"))  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    port = free_port()
+    ray_bin = Path(sys.executable).parent / "ray"
+    start = [str(ray_bin), "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=false"]
+    start += [f"--port={port}", "--disable-usage-stats"]
+    stranger_env = env | {"RAY_AUTH_MODE": "disabled"}  # whatever ~/.ray holds: the probe below joins it
+    started = subprocess.Popen(start, env=stranger_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        (ray_tmp / "ray").mkdir()
-        stranger = f"127.0.0.1:{free_port()}"
-        (ray_tmp / "ray" / "ray_current_cluster").write_text(stranger)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+        address_file = ray_tmp / "ray" / "ray_current_cluster"
+        for _ in range(120):
+            if address_file.is_file() and address_file.read_text().strip():
+                break
+            time.sleep(1)
+        stranger = address_file.read_text().strip()
+        assert stranger.endswith(f":{port}")
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(tiny_config.model_dump()))
+        training = [str(Path(sys.executable).parent / "mmim"), "train", "--config", str(config), "--workers", "1"]
+        training += ["--set", "train.epochs=1", "--set", f"ray.storage_path={tmp_path / 'ray'}"]
+        trained = subprocess.run(training, env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT)
+        assert trained.returncode == 0, trained.stderr
+        assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+        assert address_file.read_text().strip() == stranger  # still names the stranger
+
         probe = (
-            "import ray; from mmim.cluster.connect import connect; connect(); "
-            "print(ray.get_runtime_context().gcs_address); ray.shutdown()"
+            "import os, ray; ray.init(address=os.environ['STRANGER'], log_to_driver=False); "
+            "print(sorted({job['DriverPid'] for job in ray._private.state.jobs()} - {os.getpid()}))"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180, cwd=PROJECT
+        probed = subprocess.run(
+            [sys.executable, "-c", probe],
+            env=stranger_env | {"STRANGER": stranger},
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() and done.stdout.strip() != stranger
+        assert probed.returncode == 0, probed.stderr
+        assert probed.stdout.strip().splitlines()[-1] == "[]"  # no driver but the probe ever joined it
     finally:
+        started.terminate()
+        _stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -122,9 +122,9 @@ def test_the_command_line_starts_without_torch():
 # Entry points parse, call and render: they import what their commands need.
 ENTRY_POINTS = {"mmim/cli.py", "mmim/cli_parser.py", "mmim/__init__.py"}
 # What every layer may use without it being a dependency worth counting: exceptions, size
-# limits, atomic writes, and the one way to reach a Ray cluster (each imports nothing of the
-# project but the exceptions).
-LEAVES = {"mmim.core.errors", "mmim.core.limits", "mmim.core.files", "mmim.cluster.connect"}
+# limits, atomic writes, the one way to reach a Ray cluster and Ray's trainer as we start it
+# (each imports nothing of the project but the exceptions).
+LEAVES = {"mmim.core.errors", "mmim.core.limits", "mmim.core.files", "mmim.cluster.connect", "mmim.cluster.placement"}
 MAX_PROJECT_IMPORTS = 7
 
 

@@ -7,17 +7,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
 import yaml
+from ray.util.state import list_actors
 
 from mmim.cli import _training_overrides, build_parser, main
+from mmim.cluster.seeds import train_seeds
 from mmim.cluster.tune import load_search_spec, search
 from mmim.core.config import load_config
 from mmim.core.errors import MMIMInputError
+from mmim.tables import seeds_table
 from mmim.training.train import train
 from tests.helpers import tracked
 
@@ -253,3 +257,36 @@ def test_seeds_are_whole_decimal_numbers(tiny_config, tmp_path):
     config_path.write_text(yaml.safe_dump(tiny_config.model_dump()))
     args = build_parser().parse_args(["train", "--config", str(config_path), "--seeds", "0011, 12"])
     assert load_config(args.config, _training_overrides(args)).train.seeds == [11, 12]  # not YAML's octal 9
+
+
+def test_a_seed_whose_worker_is_killed_resumes_and_the_seeds_table_is_complete(ray_cluster, tiny_config, tmp_path):
+    """One seed's Ray Train worker killed once, after its first checkpoints: that seed continues
+    from its checkpoint (ray.max_failures), the run succeeds, and every seed has every epoch."""
+    settings = {"num_workers": 1, "storage_path": str(tmp_path / "ray"), "run_name": "killed", "max_failures": 1}
+    config = tiny_config.model_copy(
+        update={
+            "ray": tiny_config.ray.model_copy(update=settings),
+            "train": tiny_config.train.model_copy(update={"seeds": [1, 2], "epochs": 6}),
+        }
+    )
+    outcome: dict = {}
+    training = threading.Thread(target=lambda: outcome.update(result=train_seeds(config)))
+    training.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and training.is_alive() and time.monotonic() < deadline:
+        # every seed past its first checkpoint (epoch 2's is being written): any worker can go
+        if len(list((tmp_path / "ray").glob("killed-*/epoch_002"))) == 2:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    training.join(timeout=300)
+    assert killed is not None, "no worker was found to kill"
+    result = outcome["result"]  # absent if train_seeds raised (its error is in the thread's output)
+    for seed in (1, 2):
+        assert [int(epoch["epoch"]) for epoch in result.seeds[seed].epochs] == list(range(1, 7))
+    assert max(epoch["resumed_from"] for r in result.seeds.values() for epoch in r.epochs) >= 1
+    table = seeds_table(result.summary())
+    assert [cell for cell in table.columns[0].cells][:2] == ["1", "2"]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 
 import ray
 
@@ -28,8 +30,63 @@ def connect(address: str | None = None, *, log_to_driver: bool = False, logging_
     if ray.is_initialized():
         return
     chosen = address or os.environ.get("RAY_ADDRESS") or LOCAL
+    listening(chosen)
+    quiet_false_alarms()
     try:
         ray.init(address=chosen, log_to_driver=log_to_driver, logging_level=logging_level)
     except (ConnectionError, TimeoutError, RuntimeError) as error:  # unreachable, or another Ray/Python
         where = "a new local Ray cluster" if chosen == LOCAL else f"Ray cluster {chosen}"
-        raise ServiceUnavailableError(f"{where} does not answer ({first_line(error)})") from None
+        raise ServiceUnavailableError(why_not(where, error)) from None
+
+
+# What Ray prints on the driver's terminal that says nothing is wrong, dropped where Ray prints
+# it (its cluster messages and, with ray.log_to_driver, the workers' lines); errors all pass.
+FALSE_ALARMS = (
+    # the raylet, once Tune trials, Ray Train controllers and workers outnumber the CPUs: they are
+    # meant to, most of them wait without a CPU
+    re.compile(r"PYTHON worker processes have been started on node"),
+)
+
+
+def quiet_false_alarms() -> None:
+    """Filter FALSE_ALARMS out of what Ray prints on this driver (once per process)."""
+    printer = ray._private.worker.print_to_stdstream
+    if getattr(printer, "drops_false_alarms", False):
+        return
+
+    def print_without_false_alarms(data: dict, ignore_prefix: bool) -> None:
+        lines = [line for line in data["lines"] if not any(alarm.search(line) for alarm in FALSE_ALARMS)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix)
+
+    print_without_false_alarms.drops_false_alarms = True  # type: ignore[attr-defined]
+    ray._private.worker.print_to_stdstream = print_without_false_alarms
+
+
+def listening(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once an address (`host:port`, `ray://host:port`) where nothing listens: Ray
+    itself would retry for minutes before it gives up."""
+    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
+    if not found:  # "local", "auto": Ray finds them on this machine
+        return
+    host, port = found.group(1), int(found.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except (OSError, ValueError, OverflowError) as error:
+        raise ServiceUnavailableError(
+            f"Ray cluster {address} does not answer ({getattr(error, 'strerror', None) or error})"
+        ) from None
+
+
+def why_not(where: str, error: Exception) -> str:
+    """One line for a cluster this process cannot use; Ray's version mismatch (a list over eight
+    lines) becomes the two versions side by side."""
+    versions = re.findall(r"Ray: (\S+)\s+Python: (\S+)", str(error))
+    if str(error).startswith("Version mismatch") and len(versions) == 2:
+        (ray_there, python_there), (ray_here, python_here) = versions
+        return (
+            f"{where} runs Ray {ray_there} on Python {python_there}, this process Ray {ray_here} on Python "
+            f"{python_here}: use a cluster started from this environment, or name none (unset ray.address and "
+            "RAY_ADDRESS) for a private one"
+        )
+    return f"{where} does not answer ({first_line(error)})"

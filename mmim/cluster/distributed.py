@@ -1,7 +1,8 @@
 """Ray Train adapter: the single process's setup and epoch loop in every worker, under DDP.
 
     driver: train_distributed(config, on_report)
-              -> TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig)
+              -> Trainer(train_loop_per_worker, ScalingConfig, RunConfig)  (mmim.cluster.placement: TorchTrainer
+                 whose placement-group cleaner waits for a real death)
               -> every epoch's report, as it arrives: on_report(metrics) (MLflow, a line)
               -> the selected epoch's checkpoint (mmim.core.selection), weights only, in OUTPUT_DIR/best
               -> TrainingResult, as mmim.training.train.train returns
@@ -50,11 +51,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmim.cluster.connect import connect
+from mmim.cluster.placement import Trainer
 from mmim.cluster.reports import ForwardReports, ReportFollower
 from mmim.core.config import Config, check_ray_settings, config_from_dict
 from mmim.core.errors import DistributedTrainingError, MMIMInputError, first_line
@@ -261,11 +263,11 @@ def check_config(config: Config) -> None:
         FeatureStore(config.data.store)  # raises, naming the path
 
 
-def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -> Trainer:
     ray_config = config.ray
     storage_path, filesystem = storage_location(ray_config)
     name = ray_config.run_name or f"mmim-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    return TorchTrainer(
+    return Trainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump()},
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),

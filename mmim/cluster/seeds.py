@@ -17,8 +17,10 @@ from seed to seed, and MMSA reports every model as the mean over several. So wit
                  deviation over seeds (the parent's metrics seeds_mean_* / seeds_std_*)
 
 The registry then gates `champion` on the seeds' mean (mmim.registry.gating), not on the best seed.
-A seed that fails fails the run: a mean over the seeds that happened to work is not the
-figure that was asked for.
+A seed's Ray Train run recovers from failures (a lost worker, process or node) as any Ray run
+does, continuing from its own latest checkpoint, `ray.max_failures` times. A seed that still
+fails fails the run, naming the seed and its error: a mean over the seeds that happened to work
+is not the figure that was asked for.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ray.tune.result import AUTO_RESULT_KEYS, DONE
 from mmim.cluster.connect import connect
 from mmim.cluster.distributed import check_config, remove_training_state, storage_location
 from mmim.cluster.tune import (
+    TrialLines,
     TrialRuns,
     ended,
     reported_epochs,
@@ -126,10 +129,10 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
     output = prepare_output_dir(config, overwrite)
     connect(config.ray.address, log_to_driver=config.ray.log_to_driver)
     name = _run_name(config)
-    callbacks: list[tune.Callback] = []
+    callbacks: list[tune.Callback] = [TrialLines(config.train.epochs, setting="train.seed")]
     if parent is not None:
         parent.client.set_tag(parent.run_id, SEED_TAG, ",".join(map(str, seeds)))
-        callbacks = [SeedRuns(config, parent, name)]
+        callbacks.append(SeedRuns(config, parent, name))
     tuner = tune.Tuner(
         trial_trainable(config, name),
         param_space={"train.seed": tune.grid_search(seeds)},
@@ -144,7 +147,10 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
         result = grid[index]
         seed = _seed(result)
         if result.error:
-            raise DistributedTrainingError(f"seed {seed} failed: {trial_error(result.error)}")
+            raise DistributedTrainingError(
+                f"seed {seed} failed (its retries, ray.max_failures={config.ray.max_failures}, spent): "
+                f"{trial_error(result.error)}"
+            )
         trained[seed] = _fetch_seed(config, result, output / f"seed-{seed}")
     best_seed = pick_seed(trained, seeds)
     with atomic_directory(output / BEST_CHECKPOINT) as staging:

@@ -61,6 +61,7 @@ from mmim.core.files import atomic_write
 from mmim.core.selection import SELECTION
 from mmim.registry.server import answering, tracking_uri
 from mmim.registry.tracking import TrainingRun, ending, flatten, log_epoch_metrics
+from mmim.training.engine import epoch_line
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,28 @@ class TrialRuns(tune.Callback):
         self.client.set_terminated(run_id, "FAILED")
 
 
+class TrialLines(tune.Callback):
+    """The project's own progress, in place of Tune's status tables: a line per epoch of each
+    trial (`<label> | epoch 3/40 | loss ... | valid MAE ...`), and a line when a trial ends or
+    fails. Plain data, as Tune saves its callbacks with the experiment."""
+
+    def __init__(self, epochs: int, setting: str | None = None):
+        self.epochs, self.setting = epochs, setting  # setting: what names a trial (train.seed)
+
+    def label(self, trial) -> str:
+        return f"seed {trial.config[self.setting]}" if self.setting else f"trial {trial.trial_id}"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "stage1_loss" in result:  # an epoch's report (Tune's own results carry none)
+            log.info("%s | %s", self.label(trial), epoch_line(result, self.epochs))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        log.info("%s ended after epoch %s", self.label(trial), trial.last_result.get("epoch", 0))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        log.error("%s failed: %s", self.label(trial), _error_line(trial.error_file))
+
+
 def _error_line(error_file: str | None) -> str:
     """The last line of the error Tune has just written for a trial: the trial's own exception
     (`mmim.core.errors.MMIMInputError: trial settings (...): ...`) below Ray's traceback."""
@@ -432,7 +455,7 @@ def trials_run_config(config: Config, name: str, callbacks: list[tune.Callback])
         storage_filesystem=filesystem,
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # a failed trial is one result
-        verbose=1,  # the trials table
+        verbose=0,  # TrialLines reports; Tune's status tables are 30 lines per trial, wider than a terminal
     )
 
 
@@ -510,7 +533,8 @@ def search(
                 storage_filesystem=filesystem,
             )
         else:
-            tuner = _new_tuner(config, spec, trials, name, trainable, [TrialRuns(config, parent, name)], concurrent)
+            callbacks = [TrialRuns(config, parent, name), TrialLines(config.train.epochs)]
+            tuner = _new_tuner(config, spec, trials, name, trainable, callbacks, concurrent)
         grid = tuner.fit()
         ended(grid, f"search {name} interrupted: run the same command again to resume it")
         summaries = [_summary(grid[index], config.train.epochs) for index in range(len(grid))]

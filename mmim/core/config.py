@@ -139,10 +139,11 @@ class RayConfig(_Section):
         default={}, description="Ray resources of each worker, e.g. `{CPU: 4, GPU: 1}`."
     )
     max_failures: int = Field(
-        default=0,
+        default=1,
         ge=-1,
-        description="Worker failures to recover from, each restart continuing from the latest checkpoint; -1: no "
-        "limit.",
+        description="Failures a Ray Train run recovers from (a worker's error, a lost process or node), each "
+        "restart continuing from its latest checkpoint; for each seed and trial apart. -1: no limit. Once they are "
+        "spent the run fails, naming the seed or trial and its error.",
     )
     storage_path: str = Field(
         default="runs/ray",

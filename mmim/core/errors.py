@@ -26,9 +26,13 @@ class DistributedTrainingError(RuntimeError):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its class name when it has none), for one-line reports."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else error.__class__.__name__
+    """The first line of an error's message (with the next, when the first only announces it; its
+    class name when it has none), for one-line reports."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return error.__class__.__name__
+    # "Training failed due to controller error:" says nothing before the line that follows it
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 class TrainingDiverged(RuntimeError):
