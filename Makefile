@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 comma := ,
 
-.PHONY: demo test test-fast lint benchmark reproduce-mosi reproduce-mosei clean
+.PHONY: demo test test-fast lint benchmark reproduce-mosi reproduce-mosei clean distclean
 
 # One stamp per set of extras ("demo+test" installs .[demo,test]); re-made when
 # pyproject.toml changes. torch goes first, by its plain pin, so that pip takes the
@@ -20,7 +20,7 @@ $(VENV)/.installed-%: pyproject.toml
 # data/dvc-remote) -> 2 Ray CPU workers -> MLflow (./mlflow.db) -> registry. The commands
 # it prints (mlflow, prefect, mmim) are in .venv/bin.
 demo: $(VENV)/.installed-demo
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.retrain --dataset synthetic --config configs/demo.yaml
+	$(BIN)/python -m flows.retrain --dataset synthetic --config configs/demo.yaml
 
 # Everything: lint, types, and every test (service tests start a local Ray cluster, MLflow
 # servers, PostgreSQL/S3 clients, Prefect's harness). About 15 minutes on 2 cores.
@@ -46,5 +46,16 @@ reproduce-mosi reproduce-mosei: reproduce-%: $(VENV)/.installed-demo
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro extract@$*
 	$(BIN)/mmim train --config configs/$*.yaml
 
+# What runs made, and nothing else: stores and generated samples, DVC's cache and the local
+# remote, MLflow's database and artifacts, Ray's storage (runs/), the tools' caches. It leaves
+# a fresh clone plus .venv; a release you put in data/raw/<name>/ stays. `make distclean`
+# removes .venv too.
 clean:
-	rm -rf $(VENV) data/stores runs .pytest_cache
+	rm -rf data/stores data/raw/synthetic data/raw/recordings-sample data/dvc-remote dvc.lock \
+		.dvc/cache .dvc/tmp runs mlflow.db mlartifacts mlruns \
+		.pytest_cache .mypy_cache .ruff_cache *.egg-info build
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	-rmdir data/raw data 2>/dev/null
+
+distclean: clean
+	rm -rf $(VENV)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -89,6 +90,10 @@ def default_config(project: Path, dataset: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Prefect's temporary API server (started with the flow, from this environment) would send
+    # usage figures, and log an ERROR on each failure to on a machine with no way out; set the
+    # variable to true to send them.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=retrain.description)
     parser.add_argument("--dataset", default="synthetic", help="entry of params.yaml `datasets`")
     parser.add_argument(

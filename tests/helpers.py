@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,17 @@ def run_in_thread(config) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=target)
     thread.start()
     return thread, outcome
+
+
+@contextlib.contextmanager
+def busy_cores(count: int = 2, seconds: float = 600.0) -> Iterator[None]:
+    """`count` processes that each keep a core busy, for at most `seconds`: a shared machine
+    where other work runs."""
+    spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass"
+    processes = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()

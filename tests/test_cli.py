@@ -157,6 +157,7 @@ def test_store_problems_exit_2_naming_the_file(tiny_config, tiny_store, tmp_path
     shutil.rmtree(store / "train")
     code, _, err = run_cli(capsys, "train", "--config", str(path))
     assert code == 2 and "train" in err and "missing" in err
+    assert not (tmp_path / "run").exists()  # a refused run leaves no output directory
 
 
 def test_set_overrides_and_their_errors(tmp_path):

@@ -32,13 +32,14 @@ NOT_COPIED = shutil.ignore_patterns(
 COMMAND_TIMEOUT_S = 120
 
 
-def runnable_blocks() -> list[tuple[str, list[str]]]:
-    """(where, commands) of every block whose info string is exactly `bash runnable`."""
+def runnable_blocks(info: str = "bash runnable") -> list[tuple[str, list[str]]]:
+    """(where, commands) of every block whose info string is exactly `info`: `bash runnable`
+    (cheap, no service), or `bash runnable ray` (starts a local Ray cluster)."""
     blocks = []
     for page in PAGES:
         text = page.read_text()
         for match in FENCE.finditer(text):
-            if match.group(1).strip() != "bash runnable":
+            if match.group(1).strip() != info:
                 continue
             line = text.count("\n", 0, match.start()) + 1
             joined = match.group(2).replace("\\\n", " ")
@@ -47,7 +48,7 @@ def runnable_blocks() -> list[tuple[str, list[str]]]:
     return blocks
 
 
-def run_block(where: str, commands: list[str], base: Path) -> list[str]:
+def run_block(where: str, commands: list[str], base: Path, timeout_s: int = COMMAND_TIMEOUT_S) -> list[str]:
     """Run a block's commands one after the other in a fresh copy; the failures, described."""
     copy = base / re.sub(r"\W", "_", where)
     shutil.copytree(ROOT, copy, ignore=NOT_COPIED)
@@ -57,10 +58,10 @@ def run_block(where: str, commands: list[str], base: Path) -> list[str]:
     for command in commands:
         try:
             done = subprocess.run(
-                ["bash", "-c", command], cwd=copy, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+                ["bash", "-c", command], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout_s
             )
         except subprocess.TimeoutExpired:
-            failures.append(f"{where}: `{command}` ran past {COMMAND_TIMEOUT_S} s")
+            failures.append(f"{where}: `{command}` ran past {timeout_s} s")
             break
         if done.returncode != 0:
             failures.append(
@@ -92,6 +93,16 @@ def test_commands_marked_runnable_run(tmp_path):
     with ThreadPoolExecutor(max_workers=len(blocks)) as pool:
         results = pool.map(lambda block: run_block(*block, tmp_path), blocks)
         failures = [failure for result in results for failure in result]
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.service
+def test_commands_marked_runnable_on_ray_run(tmp_path):
+    """The seeds and tuning examples, on the demo's data: one block after the other, since each
+    starts a Ray cluster as large as the machine."""
+    blocks = runnable_blocks("bash runnable ray")
+    assert {where.split(":")[0] for where, _ in blocks} >= {"docs/training.md", "docs/tuning.md"}
+    failures = [failure for block in blocks for failure in run_block(*block, tmp_path, timeout_s=300)]
     assert not failures, "\n\n".join(failures)
 
 

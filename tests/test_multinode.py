@@ -93,6 +93,7 @@ def cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, run_name, *
         "forward_env": list(AWS),
         "resources_per_worker": {"CPU": 1, NODE_SLOT: 1},
         "placement_strategy": "SPREAD",
+        "keep_storage": True,  # the tests read the checkpoints Ray kept
         **ray_settings,
     }
     data = {"store": str(tmp_path / "on-no-node"), "dvc_url": str(project), "dvc_dataset": "synthetic"}

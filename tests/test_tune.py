@@ -100,10 +100,8 @@ def test_a_search_stops_poor_trials_goes_on_past_a_failed_one_and_writes_a_confi
     assert "greater than 0" in failed.data.tags["mmim.error"]
     assert {run.data.tags.get("mmim.stopped_early") for run in runs if run.info.status == "FINISHED"} >= {"true"}
 
-    # every trial that trained was a Ray Train run of its own
-    assert {p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith("lr-")} == {
-        f"lr-{t.trial_id}" for t in result.trials if t.epochs
-    }
+    # the trials' Ray Train runs (their checkpoints) are gone once the search has ended
+    assert not [p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith("lr-")]
     # the best config is a config file that trains
     best = load_config(best_path)
     assert best.train.lr_main == 0.003 and best.model == config.model
@@ -288,5 +286,6 @@ def test_a_seed_whose_worker_is_killed_resumes_and_the_seeds_table_is_complete(r
     for seed in (1, 2):
         assert [int(epoch["epoch"]) for epoch in result.seeds[seed].epochs] == list(range(1, 7))
     assert max(epoch["resumed_from"] for r in result.seeds.values() for epoch in r.epochs) >= 1
+    assert not list((tmp_path / "ray").iterdir())  # every seed's Ray storage, and Tune's, removed
     table = seeds_table(result.summary())
     assert [cell for cell in table.columns[0].cells][:2] == ["1", "2"]

@@ -21,6 +21,8 @@ import ray
 
 from mmim.core.errors import ServiceUnavailableError, first_line
 
+log = logging.getLogger(__name__)
+
 LOCAL = "local"  # Ray's address for "start a new local cluster, even if one is running"
 
 
@@ -32,6 +34,10 @@ def connect(address: str | None = None, *, log_to_driver: bool = False, logging_
     chosen = address or os.environ.get("RAY_ADDRESS") or LOCAL
     listening(chosen)
     quiet_false_alarms()
+    if chosen == LOCAL:
+        log.info("starting a private Ray cluster (%d CPUs)", os.cpu_count() or 1)
+    else:
+        log.info("joining the Ray cluster %s", chosen)
     try:
         ray.init(address=chosen, log_to_driver=log_to_driver, logging_level=logging_level)
     except (ConnectionError, TimeoutError, RuntimeError) as error:  # unreachable, or another Ray/Python

@@ -43,6 +43,7 @@ import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import ray
@@ -236,6 +237,19 @@ def storage_location(ray_config, with_keys: bool = True) -> tuple[str, object | 
     return f"{parsed.netloc}{parsed.path}".rstrip("/"), filesystem
 
 
+def remove_storage(ray_config, path: str) -> None:
+    """Remove a finished run's directory `path` from Ray's storage (its checkpoints, with their
+    optimizer state), unless ray.keep_storage: what is worth keeping was copied out."""
+    if ray_config.keep_storage:
+        return
+    from pyarrow import fs
+
+    filesystem: Any = storage_location(ray_config)[1] or fs.LocalFileSystem()
+    if filesystem.get_file_info(path).type != fs.FileType.NotFound:
+        filesystem.delete_dir(path)
+        log.info("removed Ray's storage of the finished run: %s (ray.keep_storage keeps it)", path)
+
+
 def with_absolute_paths(config: Config) -> Config:
     """The config with paths relative to the driver's directory made absolute: Ray's workers (and
     Tune's trials) do not run in it, and configs/*.yaml name data/stores/... relatively."""
@@ -324,6 +338,10 @@ def train_distributed(
     connect(config.ray.address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     with ReportFollower(on_report) as follower:
         trainer = build_trainer(with_absolute_paths(config), [ForwardReports(follower.inbox)])
+        log.info(
+            "starting %d Ray Train workers: each reads the store and builds the model before epoch 1",
+            config.ray.num_workers,
+        )
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as error:
@@ -339,6 +357,8 @@ def train_distributed(
         remove_training_state(staging)  # serving and evaluation need the weights only
     epochs = follower.epochs()
     stopped_early = int(epochs[-1]["epoch"]) < config.train.epochs if epochs else False
-    trained = TrainingResult(epochs, best_metrics, destination, stopped_early, ray_run=result.path)
+    kept = result.path if config.ray.keep_storage else None
+    trained = TrainingResult(epochs, best_metrics, destination, stopped_early, ray_run=kept)
     write_metrics(Path(config.output_dir) / METRICS_FILE, trained)
+    remove_storage(config.ray, result.path)
     return trained

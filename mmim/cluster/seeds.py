@@ -39,7 +39,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.result import AUTO_RESULT_KEYS, DONE
 
 from mmim.cluster.connect import connect
-from mmim.cluster.distributed import check_config, remove_training_state, storage_location
+from mmim.cluster.distributed import check_config, remove_storage, remove_training_state, storage_location
 from mmim.cluster.tune import (
     TrialLines,
     TrialRuns,
@@ -164,6 +164,7 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
         statistics=over_seeds([_figures(r.best) for r in trained.values()]),
     )
     atomic_write(output / SEEDS_FILE, json.dumps(outcome.summary(), indent=2))
+    remove_storage(config.ray, grid.experiment_path)  # Tune's record of the seeds, all copied out
     if parent is not None:
         _record(parent, outcome, output / SEEDS_FILE)
     return outcome
@@ -210,12 +211,14 @@ def _fetch_seed(config: Config, result: tune.Result, directory: Path) -> Trainin
     with atomic_directory(directory / BEST_CHECKPOINT) as staging:
         kept.to_directory(str(staging))
         remove_training_state(staging)
+    ray_run = str(Path(kept.path).parent)
     trained = TrainingResult(
         epochs,
         best,
         directory / BEST_CHECKPOINT,
         stopped_early=int(epochs[-1]["epoch"]) < config.train.epochs,
-        ray_run=str(Path(kept.path).parent),
+        ray_run=ray_run if config.ray.keep_storage else None,
     )
     write_metrics(directory / METRICS_FILE, trained)
+    remove_storage(config.ray, ray_run)
     return trained

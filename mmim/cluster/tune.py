@@ -54,7 +54,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from mmim.cluster.connect import connect
-from mmim.cluster.distributed import build_trainer, check_config, storage_location, with_absolute_paths
+from mmim.cluster.distributed import build_trainer, check_config, remove_storage, storage_location, with_absolute_paths
 from mmim.core.config import Config, config_from_dict, config_to_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
 from mmim.core.files import atomic_write
@@ -538,6 +538,8 @@ def search(
         grid = tuner.fit()
         ended(grid, f"search {name} interrupted: run the same command again to resume it")
         summaries = [_summary(grid[index], config.train.epochs) for index in range(len(grid))]
+        for summary in summaries:  # the trials' checkpoints: the best config is trained anew
+            remove_storage(config.ray, f"{storage_path.rstrip('/')}/{name}-{summary.trial_id}")
         trained = [s for s in summaries if s.status != "failed" and math.isfinite(s.valid_MAE)]
         if not trained:
             reasons = "; ".join(sorted({s.error for s in summaries if s.error}))

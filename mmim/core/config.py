@@ -160,6 +160,12 @@ class RayConfig(_Section):
         description="Checkpoints kept in `storage_path`: the best N by validation MAE, plus the latest (Ray always "
         "keeps it, to resume from). Each carries the optimizer state, about 3x the weights.",
     )
+    keep_storage: bool = Field(
+        default=False,
+        description="Keep a finished run's Ray storage (every kept checkpoint with its optimizer state, about 3x "
+        "the weights each) in `storage_path`. By default it is removed once the selected checkpoint is copied to "
+        "`output_dir/best`; a failed or interrupted run keeps it, to resume from.",
+    )
     run_name: str | None = Field(
         default=None,
         description="Ray run name (default: timestamped); reuse a name with the same storage to continue that run "

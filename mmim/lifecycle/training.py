@@ -29,8 +29,9 @@ class Trained:
 
 
 def check_training(config: Config, overwrite: bool) -> None:
-    """What would refuse the training, before an MLflow run or a Ray cluster exists for it."""
-    prepare_output_dir(config, overwrite)
+    """What would refuse the training, before an MLflow run or a Ray cluster exists for it
+    (making nothing: a refused run leaves no directory behind)."""
+    prepare_output_dir(config, overwrite, create=False)
     if config.train.seeds:
         from mmim.cluster.seeds import check_seeds
 

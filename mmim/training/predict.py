@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,8 @@ from mmim.core.model import MMIM
 from mmim.core.store import FeatureStore, bind_store
 from mmim.core.text_encoder import DEFAULT_MAX_TOKENS, tokenize
 from mmim.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -163,7 +166,9 @@ def predict_checkpoint(
     same text, cut elsewhere: a new data version, and a fair comparison on it); its
     tokenizer, feature dims and extractor must be the model's.
     """
+    log.info("loading the checkpoint %s", checkpoint)
     model, config, _ = load_checkpoint(checkpoint)
+    log.info("reading the feature store %s", store_dir)
     store = FeatureStore(store_dir, verify_checksums=config.data.verify_checksums)
     positions = model.text_enc.bertmodel.config.max_position_embeddings
     if store.max_tokens > positions:
@@ -174,7 +179,11 @@ def predict_checkpoint(
     uncapped = config.model_copy(update={"model": config.model.model_copy(update={"max_tokens": None})})
     bind_store(uncapped, store)  # same tokenizer, dims and extractor, or a clear error
     device = next(model.parameters()).device
-    return {name: predict_scores(model, make_loader(store[name], batch_size, shuffle=False), device) for name in splits}
+    scores = {}
+    for name in splits:
+        log.info("scoring %s (%d utterances)", name, len(store[name]))
+        scores[name] = predict_scores(model, make_loader(store[name], batch_size, shuffle=False), device)
+    return scores
 
 
 def evaluate_checkpoint(

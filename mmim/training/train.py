@@ -13,6 +13,7 @@ from (seed, epoch, rank), so one Ray worker trains exactly what this process tra
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,10 +44,13 @@ from mmim.training.engine import (
 BEST_CHECKPOINT = "best"
 METRICS_FILE = "metrics.json"
 
+log = logging.getLogger(__name__)
 
-def prepare_output_dir(config: Config, overwrite: bool) -> Path:
+
+def prepare_output_dir(config: Config, overwrite: bool, create: bool = True) -> Path:
     """OUTPUT_DIR, checked before the first epoch: writable, and not holding another run's
-    checkpoint unless `overwrite` (a worse run must not silently replace a better one)."""
+    checkpoint unless `overwrite` (a worse run must not silently replace a better one).
+    Created only with `create`: a run refused by a later check leaves no empty directory."""
     output = Path(config.output_dir)
     earlier = output / BEST_CHECKPOINT
     if earlier.exists() and not overwrite:
@@ -55,8 +59,10 @@ def prepare_output_dir(config: Config, overwrite: bool) -> Path:
             "choose another output_dir, or pass --overwrite to replace it"
         )
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output).close()
+        if create:
+            output.mkdir(parents=True, exist_ok=True)
+        existing = next(folder for folder in (output, *output.absolute().parents) if folder.exists())
+        tempfile.TemporaryFile(dir=existing).close()  # where the directory is, or will be, made
     except OSError as error:
         raise MMIMInputError(f"output_dir {output}: not writable ({error.strerror or error})") from None
     return output
@@ -160,9 +166,12 @@ def train(config: Config, hooks: TrainingHooks | None = None, overwrite: bool = 
     earlier run's checkpoint in OUTPUT_DIR."""
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    log.info("reading the feature store %s", config.data.store)
     store = FeatureStore(config.data.store, verify_checksums=config.data.verify_checksums)
     output = prepare_output_dir(config, overwrite)
+    log.info("building the model (text encoder %s)", config.model.text_encoder)
     training = setup_training(config, store)
+    log.info("training %d epochs on %d utterances", config.train.epochs, len(store["train"]))
     saver = _SaveBest(hooks or TrainingHooks(), training, output / BEST_CHECKPOINT)
     fitted = fit(training.engine, training.loaders, saver)
     result = result_of(fitted, output / BEST_CHECKPOINT)
