@@ -51,11 +51,14 @@ reproduce-mosi reproduce-mosei: reproduce-%: $(VENV)/.installed-demo
 # a fresh clone plus .venv; a release you put in data/raw/<name>/ stays. `make distclean`
 # removes .venv too.
 clean:
-	rm -rf data/stores data/raw/synthetic data/raw/recordings-sample data/dvc-remote dvc.lock \
+	rm -rf data/stores data/raw/synthetic data/raw/recordings-sample data/dvc-remote \
 		.dvc/cache .dvc/tmp runs mlflow.db mlartifacts mlruns \
 		.pytest_cache .mypy_cache .ruff_cache *.egg-info build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	-rmdir data/raw data 2>/dev/null
+	@# dvc.lock, which DVC stages in git (core.autostage), unless this checkout's history has one
+	@if ! git cat-file -e HEAD:dvc.lock 2>/dev/null; then \
+		git rm -q --cached --ignore-unmatch dvc.lock 2>/dev/null; rm -f dvc.lock; fi
 
 distclean: clean
 	rm -rf $(VENV)

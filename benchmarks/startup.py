@@ -64,7 +64,7 @@ def phases(lines: list[tuple[float, str]], finished: float) -> list[tuple[str, f
     for at, line in lines:
         if at > finished:
             break
-        message = re.sub(r"^\[?[\d:]+\]?\s+INFO\s+", "", line.strip())
+        message = re.sub(r"^(\[[^\]]*\])?\s*INFO\s+", "", line).strip()  # rich's logging columns
         for prefix, phase in PHASES.items():
             if message.startswith(prefix) and phase not in {name for _, name in marks}:
                 marks.append((at, phase))
@@ -111,7 +111,10 @@ def main() -> None:
         if epoch and "train" in name:
             results[name]["epoch_1_itself"] = epoch[0]
 
-    print(f"\nseconds to the first epoch line (train) or the scores; data: {STORE}")
+    from mmim.core.store import FeatureStore  # after the runs: this process stays light while they time
+
+    version = FeatureStore(STORE, verify_checksums=False).content_version
+    print(f"\nseconds to the first epoch line (train) or the scores; data: {STORE} (version {version})")
     for name, figures in results.items():
         where = ", ".join(f"{phase} {seconds}" for phase, seconds in figures["phases"].items())
         own = f" (the epoch itself {figures['epoch_1_itself']})" if "epoch_1_itself" in figures else ""

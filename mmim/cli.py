@@ -48,7 +48,7 @@ from mmim.core.metrics import METRIC_NAMES
 from mmim.data.extract import extract
 from mmim.data.store_writer import ExtractionSummary
 from mmim.data.synthetic import write_synthetic_raw
-from mmim.terminal import counter, quiet_libraries
+from mmim.terminal import OneLine, counter, quiet_libraries
 
 # torch, and what needs it (training, checkpoints, predictions), is imported by the commands
 # that use it: `mmim extract` and `mmim data synth` (DVC's stage commands) and --help start
@@ -352,11 +352,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    # -v: rich's columns (time, level) for reading a long run; otherwise a line per message, so
+    # that an epoch's line fits the terminal's 80 columns (rich's handler still: it writes above
+    # the progress bars)
+    handler = RichHandler(console=console, show_path=False, show_time=verbose, show_level=verbose)
+    if not verbose:
+        handler.setFormatter(OneLine())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
     if not verbose:  # the progress hooks print one line per epoch, extract its own summary
         for module in (
             "mmim.training.engine",

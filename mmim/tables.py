@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 
 def metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
-    """One row per metric, one column per split."""
-    table = Table(title=title)
+    """One row per metric, one column per split; as wide as its title (up to 80 columns), so
+    that a long title keeps to one line."""
+    table = Table(title=title, min_width=min(len(title), 80))
     table.add_column("metric")
     for split in columns:
         table.add_column(split, justify="right")

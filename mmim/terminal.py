@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -34,3 +35,11 @@ def counter(console: Console, description: str) -> Iterator[tuple[Progress, Task
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield progress, progress.add_task(description, total=None)
+
+
+class OneLine(logging.Formatter):
+    """A log record as one line, as the commands print theirs: `message`, or `warning: message`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"

@@ -247,7 +247,7 @@ def remove_storage(ray_config, path: str) -> None:
     filesystem: Any = storage_location(ray_config)[1] or fs.LocalFileSystem()
     if filesystem.get_file_info(path).type != fs.FileType.NotFound:
         filesystem.delete_dir(path)
-        log.info("removed Ray's storage of the finished run: %s (ray.keep_storage keeps it)", path)
+        log.debug("removed Ray's storage of the finished run: %s (ray.keep_storage keeps it)", path)
 
 
 def with_absolute_paths(config: Config) -> Config:

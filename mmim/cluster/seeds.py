@@ -44,6 +44,7 @@ from mmim.cluster.tune import (
     TrialLines,
     TrialRuns,
     ended,
+    quiet_tune,
     reported_epochs,
     selected_report,
     trial_error,
@@ -140,7 +141,8 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
         run_config=trials_run_config(config, name, callbacks),
     )
     log.info("training %d seeds (%s) as %s", len(seeds), ", ".join(map(str, seeds)), name)
-    grid = tuner.fit()
+    with quiet_tune():
+        grid = tuner.fit()
     ended(grid, f"training over seeds {name} interrupted")
     trained = {}
     for index in range(len(grid)):

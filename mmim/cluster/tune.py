@@ -32,11 +32,14 @@ Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -459,6 +462,22 @@ def trials_run_config(config: Config, name: str, callbacks: list[tune.Callback])
     )
 
 
+@contextlib.contextmanager
+def quiet_tune() -> Iterator[None]:
+    """Tune's own console output off while the block runs: its current output prints a heading
+    and a box per trial whatever `verbose` says; the older one, which this selects, honours
+    verbose=0. TrialLines reports instead."""
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+
+
 def ended(grid: tune.ResultGrid, interrupted: str) -> None:
     """Raise `interrupted` when Tune returned before every trial ended (it returns normally on Ctrl-C)."""
     if grid.num_terminated + grid.num_errors < len(grid):
@@ -535,7 +554,8 @@ def search(
         else:
             callbacks = [TrialRuns(config, parent, name), TrialLines(config.train.epochs)]
             tuner = _new_tuner(config, spec, trials, name, trainable, callbacks, concurrent)
-        grid = tuner.fit()
+        with quiet_tune():
+            grid = tuner.fit()
         ended(grid, f"search {name} interrupted: run the same command again to resume it")
         summaries = [_summary(grid[index], config.train.epochs) for index in range(len(grid))]
         for summary in summaries:  # the trials' checkpoints: the best config is trained anew
