@@ -25,7 +25,7 @@ demo: $(VENV)/.installed-demo
 # Everything: lint, types, and every test (service tests start a local Ray cluster, MLflow
 # servers, PostgreSQL/S3 clients, Prefect's harness). About 15 minutes on 2 cores.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The edit-test loop: the tests that start no service (about 2 minutes on 2 cores).
 test-fast: $(VENV)/.installed-demo+test

@@ -312,7 +312,7 @@ def test_a_tuning_run_trains_its_best_config_over_seeds_and_later_runs_read_that
     space.write_text(yaml.safe_dump({"space": {"train.lr_main": {"choice": [0.002]}}}))
     seeds = ["ray.num_workers=1", "train.seeds=[1, 2]"]  # side by side on the 2 CPUs
     tuned = "runs/search/tuned.yaml"
-    with busy_cores(2):  # and the machine busy with other work: load alone must not fail a seed
+    with busy_cores(2, seconds=240):  # the machine busy with other work while the search and the seeds start
         state, steps = run_flow(
             pipeline.project, overrides=seeds, tune_trials=1, search_space=str(space), tuned_config=tuned
         )

@@ -239,6 +239,7 @@ def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, t
     # the same model registered again (a retried step) keeps its version
     assert register(client, models[-1], name, compared(client, 0.05, LONG_VERSION, name)).version == champion.version
     assert len(describe(client, name)) == 7
+    capsys.readouterr()  # what registering printed
     assert main(["registry", "list", "--name", name, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)  # every value whole
     assert listed == json.loads(json.dumps(describe(client, name)))

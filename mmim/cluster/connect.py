@@ -7,7 +7,12 @@ A bare `ray.init()` would join whatever cluster the machine's last `ray start` l
 <temp dir>/ray/ray_current_cluster: another project's, possibly on another Python or Ray,
 which ends in a version-mismatch traceback or in work landing on a stranger's cluster.
 So the cluster is always named or private, never found. A cluster that does not answer
-is one line naming its address (ServiceUnavailableError, exit 1).
+is one line naming its address (ServiceUnavailableError, exit 1): refused within seconds when
+nothing listens there (`listening`; Ray would retry for minutes), and a version mismatch is
+the two versions side by side (`why_not`).
+
+Ray prints a few lines on the driver's terminal that say nothing is wrong; `quiet_false_alarms`
+drops those (FALSE_ALARMS) where Ray prints them, and nothing else.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import re
 import socket
 
 import ray
+from ray._private.utils import get_num_cpus
 
 from mmim.core.errors import ServiceUnavailableError, first_line
 
@@ -35,7 +41,7 @@ def connect(address: str | None = None, *, log_to_driver: bool = False, logging_
     listening(chosen)
     quiet_false_alarms()
     if chosen == LOCAL:
-        log.info("starting a private Ray cluster (%d CPUs)", os.cpu_count() or 1)
+        log.info("starting a private Ray cluster (%d CPUs)", get_num_cpus())  # as Ray counts them (cgroups)
     else:
         log.info("joining the Ray cluster %s", chosen)
     try:
