@@ -43,8 +43,7 @@ from mmim.cluster.distributed import check_config, remove_storage, remove_traini
 from mmim.cluster.tune import (
     TrialLines,
     TrialRuns,
-    ended,
-    quiet_tune,
+    fit_trials,
     reported_epochs,
     selected_report,
     trial_error,
@@ -141,9 +140,7 @@ def train_seeds(config: Config, parent: TrainingRun | None = None, overwrite: bo
         run_config=trials_run_config(config, name, callbacks),
     )
     log.info("training %d seeds (%s) as %s", len(seeds), ", ".join(map(str, seeds)), name)
-    with quiet_tune():
-        grid = tuner.fit()
-    ended(grid, f"training over seeds {name} interrupted")
+    grid = fit_trials(tuner, f"training over seeds {name} interrupted")
     trained = {}
     for index in range(len(grid)):
         result = grid[index]

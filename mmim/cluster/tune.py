@@ -32,14 +32,12 @@ Choices, and why:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,11 +191,17 @@ def trial_config(base: Config, settings: dict[str, Any]) -> Config:
 # --- one trial ---------------------------------------------------------------------------
 
 
+def trial_run_name(search_name: str, trial_id: str) -> str:
+    """The Ray Train run (in ray.storage_path) and the MLflow child run of a trial of `search_name`."""
+    return f"{search_name}-{trial_id}"
+
+
 def run_trial(settings: dict[str, Any], base: dict, search_name: str) -> None:
     """What every trial runs: its config trained by Ray Train, each epoch reported on to Tune."""
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(config_from_dict(base, "search base config"), settings)
-    config = config.model_copy(update={"ray": config.ray.model_copy(update={"run_name": f"{search_name}-{trial_id}"})})
+    run_name = trial_run_name(search_name, trial_id)
+    config = config.model_copy(update={"ray": config.ray.model_copy(update={"run_name": run_name})})
     check_config(config)
     build_trainer(config, [TuneReportCallback()]).fit()
 
@@ -250,7 +254,7 @@ class TrialRuns(tune.Callback):
         return run_id
 
     def run_name(self, trial) -> str:
-        return f"{self.search_name}-{trial.trial_id}"  # as its Ray Train run
+        return trial_run_name(self.search_name, trial.trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.client.update_run(self.child_run_id(trial), status="RUNNING")  # also a trial that resumes
@@ -462,26 +466,23 @@ def trials_run_config(config: Config, name: str, callbacks: list[tune.Callback])
     )
 
 
-@contextlib.contextmanager
-def quiet_tune() -> Iterator[None]:
-    """Tune's own console output off while the block runs: its current output prints a heading
-    and a box per trial whatever `verbose` says; the older one, which this selects, honours
-    verbose=0. TrialLines reports instead."""
+def fit_trials(tuner: tune.Tuner, interrupted: str) -> tune.ResultGrid:
+    """Run `tuner`'s trials, Tune's own console output off (TrialLines reports instead), and
+    raise `interrupted` when Tune returned before every trial ended (it returns normally on
+    Ctrl-C). Tune's current output prints a heading and a box per trial whatever `verbose`
+    says; the older one, selected here for the call, honours verbose=0."""
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
-        yield
+        grid = tuner.fit()
     finally:
         if previous is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = previous
-
-
-def ended(grid: tune.ResultGrid, interrupted: str) -> None:
-    """Raise `interrupted` when Tune returned before every trial ended (it returns normally on Ctrl-C)."""
     if grid.num_terminated + grid.num_errors < len(grid):
         raise SearchInterrupted(f"{interrupted} ({grid.num_terminated + grid.num_errors} of {len(grid)} trials ended)")
+    return grid
 
 
 def _new_tuner(config: Config, spec: SearchSpec, trials: int, name: str, trainable, callbacks, concurrent: int):
@@ -554,12 +555,10 @@ def search(
         else:
             callbacks = [TrialRuns(config, parent, name), TrialLines(config.train.epochs)]
             tuner = _new_tuner(config, spec, trials, name, trainable, callbacks, concurrent)
-        with quiet_tune():
-            grid = tuner.fit()
-        ended(grid, f"search {name} interrupted: run the same command again to resume it")
+        grid = fit_trials(tuner, f"search {name} interrupted: run the same command again to resume it")
         summaries = [_summary(grid[index], config.train.epochs) for index in range(len(grid))]
         for summary in summaries:  # the trials' checkpoints: the best config is trained anew
-            remove_storage(config.ray, f"{storage_path.rstrip('/')}/{name}-{summary.trial_id}")
+            remove_storage(config.ray, f"{storage_path.rstrip('/')}/{trial_run_name(name, summary.trial_id)}")
         trained = [s for s in summaries if s.status != "failed" and math.isfinite(s.valid_MAE)]
         if not trained:
             reasons = "; ".join(sorted({s.error for s in summaries if s.error}))
