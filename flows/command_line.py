@@ -62,7 +62,7 @@ def _prediction_input(project: Path, dataset: str) -> str:
 
 
 def _print_error(message: str) -> None:
-    Console(stderr=True).print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+    Console(stderr=True, markup=False, emoji=False).print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
 
 
 class RoutineLines(logging.Filter):
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(str(error))
         return EXIT_BAD_INPUT if error.bad_input else EXIT_FAILED
     summary = RetrainSummary.model_validate(result)
-    stdout = Console()
+    stdout = Console(markup=False, emoji=False)  # ids and paths printed as they are
     stdout.print(summary_table(summary))
     for label, text in summary_rows(summary):
         stdout.print(f"{label:<14}{text}", highlight=False, soft_wrap=True)

@@ -58,8 +58,9 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-console = Console(stderr=True)
-stdout = Console()
+# Ids, paths and messages are printed as they are: no rich markup or :emoji: codes in them.
+console = Console(stderr=True, markup=False, emoji=False)
+stdout = Console(markup=False, emoji=False)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -118,7 +119,7 @@ def _training_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set)
     if getattr(args, "seeds", None) is not None:  # `mmim train` only
         listed = args.seeds.replace(" ", "")
-        if not re.fullmatch(r"\d+(,\d+)*", listed):
+        if not re.fullmatch(r"\d{1,10}(,\d{1,10})*", listed):
             raise MMIMInputError(f"--seeds {args.seeds!r}: comma-separated whole numbers, e.g. 1111,1112,1113")
         seeds = [int(seed) for seed in listed.split(",")]  # 0011 is 11, not YAML's octal
         overrides.append(f"train.seeds={json.dumps(seeds)}")
@@ -342,10 +343,9 @@ def cmd_registry(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """MLflow's scoring server for a registered model, behind request limits, with this
     environment's uvicorn; a model that does not resolve is a one-line error before anything starts."""
-    from mmim.registry.serving import check_model, serve_command
+    from mmim.registry.serving import check_address, check_model, serve_command
 
-    if args.max_request_mb <= 0:
-        raise MMIMInputError(f"--max-request-mb {args.max_request_mb}: must be positive")
+    check_address(args.host, args.port, args.max_request_mb)
     check_model(args.model)
     command, env = serve_command(args.model, args.host, args.port, int(args.max_request_mb * 2**20))
     os.execve(command[0], command, env)

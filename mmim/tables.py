@@ -140,6 +140,6 @@ def checks_table(title: str, report: DataReport) -> Table:
     for column in ("check", "kind", "result", "detail"):
         table.add_column(column, overflow="fold")
     for check in report.checks:
-        result = "ok" if check.passed else ("[red]FAILED[/red]" if check.hard else "[yellow]warning[/yellow]")
+        result = Text("ok") if check.passed else (Text("FAILED", "red") if check.hard else Text("warning", "yellow"))
         table.add_row(check.name, "hard" if check.hard else "soft", result, check.line().split(": ", 1)[1])
     return table

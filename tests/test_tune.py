@@ -257,6 +257,15 @@ def test_seeds_are_whole_decimal_numbers(tiny_config, tmp_path):
     assert load_config(args.config, _training_overrides(args)).train.seeds == [11, 12]  # not YAML's octal 9
 
 
+def newest_checkpoint(storage: Path) -> dict[str, int]:
+    """Each Ray Train run's newest epoch_NNN checkpoint directory in `storage`, by run."""
+    newest: dict[str, int] = {}
+    for directory in storage.glob("killed-*/epoch_*"):
+        run = directory.parent.name
+        newest[run] = max(newest.get(run, 0), int(directory.name.removeprefix("epoch_")))
+    return newest
+
+
 def test_a_seed_whose_worker_is_killed_resumes_and_the_seeds_table_is_complete(ray_cluster, tiny_config, tmp_path):
     """One seed's Ray Train worker killed once, after its first checkpoints: that seed continues
     from its checkpoint (ray.max_failures), the run succeeds, and every seed has every epoch."""
@@ -273,9 +282,12 @@ def test_a_seed_whose_worker_is_killed_resumes_and_the_seeds_table_is_complete(r
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and training.is_alive() and time.monotonic() < deadline:
-        # every seed past its first checkpoint (epoch 2's is being written): any worker can go
-        if len(list((tmp_path / "ray").glob("killed-*/epoch_002"))) == 2:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        # every seed past its first checkpoint (a later one is being written): any worker can go.
+        # Each seed's newest checkpoint, since Ray deletes older ones the selection did not keep.
+        newest = newest_checkpoint(tmp_path / "ray")
+        if len(newest) == 2 and min(newest.values()) >= 2:
+            mine = ("job_id", "=", ray.get_runtime_context().get_job_id())  # not an earlier test's
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), mine])
             if workers:
                 killed = workers[0].pid
                 os.kill(killed, signal.SIGKILL)

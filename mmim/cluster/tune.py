@@ -44,7 +44,6 @@ from typing import Any
 
 import pandas as pd
 import ray
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Param
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,9 +55,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from mmim.cluster.connect import connect
 from mmim.cluster.distributed import build_trainer, check_config, remove_storage, storage_location, with_absolute_paths
-from mmim.core.config import Config, config_from_dict, config_to_yaml
+from mmim.core.config import Config, config_from_dict, config_to_yaml, parse_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
-from mmim.core.files import atomic_write
+from mmim.core.files import atomic_write, regular_file
 from mmim.core.selection import SELECTION
 from mmim.registry.server import answering, tracking_uri
 from mmim.registry.tracking import TrainingRun, ending, flatten, log_epoch_metrics
@@ -95,6 +94,9 @@ class Distribution(BaseModel):
             raise ValueError("give exactly one of uniform, loguniform, integer, choice")
         for name in ("uniform", "loguniform", "integer"):
             bounds = getattr(self, name)
+            # finite, and integers that Tune's samplers (numpy int64, Optuna) can draw
+            if bounds is not None and not all(math.isfinite(end) and abs(end) <= 2**53 for end in bounds):
+                raise ValueError(f"{name}: both ends must be finite numbers of at most 2**53")
             if bounds is not None and not bounds[0] < bounds[1]:
                 raise ValueError(f"{name}: the low end must be below the high end")
         if self.loguniform is not None and self.loguniform[0] <= 0:
@@ -149,11 +151,11 @@ def _known_setting(key: str) -> bool:
 def load_search_spec(path: str | Path) -> SearchSpec:
     """Read and check a search space file; errors name the file and the setting."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise MMIMInputError(f"{path}: cannot read the search space ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        raise MMIMInputError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+        text = regular_file(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise MMIMInputError(f"{path}: cannot read the search space ({reason})") from None
+    raw = parse_yaml(text, str(path))
     try:
         spec = SearchSpec.model_validate(raw)
     except ValidationError as error:

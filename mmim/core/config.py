@@ -21,12 +21,18 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mmim.core.errors import MMIMInputError
+from mmim.core.errors import MMIMInputError, first_line
+from mmim.core.files import regular_file
+from mmim.core.limits import MAX_LAYERS, MAX_NESTING, MAX_YAML_NODES
 
 
 class _Section(BaseModel):
     # forbid: a typo in a key must fail, not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A Ray run's or a search's name, which becomes a directory name (and an MLflow run name).
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
 class ModelConfig(_Section):
@@ -61,7 +67,7 @@ class ModelConfig(_Section):
     )
     vision_hidden: int = Field(default=16, gt=0, description="Vision LSTM hidden size (official: d_vh).")
     vision_out: int = Field(default=16, ge=4, description="Vision vector size (official: d_vout).")
-    lstm_layers: int = Field(default=1, ge=1, description="LSTM layers (official: n_layer).")
+    lstm_layers: int = Field(default=1, ge=1, le=MAX_LAYERS, description="LSTM layers (official: n_layer).")
     bidirectional: bool = Field(
         default=False,
         description="Bidirectional LSTMs; the final states of both directions are concatenated "
@@ -83,7 +89,9 @@ class ModelConfig(_Section):
     mmilb_activation: Literal["ReLU", "Tanh", "ELU", "LeakyReLU", "GELU"] = Field(
         default="ReLU", description="Activation inside the MMILB MLPs (official: mmilb_mid_activation)."
     )
-    cpc_layers: int = Field(default=1, ge=1, description="Layers of the CPC predictor (official: cpc_layers).")
+    cpc_layers: int = Field(
+        default=1, ge=1, le=MAX_LAYERS, description="Layers of the CPC predictor (official: cpc_layers)."
+    )
     cpc_activation: Literal["Tanh", "ReLU", "ELU", "LeakyReLU", "GELU"] = Field(
         default="Tanh", description="Activation of the CPC predictor (official: cpc_activation)."
     )
@@ -168,6 +176,7 @@ class RayConfig(_Section):
     )
     run_name: str | None = Field(
         default=None,
+        pattern=RUN_NAME_PATTERN,
         description="Ray run name (default: timestamped); reuse a name with the same storage to continue that run "
         "from its latest checkpoint.",
     )
@@ -327,7 +336,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise MMIMInputError(f"--set {pair!r}: expected key=value, e.g. train.epochs=3")
         # YAML scalars; "1e-4" stays a string here and pydantic turns it into a float.
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_yaml(raw, f"--set {pair!r}") if raw else ""
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -368,15 +377,51 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 SITE_CONFIG_ENV = "MMIM_SITE_CONFIG"
 
 
+MAX_INTEGER_DIGITS = 30  # no setting needs more; Python refuses to parse over 4,300
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load(text)`, refused with a line naming `source` when the document is not
+    YAML or is larger than any config: over MAX_YAML_NODES nodes once aliases are expanded
+    (a 500-byte "billion laughs" expands to gigabytes), nested deeper than MAX_NESTING, or with
+    an integer of more than MAX_INTEGER_DIGITS digits. The sizes are counted on the parsed
+    node graph, in which an alias is a reference, before any Python object is built."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_yaml_size(root, source)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise MMIMInputError(f"{source}: not valid YAML ({first_line(error)})") from None
+    except RecursionError:
+        raise MMIMInputError(f"{source}: nested too deeply (at most {MAX_NESTING} levels)") from None
+
+
+def _check_yaml_size(root: yaml.Node, source: str) -> None:
+    pending, seen = [(root, 1)], 0
+    while pending:
+        node, depth = pending.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise MMIMInputError(f"{source}: over {MAX_YAML_NODES:,} values once its aliases are expanded")
+        if depth > MAX_NESTING:
+            raise MMIMInputError(f"{source}: nested too deeply (at most {MAX_NESTING} levels)")
+        if isinstance(node, yaml.MappingNode):
+            pending.extend((child, depth + 1) for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((child, depth + 1) for child in node.value)
+        elif node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_INTEGER_DIGITS:
+            raise MMIMInputError(f"{source}: an integer of {len(node.value)} digits (at most {MAX_INTEGER_DIGITS})")
+
+
 def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise MMIMInputError(f"{path}: cannot read {what} ({error.strerror})") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise MMIMInputError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+        text = regular_file(path).read_text()
+    except MMIMInputError as error:  # missing, a directory, a device or FIFO
+        raise MMIMInputError(f"{path}: cannot read {what} ({str(error).removeprefix(f'{path}: ')})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise MMIMInputError(f"{path}: cannot read {what} ({getattr(error, 'strerror', None) or error})") from None
+    raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise MMIMInputError(f"{path}: expected a mapping of sections (model, data, train, ray, tracking)")
     return raw

@@ -3,16 +3,21 @@ and a file that cannot be read is reported by its path."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import uuid
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mmim.core.errors import MMIMInputError
 
@@ -36,6 +41,61 @@ def check_replaceable_directory(target: Path) -> None:
         raise MMIMInputError(f"{target}: cannot write in {ancestor} (permission denied)")
 
 
+_held: dict[Path, int] = {}  # targets this process writes, and how deeply (writing() nests)
+
+
+@contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Hold the right to write `target` for the block: one process at a time. Another process
+    that holds it is a one-line `MMIMInputError` at once, not a wait of unknown length.
+
+    The lock is `flock` on `.NAME.lock` beside `target`, removed by its holder before release;
+    the kernel releases it when its holder dies, so a killed run never blocks the next.
+    """
+    key = target.absolute()
+    if key in _held:  # already ours (extraction holds it, then writes the store inside)
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    lock = _lock_file(path, target)
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        path.unlink(missing_ok=True)  # while still locked: a process that opened it sees it is stale
+        os.close(lock)
+
+
+def _lock_file(path: Path, target: Path) -> int:
+    """An open, flock-ed `path` that is still the file at `path` (not one its last holder
+    removed after we opened it)."""
+    while True:
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(lock)
+            raise MMIMInputError(
+                f"{target}: another process (pid {holder}) is writing it now; wait for it or choose another path"
+            ) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(lock).st_ino:
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, str(os.getpid()).encode(), 0)
+            return lock
+        os.close(lock)  # removed or replaced since we opened it: try the file there now
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty staging directory beside `target`; on success it replaces `target`.
@@ -43,18 +103,18 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     On any error the staging directory is removed and `target` is left as it was. The
     old directory exists until the new one is in place, so a process killed at any
     point leaves one of them whole; the next call in the same parent puts things right.
-    One writer per target at a time: that call removes the staging of any other.
+    One writer per target at a time (`writing`): what staging it finds is a dead run's.
     """
     check_replaceable_directory(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _recover_leftovers(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with writing(target):
+        _recover_leftovers(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            yield staging
+            _swap_in(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -99,13 +159,66 @@ def _recover_leftovers(target: Path) -> None:
             log.warning("%s: removed %s, left by an interrupted run", target.parent, path.name)
 
 
-def read_json(path: Path) -> Any:
+def regular_file(path: str | Path) -> Path:
+    """`path`, if it is a regular file (a link to one included); otherwise `MMIMInputError`
+    saying what it is. Checked before opening: a FIFO would block the read, and a device
+    such as /dev/zero would never end it."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
+        mode = path.stat().st_mode
     except FileNotFoundError:
         raise MMIMInputError(f"{path}: missing") from None
+    except OSError as error:
+        raise MMIMInputError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if stat.S_ISDIR(mode):
+        raise MMIMInputError(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise MMIMInputError(f"{path}: not a regular file (a device, FIFO or socket); refusing to read it")
+    return path
+
+
+def read_json(path: Path, max_bytes: int = 64 * 2**20) -> Any:
+    """A JSON file (at most `max_bytes`), or `MMIMInputError` naming it."""
+    if regular_file(path).stat().st_size > max_bytes:
+        raise MMIMInputError(f"{path}: over {max_bytes // 2**20} MB; not a file this project writes")
+    try:
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MMIMInputError(f"{path}: corrupt (not valid JSON)") from None
+    except RecursionError:
+        raise MMIMInputError(f"{path}: nested too deeply") from None
+
+
+def read_npz(path: Path, names: tuple[str, ...], max_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays `names` of an uncompressed .npz (what np.savez writes), each checked against
+    its header before it is read: a header that declares more data than its member holds,
+    or more than `max_bytes` in all, is refused without allocating it. Raises ValueError
+    (or OSError, zipfile.BadZipFile) on anything else."""
+    arrays, total = {}, 0
+    with zipfile.ZipFile(regular_file(path)) as archive:
+        for name in names:
+            if f"{name}.npy" not in archive.namelist():
+                raise ValueError(f"no array {name!r}")
+            info = archive.getinfo(f"{name}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{name}: compressed, which np.savez never writes")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{name}: .npy format {version}, not one np.savez writes")
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(member)
+                if dtype.hasobject:
+                    raise ValueError(f"{name}: holds Python objects")
+                size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                total += size
+                if size != info.file_size - member.tell() or total > max_bytes:
+                    raise ValueError(f"{name}: its header declares {shape}, not what the file holds")
+                data = np.frombuffer(bytearray(member.read(size)), dtype=dtype)  # writable, as np.load's
+            arrays[name] = data.reshape(shape, order="F" if fortran else "C")
+    return arrays
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 from mmim.core.config import Config
 from mmim.core.errors import MMIMInputError
 from mmim.core.files import read_json
+from mmim.core.limits import MAX_DIM, MAX_TOKENS_CAP
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -125,6 +126,7 @@ class FeatureStore:
             _check_split_entry(path, name, manifest["splits"][name])
         if not isinstance(manifest.get("extractor", {}), dict):
             raise MMIMInputError(f"{path}: field 'extractor' must be an object (name, version, settings)")
+        _check_header_fields(path, manifest)
         vocab_size = manifest.get("vocab_size")  # absent in stores written before it was recorded
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
             raise MMIMInputError(f"{path}: field 'vocab_size' is {vocab_size!r}, expected a positive integer")
@@ -182,8 +184,8 @@ class FeatureStore:
             )
         ids_path = directory / "ids.json"
         ids = read_json(ids_path)
-        if not isinstance(ids, list) or len(ids) != count:
-            raise MMIMInputError(f"{ids_path}: expected a list of {count} ids")
+        if not isinstance(ids, list) or len(ids) != count or not all(isinstance(i, str) for i in ids):
+            raise MMIMInputError(f"{ids_path}: expected a list of {count} ids (strings)")
         return StoreSplit(name=name, ids=ids, **arrays)
 
 
@@ -209,6 +211,23 @@ def _verify_checksums(directory: Path, checksums: dict[str, str]) -> None:
             raise MMIMInputError(f"{path}: checksum mismatch with manifest.json (corrupt or modified)")
 
 
+def _check_header_fields(path: Path, manifest: dict) -> None:
+    """Types and sizes of the fields the store is opened with, each named when wrong."""
+    if not isinstance(manifest["text_encoder"], str):
+        raise MMIMInputError(f"{path}: field 'text_encoder' must be a string")
+    if not _whole(manifest["max_tokens"], 2, MAX_TOKENS_CAP):
+        raise MMIMInputError(f"{path}: field 'max_tokens' must be an integer in [2, {MAX_TOKENS_CAP}]")
+    dims = manifest["dims"]
+    if not isinstance(dims, dict) or not all(_whole(dims.get(field), 1, MAX_DIM) for field in SEQUENCE_FIELDS):
+        raise MMIMInputError(
+            f"{path}: field 'dims' must give {' and '.join(SEQUENCE_FIELDS)} as integers in [1, {MAX_DIM}]"
+        )
+
+
+def _whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def _check_split_entry(path: Path, name: str, entry: object) -> None:
     """The manifest fields a split is opened with: a missing one is named, not a KeyError."""
     if not isinstance(entry, dict):
@@ -218,8 +237,18 @@ def _check_split_entry(path: Path, name: str, entry: object) -> None:
             raise MMIMInputError(f"{path}: field 'splits.{name}.{key}' missing")
     if not isinstance(entry["count"], int) or entry["count"] < 0:
         raise MMIMInputError(f"{path}: field 'splits.{name}.count' must be a non-negative integer")
-    if not isinstance(entry["sha256"], dict):
+    checksums = entry["sha256"]
+    if not isinstance(checksums, dict):
         raise MMIMInputError(f"{path}: field 'splits.{name}.sha256' must be an object (file name -> hash)")
+    # Exactly the split's own files, by plain name: a key such as "/etc/shadow" or "../x" is never opened.
+    unexpected = sorted(set(checksums) - set(SPLIT_FILES))
+    if unexpected:
+        raise MMIMInputError(
+            f"{path}: field 'splits.{name}.sha256' names {unexpected[0]!r}, not one of the split's files "
+            f"({', '.join(SPLIT_FILES)})"
+        )
+    if not all(isinstance(digest, str) for digest in checksums.values()):
+        raise MMIMInputError(f"{path}: field 'splits.{name}.sha256' must map file names to hex digests")
 
 
 def _check_range(path: Path, array: np.ndarray, what: str, low: float, high: float, why: str = "") -> None:

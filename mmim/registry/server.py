@@ -34,8 +34,27 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 QUICK_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+# A database (SQLAlchemy URL) or a tracking server. MLflow's file store ("./mlruns", file://)
+# has no model registry aliases and is in maintenance mode: refused rather than half working.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    """MLFLOW_TRACKING_URI (default sqlite:///mlflow.db), refused in one line naming the variable
+    when it is not a database or a server, or names a sqlite file in a directory that does not
+    exist (MLflow would create the directory)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    scheme = uri.partition(":")[0].partition("+")[0].lower() if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise MMIMInputError(
+            f"MLFLOW_TRACKING_URI {uri!r}: not a database or a tracking server (expected e.g. "
+            "sqlite:///mlflow.db, postgresql://..., http://host:5000)"
+        )
+    if scheme == "sqlite" and uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        directory = Path(uri.removeprefix("sqlite:///")).parent
+        if not directory.is_dir():
+            raise MMIMInputError(f"MLFLOW_TRACKING_URI {uri!r}: directory {directory} does not exist")
+    return uri
 
 
 def dataset_name(config: Config) -> str:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import logging
 import os
-import sys
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +40,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
-from mmim.core.errors import MMIMInputError
+from mmim.core.child_process import python_module_command
+from mmim.core.errors import MMIMInputError, ServiceUnavailableError
 from mmim.core.limits import MAX_UTTERANCES
 from mmim.registry.server import answering, tracking_uri
 from mmim.registry.serving_app import MAX_REQUEST_ENV, MODEL_ENV
@@ -104,7 +106,8 @@ def _recording_bytes(value, index: int) -> bytes:
         return bytes(value)
     if isinstance(value, str):
         try:
-            return base64.b64decode(value, validate=True)
+            # standard base64, also as `base64` writes it: lines of 76 characters
+            return base64.b64decode("".join(value.split()), validate=True)
         except (binascii.Error, ValueError):
             pass
     raise MMIMInputError(
@@ -146,21 +149,39 @@ def check_model(uri: str) -> None:
         raise MMIMInputError(f"{uri}: not an MLflow model (no MLmodel file there)")
 
 
+MAX_REQUEST_MB = 4096.0  # --max-request-mb: a body is read into memory whole before it is parsed
+
+
+def check_address(host: str, port: int, max_request_mb: float) -> None:
+    """`mmim serve`'s options, and that `host`:`port` is free (a busy port is a one-line
+    ServiceUnavailableError, exit 1, rather than uvicorn's exit 3 after loading the model)."""
+    if not 0 < max_request_mb <= MAX_REQUEST_MB:  # also refuses nan
+        raise MMIMInputError(f"--max-request-mb {max_request_mb}: expected a number of MB in (0, {MAX_REQUEST_MB:g}]")
+    if not 1 <= port <= 65535:
+        raise MMIMInputError(f"--port {port}: expected 1 to 65535")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise MMIMInputError(f"--host {host!r}: not an address of this machine ({error})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ServiceUnavailableError(
+                    f"{host}:{port}: already in use; stop that server or pick --port"
+                ) from None
+            raise MMIMInputError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
+
+
 def serve_command(uri: str, host: str, port: int, max_request_bytes: int) -> tuple[list[str], dict[str, str]]:
     """The REST server for `uri` (mmim.registry.serving_app: MLflow's scoring app behind request limits)
     run by this interpreter's uvicorn, and its environment: no activated virtual environment
     and nothing on PATH needed."""
     env = {**os.environ, MODEL_ENV: uri, MAX_REQUEST_ENV: str(max_request_bytes)}
     env.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "mmim.registry.serving_app:build_app",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
+    command = python_module_command(
+        "uvicorn", "--factory", "mmim.registry.serving_app:build_app", "--host", host, "--port", str(port)
+    )
     return command, env

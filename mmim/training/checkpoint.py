@@ -28,7 +28,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mmim.core.config import Config, config_from_dict, config_to_json
 from mmim.core.errors import MMIMInputError, first_line
-from mmim.core.files import atomic_directory, read_json
+from mmim.core.files import atomic_directory, read_json, regular_file
+from mmim.core.limits import MAX_LAYERS
 from mmim.core.model import MMIM, load_official_state_dict
 from mmim.core.text_encoder import load_tokenizer
 
@@ -36,6 +37,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TEXT_ENCODER = "text_encoder"
 METRICS = "metrics.json"
+# How Hugging Face configs name their layer count (BERT, GPT-2 and DistilBERT, T5 and others).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
 
 def save_checkpoint(
@@ -77,8 +80,13 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[MMIM, C
     for name in (WEIGHTS, CONFIG, TEXT_ENCODER):
         if not (directory / name).exists():
             raise MMIMInputError(f"{directory / name}: missing; {directory} is not an mmim checkpoint")
-    config = config_from_dict(read_json(directory / CONFIG), str(directory / CONFIG))
+    regular_file(directory / WEIGHTS)  # a FIFO there would block the read for ever
+    raw_config = read_json(directory / CONFIG)
+    if not isinstance(raw_config, dict):
+        raise MMIMInputError(f"{directory / CONFIG}: expected a JSON object (the run's config)")
+    config = config_from_dict(raw_config, str(directory / CONFIG))
     encoder_dir = str(directory / TEXT_ENCODER)
+    _check_layer_counts(directory / TEXT_ENCODER / "config.json")
     try:
         encoder_config = AutoConfig.from_pretrained(encoder_dir)
         # Built without memory first: a config that asks for more than the weights file holds
@@ -86,22 +94,41 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[MMIM, C
         with torch.device("meta"):
             _check_shapes(directory / WEIGHTS, MMIM(config.model, AutoModel.from_config(encoder_config)))
         backbone = AutoModel.from_config(encoder_config)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise MMIMInputError(f"{encoder_dir}: cannot read the encoder config ({first_line(error)})") from None
     model = MMIM(config.model, backbone)
     load_weights(directory, model)
     return model.to(device).eval(), config, load_tokenizer(encoder_dir)
 
 
+def _check_layer_counts(path: Path) -> None:
+    """Refuse an encoder config that asks for more layers than any model has, before even the
+    meta-device model (whose construction takes time per layer) is built."""
+    encoder = read_json(path)
+    if not isinstance(encoder, dict):
+        raise MMIMInputError(f"{path}: expected a JSON object (a Hugging Face model config)")
+    for key in LAYER_COUNT_KEYS:
+        count = encoder.get(key)
+        if isinstance(count, (int, float)) and not 1 <= count <= MAX_LAYERS:
+            raise MMIMInputError(f"{path}: {key} is {count}, expected 1 to {MAX_LAYERS}")
+
+
 def _check_shapes(path: Path, model: MMIM) -> None:
-    """Every parameter of `model` (built on the meta device) has the shape the weights file declares."""
+    """`model` (built on the meta device) has exactly the parameters the weights file declares,
+    each with its shape: a config that builds more (layers the file lacks) is refused too."""
     try:
         with safe_open(str(path), framework="pt") as weights:
             declared = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
     except (SafetensorError, OSError) as error:
         raise MMIMInputError(f"{path}: corrupt or truncated ({error})") from None
-    for name, tensor in model.state_dict().items():
-        if name in declared and declared[name] != tuple(tensor.shape):
+    built = model.state_dict()
+    extra = sorted(set(built) - set(declared))
+    if extra:
+        raise MMIMInputError(
+            f"{path}: the checkpoint's config builds {len(extra)} parameter(s) the file lacks, e.g. {extra[0]}"
+        )
+    for name, tensor in built.items():
+        if declared[name] != tuple(tensor.shape):
             raise MMIMInputError(
                 f"{path}: {name} has shape {declared[name]}, but the checkpoint's config builds {tuple(tensor.shape)}"
             )

@@ -40,7 +40,7 @@ from mmim.data.recordings.frames import fill_gaps
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000  # the decoder hands over 16 kHz mono float32
-FEATURE_SETS = ("eGeMAPSv02", "ComParE_2016")
+FEATURE_SETS = {"eGeMAPSv02": 25, "ComParE_2016": 65}  # openSMILE LLD set -> LLDs per frame
 MAX_RATE = 1000.0  # frames per second: 1 ms frames, already ten per openSMILE hop
 
 
@@ -66,6 +66,8 @@ class AudioFeatures:
         )
         self.names: list[str] = list(self._smile.feature_names)
         self.dim = len(self.names)
+        if self.dim != FEATURE_SETS[feature_set]:  # the cache checks entries against FEATURE_SETS
+            raise RuntimeError(f"openSMILE {feature_set} gives {self.dim} LLDs, not {FEATURE_SETS[feature_set]}")
         log.debug("openSMILE %s: %d LLDs at %g frames/s", feature_set, self.dim, self.rate)
 
     def __call__(self, samples: np.ndarray, duration: float) -> np.ndarray:

@@ -36,6 +36,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mmim.core.child_process import python_module_command
 from mmim.data.recordings.audio import AudioFeatures
 from mmim.data.recordings.face import FACE_DIM, FaceGeometry
 from mmim.data.recordings.frames import fill_gaps
@@ -59,7 +60,7 @@ class ExtractorSettings(BaseModel):
     video_width: int = Field(default=480, ge=64, le=3840)  # frames scaled down to this width first
     max_seconds: float = Field(default=60.0, gt=0, le=3600)  # longest clip decoded
     max_pixels: int = Field(default=3840 * 2160, gt=0)  # largest source video frame (width x height)
-    clip_timeout: float = Field(default=120.0, gt=0)  # seconds one clip may take before it is abandoned
+    clip_timeout: float = Field(default=120.0, gt=0, le=86_400)  # seconds one clip may take before it is abandoned
 
     def limits(self) -> MediaLimits:
         return MediaLimits(max_seconds=self.max_seconds, max_pixels=self.max_pixels, width=self.video_width)
@@ -127,9 +128,9 @@ class ClipExtractor:
 
 # ---------------------------------------------------------------- the same, in a child process
 #
-# The child is `python -m mmim.data.recordings.extractor`, talking over two pipes: a fresh
-# interpreter (not a fork of a parent with threads, such as a Ray worker) that imports
-# this module only (multiprocessing's spawn would import the parent's main script too,
+# The child is `python -m mmim.data.recordings.extractor` (isolated: mmim.core.child_process),
+# talking over two pipes: a fresh interpreter (not a fork of a parent with threads, such as a
+# Ray worker) that imports this module only (multiprocessing's spawn would import the parent's main script too,
 # which for the CLI costs seconds at every start and restart).
 
 
@@ -179,7 +180,7 @@ class IsolatedExtractor:
     def _start(self) -> None:
         to_child, from_parent = os.pipe()
         to_parent, from_child = os.pipe()
-        command = [sys.executable, "-m", __name__, str(to_child), str(from_child), self.settings.model_dump_json()]
+        command = python_module_command(__name__, str(to_child), str(from_child), self.settings.model_dump_json())
         self._child = subprocess.Popen(command, pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from mmim.core.errors import MMIMInputError
+from mmim.core.files import writing
 from mmim.core.store import SPLITS
 from mmim.core.text_encoder import load_tokenizer
 from mmim.data.recordings.cache import FeatureCache
@@ -51,6 +52,7 @@ class RecordingsSummary:
     clips: int  # rows of label.csv
     extracted: int  # clips extracted in this run
     cached: int  # clips whose features came from the cache
+    replaced: int = 0  # cache entries that were there but not usable (damaged, another clip's), re-extracted
     skipped: list[Rejected] = field(default_factory=list)
 
 
@@ -171,6 +173,19 @@ def _skip_or_fail(rejected: Rejected, on_error: OnError) -> None:
     log.info("skipped %s: %s%s", rejected.where, rejected.reason, f" ({rejected.detail})" if rejected.detail else "")
 
 
+def refill_cache(cache: FeatureCache, missing: list[Clip], keys: dict[str, str], settings: ExtractorSettings) -> None:
+    """Extract again, here, the clips whose entries went missing during the run (the cache was
+    deleted or cleaned meanwhile: deleting it is always safe)."""
+    if missing:
+        log.warning("%s: %d cached clips vanished during the run; extracting them again", cache.root, len(missing))
+    with IsolatedExtractor(settings) as extract:
+        for clip in missing:
+            try:
+                cache.put(keys[clip.id], extract(clip.path, clip.start, clip.end))
+            except MediaError as error:
+                raise MMIMInputError(f"{clip.path} (clip {clip.id}): {error.reason}, on a second reading") from None
+
+
 class CachedSequences:
     """One modality of a split's clips, read from the cache one clip at a time (the store
     writer streams them to disk, so the dataset is never in memory)."""
@@ -241,9 +256,42 @@ def extract_recordings(
 ) -> RecordingsSummary:
     """Extract what the cache lacks (`workers`: Ray actors, None = the cluster's CPUs, 0 = here)
     and write the store at `out`."""
-    input_dir = Path(input_dir)
+    out, cache_dir = Path(out), Path(cache_dir)
+    if out.resolve().is_relative_to(cache_dir.resolve()) or cache_dir.resolve().is_relative_to(out.resolve()):
+        raise MMIMInputError(f"--cache {cache_dir} and --out {out}: one is inside the other; keep them apart")
+    with writing(out):  # one extraction per store at a time; another stops here with a sentence
+        return _extract(
+            Path(input_dir),
+            out,
+            encoder,
+            settings,
+            cache_dir,
+            max_tokens,
+            nonfinite,
+            on_error,
+            overwrite,
+            workers,
+            ray_address,
+            progress,
+        )
+
+
+def _extract(
+    input_dir: Path,
+    out: Path,
+    encoder: str,
+    settings: ExtractorSettings,
+    cache_dir: Path,
+    max_tokens: int,
+    nonfinite: NonFinitePolicy,
+    on_error: OnError,
+    overwrite: bool,
+    workers: int | None,
+    ray_address: str | None,
+    progress: RecordingsProgress,
+) -> RecordingsSummary:
     origin = str(input_dir / LABELS_FILE)
-    check_destination(Path(out), overwrite)
+    check_destination(out, overwrite)
     clips, skipped = read_dataset(input_dir)
     rows = len(clips) + len(skipped)
     for rejected in skipped:
@@ -252,7 +300,6 @@ def extract_recordings(
 
     cache = FeatureCache(cache_dir, settings)
     keys = {clip.id: cache.key(clip) for clip in clips}
-    cache.save_hashes()
     lengths = _cached_lengths(cache, clips, keys)
     pending = [clip for clip in clips if clip.id not in lengths]
     log.info("%d clips, %d in the cache, %d to extract", len(clips), len(lengths), len(pending))
@@ -281,10 +328,8 @@ def extract_recordings(
         raise MMIMInputError(
             f"{origin}: no usable clips ({len(skipped)} skipped: {', '.join(sorted({r.reason for r in skipped}))})"
         )
-    first = cache.get(keys[usable[0].id])
-    if first is None:  # removed or damaged since it was cached
-        raise MMIMInputError(f"{cache.root}: the cached features of a clip vanished during the extraction; run again")
-    dims = {"audio": first.audio.shape[1], "vision": first.vision.shape[1]}
+    refill_cache(cache, [clip for clip in usable if not cache.has(keys[clip.id])], keys, settings)
+    dims = {"audio": cache.dims[0], "vision": cache.dims[1]}
     splits = {name: _source_split(name, usable, cache, keys, lengths, dims, origin) for name in SPLITS}
     split_of = {clip.id: clip.split for clip in clips}
     dropped = [(split_of.get(rejected.clip_id, ""), rejected.clip_id, rejected.reason) for rejected in skipped]
@@ -302,5 +347,10 @@ def extract_recordings(
     )
     extracted = len(pending) - (len(clips) - len(usable))
     return RecordingsSummary(
-        summary, clips=rows, extracted=extracted, cached=len(clips) - len(pending), skipped=skipped
+        summary,
+        clips=rows,
+        extracted=extracted,
+        cached=len(clips) - len(pending),
+        replaced=len(cache.replaced),
+        skipped=skipped,
     )

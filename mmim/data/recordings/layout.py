@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmim.core.errors import MMIMInputError
+from mmim.core.files import regular_file
 from mmim.core.store import LABEL_RANGE, SPLITS
 
 LABELS_FILE = "label.csv"
 MEDIA_DIR = "Raw"
 MEDIA_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".wav", ".flac")
 REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label")
+MAX_ID_BYTES = 200  # a video or clip id is a file name: 255 bytes at most on common file systems
 # Where a video without a mode goes: the first split whose cumulative share exceeds its hash.
 HASH_SPLIT_SHARES = (("train", 0.70), ("valid", 0.15), ("test", 0.15))
 
@@ -95,16 +97,40 @@ def _media_file(root: Path, video_id: str, clip_id: str, is_span: bool) -> Path 
         for suffix in MEDIA_SUFFIXES:
             path = stem.with_name(stem.name + suffix)
             if path.is_file():
-                return path
+                return _inside(root, path)
+            if path.is_symlink() or path.exists():
+                raise ValueError(f"not a regular file: {path} is a directory, device, FIFO or dangling link")
     return None
 
 
+def _inside(root: Path, path: Path) -> Path:
+    """`path`, unless it is (or passes through) a link to somewhere outside the dataset."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"outside the dataset: {path} leads to {path.resolve()}; refusing to read it")
+    return path
+
+
 def _safe_name(value: str) -> bool:
-    """A video or clip id usable as a file name inside Raw/ (no way out of it)."""
-    return bool(value) and value not in (".", "..") and "/" not in value and "\\" not in value and "\0" not in value
+    """A video or clip id usable as a file name inside Raw/ (no way out of it, and short enough
+    for any file system with room for a suffix)."""
+    return (
+        bool(value)
+        and value not in (".", "..")
+        and "/" not in value
+        and "\\" not in value
+        and "\0" not in value
+        and len(value.encode("utf-8", "replace")) <= MAX_ID_BYTES
+    )
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.parent.is_dir():
+        raise MMIMInputError(
+            f"{path.parent}: not a directory (a recordings dataset holds {LABELS_FILE} and {MEDIA_DIR}/)"
+        )
+    if not path.exists() and not path.is_symlink():
+        raise MMIMInputError(f"{path}: missing (a recordings dataset needs {LABELS_FILE} and {MEDIA_DIR}/)")
+    regular_file(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -115,8 +141,6 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
                     f"(expected {', '.join(REQUIRED_COLUMNS)}, mode[, start, end])"
                 )
             return list(reader)
-    except FileNotFoundError:
-        raise MMIMInputError(f"{path}: missing (a recordings dataset needs {LABELS_FILE} and {MEDIA_DIR}/)") from None
     except UnicodeDecodeError:
         raise MMIMInputError(f"{path}: not UTF-8 text") from None
     except csv.Error as error:
@@ -164,7 +188,9 @@ def _video_modes(rows: list[dict[str, str]]) -> dict[str, str]:
 def _clip(root: Path, row: dict[str, str], video_id: str, clip_id: str, modes: dict[str, str]) -> Clip:
     """The clip of one row; a ValueError's text is "reason: detail"."""
     if not (_safe_name(video_id) and _safe_name(clip_id)):
-        raise ValueError("bad id: video_id and clip_id must be non-empty file names (no / or \\)")
+        raise ValueError(
+            f"bad id: video_id and clip_id must be non-empty file names (no / or \\, at most {MAX_ID_BYTES} bytes)"
+        )
     if "_" in clip_id:  # the store's id is <video_id>_<clip_id>; the video is read back from it
         raise ValueError("bad id: clip_id must not contain '_' (the example id is <video_id>_<clip_id>)")
     try:
