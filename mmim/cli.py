@@ -120,7 +120,7 @@ def _training_overrides(args: argparse.Namespace) -> list[str]:
     if getattr(args, "seeds", None) is not None:  # `mmim train` only
         listed = args.seeds.replace(" ", "")
         if not re.fullmatch(r"\d{1,10}(,\d{1,10})*", listed):
-            raise MMIMInputError(f"--seeds {args.seeds!r}: comma-separated whole numbers, e.g. 1111,1112,1113")
+            raise MMIMInputError(f"--seeds {args.seeds[:40]!r}: comma-separated whole numbers, e.g. 1111,1112,1113")
         seeds = [int(seed) for seed in listed.split(",")]  # 0011 is 11, not YAML's octal
         overrides.append(f"train.seeds={json.dumps(seeds)}")
     if args.workers is not None:
@@ -308,7 +308,8 @@ def _extract_recordings(args: argparse.Namespace) -> None:
     )
     stdout.print(
         f"{recordings.clips} clips in label.csv: {recordings.extracted} extracted, "
-        f"{recordings.cached} from the cache {args.cache}, {skipped}",
+        f"{recordings.cached} from the cache {args.cache}, {skipped}"
+        + (f", {recordings.replaced} cache entries replaced" if recordings.replaced else ""),
         highlight=False,
         soft_wrap=True,
     )

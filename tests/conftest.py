@@ -66,6 +66,7 @@ def mlflow_sqlite(tmp_path, monkeypatch):
     """MLflow on a sqlite file (what `make demo` uses); the client for reading runs back."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # over any an earlier test left in mlflow's global state
     yield MlflowClient(uri)
     mlflow.set_tracking_uri(None)
 

@@ -135,7 +135,8 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         # hostile bodies are refused before MLflow parses them (it would answer 500 to the first)
         for body, status, message in [
             (b"[" * 100_000, 400, "nested deeper than 32"),
-            (b" " * 600_000, 413, "request body over 524288 bytes"),
+            (b" " * 600_000, 413, "request body over 524288 bytes"),  # refused on its Content-Length
+            (iter([b" " * 300_000] * 2), 413, "request body over 524288 bytes"),  # chunked: refused as it arrives
         ]:
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(

@@ -417,7 +417,7 @@ def _check_yaml_size(root: yaml.Node, source: str) -> None:
 def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     try:
         text = regular_file(path).read_text()
-    except MMIMInputError as error:  # missing, a directory, a device or FIFO
+    except MMIMInputError as error:  # a directory, a device or FIFO
         raise MMIMInputError(f"{path}: cannot read {what} ({str(error).removeprefix(f'{path}: ')})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise MMIMInputError(f"{path}: cannot read {what} ({getattr(error, 'strerror', None) or error})") from None

@@ -160,16 +160,11 @@ def _recover_leftovers(target: Path) -> None:
 
 
 def regular_file(path: str | Path) -> Path:
-    """`path`, if it is a regular file (a link to one included); otherwise `MMIMInputError`
-    saying what it is. Checked before opening: a FIFO would block the read, and a device
-    such as /dev/zero would never end it."""
+    """`path`, if it is a regular file (or a link to one); `MMIMInputError` saying what it is
+    otherwise. Checked before opening: a FIFO would block the read, and a device such as
+    /dev/zero would never end it. A missing file raises FileNotFoundError, for the caller to name."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise MMIMInputError(f"{path}: missing") from None
-    except OSError as error:
-        raise MMIMInputError(f"{path}: cannot be read ({error.strerror or error})") from None
+    mode = path.stat().st_mode
     if stat.S_ISDIR(mode):
         raise MMIMInputError(f"{path}: is a directory, not a file")
     if not stat.S_ISREG(mode):
@@ -179,11 +174,13 @@ def regular_file(path: str | Path) -> Path:
 
 def read_json(path: Path, max_bytes: int = 64 * 2**20) -> Any:
     """A JSON file (at most `max_bytes`), or `MMIMInputError` naming it."""
-    if regular_file(path).stat().st_size > max_bytes:
-        raise MMIMInputError(f"{path}: over {max_bytes // 2**20} MB; not a file this project writes")
     try:
+        if regular_file(path).stat().st_size > max_bytes:
+            raise MMIMInputError(f"{path}: over {max_bytes // 2**20} MB; not a file this project writes")
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except FileNotFoundError:
+        raise MMIMInputError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError, and integers of over 4,300 digits
         raise MMIMInputError(f"{path}: corrupt (not valid JSON)") from None
     except RecursionError:
         raise MMIMInputError(f"{path}: nested too deeply") from None

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mmim.core.errors import MMIMInputError
+from mmim.core.files import regular_file
 
 # Descriptors numpy writes for plain dtypes: bool, integers, floats, complex, bytes,
 # unicode and object, each with its item size ("f4", "U12", "O8").
@@ -202,7 +203,7 @@ def load_untrusted_pickle(path: str | Path) -> Any:
     """Unpickle `path` admitting only numpy arrays and builtins; clear errors otherwise."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
+        with open(regular_file(path), "rb") as handle:
             loaded = _RestrictedUnpickler(handle, encoding="latin1").load()
         return _materialize(loaded, {})
     except FileNotFoundError:

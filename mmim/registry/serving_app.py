@@ -15,6 +15,7 @@ then applies its own caps (frames per utterance, utterances per request: mmim.tr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -72,7 +73,7 @@ class RequestLimits:
                 await _refuse(send, 413, too_large)
                 return
         body = b"".join(chunks)
-        if json_depth(body) > MAX_JSON_DEPTH:
+        if await asyncio.to_thread(json_depth, body) > MAX_JSON_DEPTH:  # /ping answers meanwhile
             await _refuse(send, 400, f"request JSON nested deeper than {MAX_JSON_DEPTH} levels")
             return
 

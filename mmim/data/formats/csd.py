@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mmim.core.errors import MMIMInputError
+from mmim.core.files import regular_file
 from mmim.core.store import SPLITS
 from mmim.data.formats import as_text, numeric_array
 from mmim.data.store_writer import SequenceList, SourceSplit
@@ -55,7 +56,7 @@ def read_folds(folds: str | Path | None, directory: Path) -> dict[str, list[str]
     else:
         path = STANDARD_FOLDS.get(str(folds), Path(folds))
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(regular_file(path).read_text())
     except FileNotFoundError:
         raise MMIMInputError(f"{path}: folds file not found (pass --folds FILE or cmu_mosi)") from None
     except json.JSONDecodeError:
@@ -74,7 +75,7 @@ class _Sequence:
 
         self.path = path
         try:
-            self.handle = h5py.File(path, "r")
+            self.handle = h5py.File(regular_file(path), "r")
         except OSError as error:
             raise MMIMInputError(f"{path}: not a readable HDF5 computational sequence ({error})") from None
         self._refuse_data_from_elsewhere(h5py)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mmim.core.errors import MMIMInputError
-from mmim.core.files import atomic_directory
+from mmim.core.files import atomic_directory, regular_file
 from mmim.core.store import SPLITS
 from mmim.data.formats import as_text, padded_sequences, sentiment_labels, split_dict
 from mmim.data.store_writer import Sequences, SourceSplit
@@ -63,7 +63,7 @@ def find_files(input_path: Path, labels: Path | None) -> tuple[Path, Path]:
 def read_label_csv(path: Path) -> list[tuple[str, str, str]]:
     """(video_id, clip_id, text) rows, in file order."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(regular_file(path), newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = {"video_id", "clip_id", "text"} - set(reader.fieldnames or [])
             if missing:

@@ -67,11 +67,10 @@ class FeatureCache:
 
     def get(self, key: str) -> ClipFeatures | None:
         """The cached features, or None: absent, or not usable (then counted and later replaced)."""
-        path = self._path(key)
-        try:
-            saved = read_npz(path, ("audio", "vision", "key"), MAX_ENTRY_BYTES)
-        except FileNotFoundError:
+        if not self._path(key).exists():
             return None
+        try:
+            saved = read_npz(self._path(key), ("audio", "vision", "key"), MAX_ENTRY_BYTES)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, MMIMInputError) as error:
             self._unusable(key, f"unreadable ({error})")
             return None

@@ -128,11 +128,8 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         raise MMIMInputError(
             f"{path.parent}: not a directory (a recordings dataset holds {LABELS_FILE} and {MEDIA_DIR}/)"
         )
-    if not path.exists() and not path.is_symlink():
-        raise MMIMInputError(f"{path}: missing (a recordings dataset needs {LABELS_FILE} and {MEDIA_DIR}/)")
-    regular_file(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with open(regular_file(path), newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
             if missing:
@@ -141,6 +138,8 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
                     f"(expected {', '.join(REQUIRED_COLUMNS)}, mode[, start, end])"
                 )
             return list(reader)
+    except FileNotFoundError:
+        raise MMIMInputError(f"{path}: missing (a recordings dataset needs {LABELS_FILE} and {MEDIA_DIR}/)") from None
     except UnicodeDecodeError:
         raise MMIMInputError(f"{path}: not UTF-8 text") from None
     except csv.Error as error:
