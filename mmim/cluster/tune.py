@@ -57,7 +57,7 @@ from mmim.cluster.connect import connect
 from mmim.cluster.distributed import build_trainer, check_config, remove_storage, storage_location, with_absolute_paths
 from mmim.core.config import Config, config_from_dict, config_to_yaml, parse_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
-from mmim.core.files import atomic_write, regular_file
+from mmim.core.files import atomic_write, read_text
 from mmim.core.selection import SELECTION
 from mmim.registry.server import answering, tracking_uri
 from mmim.registry.tracking import TrainingRun, ending, flatten, log_epoch_metrics
@@ -151,7 +151,7 @@ def _known_setting(key: str) -> bool:
 def load_search_spec(path: str | Path) -> SearchSpec:
     """Read and check a search space file; errors name the file and the setting."""
     try:
-        text = regular_file(path).read_text()
+        text = read_text(path)
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or error
         raise MMIMInputError(f"{path}: cannot read the search space ({reason})") from None

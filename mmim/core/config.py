@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mmim.core.errors import MMIMInputError, first_line
-from mmim.core.files import regular_file
+from mmim.core.files import read_text
 from mmim.core.limits import MAX_LAYERS, MAX_NESTING, MAX_YAML_NODES
 
 
@@ -416,7 +416,7 @@ def _check_yaml_size(root: yaml.Node, source: str) -> None:
 
 def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     try:
-        text = regular_file(path).read_text()
+        text = read_text(path)
     except MMIMInputError as error:  # a directory, a device or FIFO
         raise MMIMInputError(f"{path}: cannot read {what} ({str(error).removeprefix(f'{path}: ')})") from None
     except (OSError, UnicodeDecodeError) as error:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mmim.core.errors import MMIMInputError
+from mmim.core.limits import MAX_INPUT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,10 @@ def _lock_file(path: Path, target: Path) -> int:
     """An open, flock-ed `path` that is still the file at `path` (not one its last holder
     removed after we opened it)."""
     while True:
-        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise MMIMInputError(f"{target}: cannot create its lock file {path.name} ({error.strerror})") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -172,12 +176,17 @@ def regular_file(path: str | Path) -> Path:
     return path
 
 
-def read_json(path: Path, max_bytes: int = 64 * 2**20) -> Any:
-    """A JSON file (at most `max_bytes`), or `MMIMInputError` naming it."""
+def read_text(path: str | Path, max_bytes: int = MAX_INPUT_BYTES) -> str:
+    """The text of a regular file of at most `max_bytes` (a config, a manifest: none is larger)."""
+    if regular_file(path).stat().st_size > max_bytes:
+        raise MMIMInputError(f"{path}: over {max_bytes // 2**20} MB, larger than any file of its kind")
+    return Path(path).read_text()
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or `MMIMInputError` naming it."""
     try:
-        if regular_file(path).stat().st_size > max_bytes:
-            raise MMIMInputError(f"{path}: over {max_bytes // 2**20} MB; not a file this project writes")
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except FileNotFoundError:
         raise MMIMInputError(f"{path}: missing") from None
     except (ValueError, UnicodeDecodeError):  # JSONDecodeError, and integers of over 4,300 digits

@@ -43,7 +43,7 @@ def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI (default sqlite:///mlflow.db), refused in one line naming the variable
     when it is not a database or a server, or names a sqlite file in a directory that does not
     exist (MLflow would create the directory)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI  # set but empty: as unset
     scheme = uri.partition(":")[0].partition("+")[0].lower() if ":" in uri else ""
     if scheme not in TRACKING_SCHEMES:
         raise MMIMInputError(

@@ -92,10 +92,14 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[MMIM, C
         # Built without memory first: a config that asks for more than the weights file holds
         # (a vocab_size of 1e11, say) is refused before anything is allocated.
         with torch.device("meta"):
-            _check_shapes(directory / WEIGHTS, MMIM(config.model, AutoModel.from_config(encoder_config)))
-        backbone = AutoModel.from_config(encoder_config)
-    except (OSError, ValueError, RecursionError) as error:
-        raise MMIMInputError(f"{encoder_dir}: cannot read the encoder config ({first_line(error)})") from None
+            planned = MMIM(config.model, AutoModel.from_config(encoder_config))
+    except Exception as error:  # noqa: BLE001 - transformers builds what an untrusted file says: its failure is the file's
+        raise MMIMInputError(
+            f"{encoder_dir}: config.json describes no encoder that can be built ({type(error).__name__}: "
+            f"{first_line(error)})"
+        ) from None
+    _check_shapes(directory / WEIGHTS, planned)
+    backbone = AutoModel.from_config(encoder_config)
     model = MMIM(config.model, backbone)
     load_weights(directory, model)
     return model.to(device).eval(), config, load_tokenizer(encoder_dir)
