@@ -27,7 +27,8 @@ from mmim.core.files import read_npz
 from mmim.core.model import build_model
 from mmim.core.store import FeatureStore, bind_store
 from mmim.core.text_encoder import load_tokenizer
-from mmim.data.recordings.extractor import ExtractorSettings, IsolatedExtractor
+from mmim.data.recordings.cache import FeatureCache
+from mmim.data.recordings.extractor import ClipFeatures, ExtractorSettings, IsolatedExtractor
 from mmim.data.recordings.job import RecordingsProgress, extract_recordings
 from mmim.data.recordings.layout import read_dataset
 from mmim.data.recordings.sample import write_voice
@@ -107,6 +108,13 @@ def test_the_cache_detects_a_swapped_entry_and_an_edit_that_keeps_size_and_mtime
     assert (edited.extracted, edited.cached) == (1, 2)
     assert not np.array_equal(FeatureStore(tmp_path / "store")["train"].sequence("audio", 0), before)
 
+    # an entry under the right key with other feature widths: extracted again, not reported against another clip
+    cache = FeatureCache(tmp_path / "cache", SETTINGS)
+    key = cache.key(read_dataset(root)[0][1])
+    cache.put(key, ClipFeatures(np.zeros((4, 7), np.float32), np.zeros((4, 150), np.float32)))
+    widths = extract(root, tmp_path, encoder=tiny_encoder)
+    assert (widths.extracted, widths.replaced) == (1, 1)
+
     # the cache deleted while a run extracts: the run puts back what it needs and finishes
     data[4000:8000] = bytes(reversed(data[4000:8000]))  # one clip to extract, then the cache goes
     clip.write_bytes(bytes(data))
@@ -170,6 +178,11 @@ def test_declared_sizes_are_refused_before_anything_is_built(tiny_config, tmp_pa
         assert time.monotonic() - started < 2 and peak_mb() - peak < 300, message
     with pytest.raises(ValueError, match="not what the file holds"):
         read_npz(giant, ("audio",), 2**30)
+    weights = checkpoint / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)  # nobody writes it: reading it would wait for ever
+    with pytest.raises(MMIMInputError, match="model.safetensors: not a regular file"):
+        load_checkpoint(checkpoint)
 
 
 def test_reads_stay_inside_the_dataset_and_the_store_and_special_files_are_refused(tmp_path, tiny_store):
@@ -271,6 +284,13 @@ ONE_LINE_CASES = [
         [*extract_argv("{tmp}"), "--clip-timeout", "1e300"],
         {},
         "error: --clip-timeout 1e+300",
+        2,
+    ),
+    (
+        "--cache inside --out",
+        [*extract_argv("{tmp}"), "--cache", "{tmp}/s/cache"],
+        {},
+        "error: --cache {tmp}/s/cache and --out {tmp}/s: one is inside the other",
         2,
     ),
     (
