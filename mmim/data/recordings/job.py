@@ -256,101 +256,71 @@ def extract_recordings(
 ) -> RecordingsSummary:
     """Extract what the cache lacks (`workers`: Ray actors, None = the cluster's CPUs, 0 = here)
     and write the store at `out`."""
-    out, cache_dir = Path(out), Path(cache_dir)
+    input_dir, out, cache_dir = Path(input_dir), Path(out), Path(cache_dir)
     if out.resolve().is_relative_to(cache_dir.resolve()) or cache_dir.resolve().is_relative_to(out.resolve()):
         raise MMIMInputError(f"--cache {cache_dir} and --out {out}: one is inside the other; keep them apart")
     with writing(out):  # one extraction per store at a time; another stops here with a sentence
-        return _extract(
-            Path(input_dir),
-            out,
-            encoder,
-            settings,
-            cache_dir,
-            max_tokens,
-            nonfinite,
-            on_error,
-            overwrite,
-            workers,
-            ray_address,
-            progress,
-        )
-
-
-def _extract(
-    input_dir: Path,
-    out: Path,
-    encoder: str,
-    settings: ExtractorSettings,
-    cache_dir: Path,
-    max_tokens: int,
-    nonfinite: NonFinitePolicy,
-    on_error: OnError,
-    overwrite: bool,
-    workers: int | None,
-    ray_address: str | None,
-    progress: RecordingsProgress,
-) -> RecordingsSummary:
-    origin = str(input_dir / LABELS_FILE)
-    check_destination(out, overwrite)
-    clips, skipped = read_dataset(input_dir)
-    rows = len(clips) + len(skipped)
-    for rejected in skipped:
-        _skip_or_fail(rejected, on_error)
-    tokenizer = load_tokenizer(encoder)  # before the slow part: a wrong name fails now
-
-    cache = FeatureCache(cache_dir, settings)
-    keys = {clip.id: cache.key(clip) for clip in clips}
-    lengths = _cached_lengths(cache, clips, keys)
-    pending = [clip for clip in clips if clip.id not in lengths]
-    log.info("%d clips, %d in the cache, %d to extract", len(clips), len(lengths), len(pending))
-
-    progress.start(len(pending))
-    outcomes: Iterable[_Outcome] = ()
-    if pending:
-        outcomes = (
-            _extract_here(pending, settings)
-            if workers == 0
-            else _extract_on_ray(pending, settings, workers, ray_address)
-        )
-    for outcome in outcomes:
-        clip = pending[outcome.index]
-        if outcome.features is None:
-            rejected = Rejected(f"{clip.path} (clip {clip.id})", clip.id, outcome.reason, outcome.detail)
+        origin = str(input_dir / LABELS_FILE)
+        check_destination(out, overwrite)
+        clips, skipped = read_dataset(input_dir)
+        rows = len(clips) + len(skipped)
+        for rejected in skipped:
             _skip_or_fail(rejected, on_error)
-            skipped.append(rejected)
-        else:
-            cache.put(keys[clip.id], outcome.features)
-            lengths[clip.id] = (len(outcome.features.audio), len(outcome.features.vision))
-        progress.advance()
+        tokenizer = load_tokenizer(encoder)  # before the slow part: a wrong name fails now
 
-    usable = [clip for clip in clips if clip.id in lengths]
-    if not usable:
-        raise MMIMInputError(
-            f"{origin}: no usable clips ({len(skipped)} skipped: {', '.join(sorted({r.reason for r in skipped}))})"
+        cache = FeatureCache(cache_dir, settings)
+        keys = {clip.id: cache.key(clip) for clip in clips}
+        lengths = _cached_lengths(cache, clips, keys)
+        pending = [clip for clip in clips if clip.id not in lengths]
+        log.info("%d clips, %d in the cache, %d to extract", len(clips), len(lengths), len(pending))
+
+        progress.start(len(pending))
+        outcomes: Iterable[_Outcome] = ()
+        if pending:
+            outcomes = (
+                _extract_here(pending, settings)
+                if workers == 0
+                else _extract_on_ray(pending, settings, workers, ray_address)
+            )
+        for outcome in outcomes:
+            clip = pending[outcome.index]
+            if outcome.features is None:
+                rejected = Rejected(f"{clip.path} (clip {clip.id})", clip.id, outcome.reason, outcome.detail)
+                _skip_or_fail(rejected, on_error)
+                skipped.append(rejected)
+            else:
+                cache.put(keys[clip.id], outcome.features)
+                lengths[clip.id] = (len(outcome.features.audio), len(outcome.features.vision))
+            progress.advance()
+
+        usable = [clip for clip in clips if clip.id in lengths]
+        if not usable:
+            raise MMIMInputError(
+                f"{origin}: no usable clips ({len(skipped)} skipped: {', '.join(sorted({r.reason for r in skipped}))})"
+            )
+        refill_cache(cache, [clip for clip in usable if not cache.has(keys[clip.id])], keys, settings)
+        dims = {"audio": cache.dims[0], "vision": cache.dims[1]}
+        splits = {name: _source_split(name, usable, cache, keys, lengths, dims, origin) for name in SPLITS}
+        split_of = {clip.id: clip.split for clip in clips}
+        dropped = [(split_of.get(rejected.clip_id, ""), rejected.clip_id, rejected.reason) for rejected in skipped]
+        summary = write_store(
+            out,
+            splits,
+            tokenizer,
+            text_encoder=encoder,
+            max_tokens=max_tokens,
+            source="recordings",
+            nonfinite=nonfinite,
+            overwrite=overwrite,
+            dropped=dropped,
+            manifest_extra={"extractor": describe_extractor(settings)},
         )
-    refill_cache(cache, [clip for clip in usable if not cache.has(keys[clip.id])], keys, settings)
-    dims = {"audio": cache.dims[0], "vision": cache.dims[1]}
-    splits = {name: _source_split(name, usable, cache, keys, lengths, dims, origin) for name in SPLITS}
-    split_of = {clip.id: clip.split for clip in clips}
-    dropped = [(split_of.get(rejected.clip_id, ""), rejected.clip_id, rejected.reason) for rejected in skipped]
-    summary = write_store(
-        out,
-        splits,
-        tokenizer,
-        text_encoder=encoder,
-        max_tokens=max_tokens,
-        source="recordings",
-        nonfinite=nonfinite,
-        overwrite=overwrite,
-        dropped=dropped,
-        manifest_extra={"extractor": describe_extractor(settings)},
-    )
-    extracted = len(pending) - (len(clips) - len(usable))
-    return RecordingsSummary(
-        summary,
-        clips=rows,
-        extracted=extracted,
-        cached=len(clips) - len(pending),
-        replaced=len(cache.replaced),
-        skipped=skipped,
-    )
+        extracted = len(pending) - (len(clips) - len(usable))
+        return RecordingsSummary(
+            summary,
+            clips=rows,
+            extracted=extracted,
+            cached=len(clips) - len(pending),
+            replaced=len(cache.replaced),
+            skipped=skipped,
+        )
