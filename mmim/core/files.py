@@ -1,5 +1,7 @@
-"""File handling shared by the store and checkpoints: whole directories appear at once,
-and a file that cannot be read is reported by its path."""
+"""File handling shared by the store, checkpoints and the cache: whole directories appear at
+once, one process writes a target at a time (`writing`), and input files are read only when
+they are what they claim - regular files (`regular_file`), of a bounded size (`read_text`),
+arrays whose headers match their bytes (`read_npz`) - with any problem reported by its path."""
 
 from __future__ import annotations
 
