@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable
 
-from mmim.core.config import RUN_NAME_PATTERN
 from mmim.core.errors import MMIMInputError
 from mmim.core.limits import MAX_INPUT_BYTES
 from mmim.data.extract import SOURCES
@@ -16,14 +14,6 @@ CHECKPOINT_HELP = (
     "models:/<name>/<version>, runs:/<run id>/model"
 )
 Command = Callable[[argparse.Namespace], None]
-
-
-def _run_name(value: str) -> str:
-    if not re.fullmatch(RUN_NAME_PATTERN, value):
-        raise argparse.ArgumentTypeError(
-            f"{value[:40]!r}{'...' if len(value) > 40 else ''}: letters, digits, '_', '.' and '-', at most 100"
-        )
-    return value
 
 
 def _add_training_options(command: argparse.ArgumentParser) -> None:
@@ -89,7 +79,6 @@ def build_parser(handlers: dict[str, Command]) -> argparse.ArgumentParser:
     )
     tune_cmd.add_argument(
         "--name",
-        type=_run_name,
         help="the search's name in ray.storage_path and MLflow; run the same command again to resume it "
         "(default: search-<config file name>)",
     )

@@ -387,10 +387,3 @@ def test_bad_input_is_one_line_naming_it(tmp_path, tiny_config, tiny_store, monk
     assert exit_code == code and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith(line.format(**fill)), err
     assert not (tmp_path / "no").exists()  # MLflow was never asked to create the sqlite directory
-
-
-def test_a_tune_name_that_is_no_file_name_is_a_usage_error(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "mmim.cli", "tune", "--trials", "1", "--name", "n" * 300], capture_output=True, text=True
-    )
-    assert done.returncode == 2 and "argument --name" in done.stderr and "Traceback" not in done.stderr

@@ -212,6 +212,7 @@ def test_a_search_resumes_after_its_driver_dies(ray_cluster, tiny_config, tmp_pa
     [
         (["--trials", "0"], "--trials 0: must be at least 1"),
         (["--trials", "2", "--name", "../x"], "--name '../x': letters, digits"),
+        (["--trials", "2", "--name", "n" * 300], f"--name '{'n' * 40}'...: letters, digits"),
         (["--trials", "2", "--concurrent", "0"], "--concurrent 0: must be at least 1"),
         (["--trials", "2", "--workers", "0"], "ray.num_workers: must be at least 1"),
     ],

@@ -55,7 +55,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from mmim.cluster.connect import connect
 from mmim.cluster.distributed import build_trainer, check_config, remove_storage, storage_location, with_absolute_paths
-from mmim.core.config import Config, config_from_dict, config_to_yaml, parse_yaml
+from mmim.core.config import RUN_NAME_PATTERN, Config, config_from_dict, config_to_yaml, parse_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
 from mmim.core.files import atomic_write, read_text
 from mmim.core.selection import SELECTION
@@ -527,8 +527,9 @@ def search(
 ) -> SearchResult:
     """Run the search `name` (resume it, when ray.storage_path has it); write the best trial's
     config to `best_config_path`."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise MMIMInputError(f"--name {name!r}: letters, digits, '.', '_' and '-' only (it names a directory)")
+    if not re.fullmatch(RUN_NAME_PATTERN, name):
+        shown = f"{name[:40]!r}{'...' if len(name) > 40 else ''}"
+        raise MMIMInputError(f"--name {shown}: letters, digits, '.', '_' and '-', at most 100 (it names a directory)")
     if trials < 1:
         raise MMIMInputError(f"--trials {trials}: must be at least 1")
     if concurrent is not None and concurrent < 1:
