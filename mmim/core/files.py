@@ -63,6 +63,7 @@ def writing(target: Path) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
+    check_replaceable_directory(target)  # its parent can be made and written
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
     lock = _lock_file(path, target)
