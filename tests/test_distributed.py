@@ -66,7 +66,8 @@ def test_diverging_training_names_the_workers_error(ray_cluster, tiny_config, tm
     )
     with pytest.raises(
         DistributedTrainingError,
-        match=r"ray.max_failures=0\): rank 0: training diverged at epoch 1, stage \d, batch \d+",
+        # both ranks diverge at the same batch; whichever Ray reports first is named
+        match=r"ray.max_failures=0\): rank [01]: training diverged at epoch 1, stage \d, batch \d+",
     ):
         train_distributed(config)
 
