@@ -55,9 +55,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from mmim.cluster.connect import connect
 from mmim.cluster.distributed import build_trainer, check_config, remove_storage, storage_location, with_absolute_paths
-from mmim.core.config import RUN_NAME_PATTERN, Config, config_from_dict, config_to_yaml, parse_yaml
+from mmim.core.config import RUN_NAME_PATTERN, Config, config_from_dict, config_to_yaml, read_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
-from mmim.core.files import atomic_write, read_text
+from mmim.core.files import atomic_write
 from mmim.core.selection import SELECTION
 from mmim.registry.server import answering, tracking_uri
 from mmim.registry.tracking import TrainingRun, ending, flatten, log_epoch_metrics
@@ -150,12 +150,7 @@ def _known_setting(key: str) -> bool:
 
 def load_search_spec(path: str | Path) -> SearchSpec:
     """Read and check a search space file; errors name the file and the setting."""
-    try:
-        text = read_text(path)
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise MMIMInputError(f"{path}: cannot read the search space ({reason})") from None
-    raw = parse_yaml(text, str(path))
+    raw = read_yaml(path, "the search space")
     try:
         spec = SearchSpec.model_validate(raw)
     except ValidationError as error:

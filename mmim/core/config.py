@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mmim.core.errors import MMIMInputError, first_line
 from mmim.core.files import read_text
-from mmim.core.limits import MAX_LAYERS, MAX_NESTING, MAX_YAML_NODES
+from mmim.core.limits import MAX_INTEGER_DIGITS, MAX_LAYERS, MAX_NESTING, MAX_YAML_NODES
 
 
 class _Section(BaseModel):
@@ -377,24 +377,25 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 SITE_CONFIG_ENV = "MMIM_SITE_CONFIG"
 
 
-MAX_INTEGER_DIGITS = 30  # no setting needs more; Python refuses to parse over 4,300
-
-
 def parse_yaml(text: str, source: str) -> Any:
     """`yaml.safe_load(text)`, refused with a line naming `source` when the document is not
     YAML or is larger than any config: over MAX_YAML_NODES nodes once aliases are expanded
     (a 500-byte "billion laughs" expands to gigabytes), nested deeper than MAX_NESTING, or with
     an integer of more than MAX_INTEGER_DIGITS digits. The sizes are counted on the parsed
     node graph, in which an alias is a reference, before any Python object is built."""
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None:
-            _check_yaml_size(root, source)
-        return yaml.safe_load(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_yaml_size(root, source)
+        return loader.construct_document(root)
     except yaml.YAMLError as error:
         raise MMIMInputError(f"{source}: not valid YAML ({first_line(error)})") from None
     except RecursionError:
         raise MMIMInputError(f"{source}: nested too deeply (at most {MAX_NESTING} levels)") from None
+    finally:
+        loader.dispose()
 
 
 def _check_yaml_size(root: yaml.Node, source: str) -> None:
@@ -414,14 +415,20 @@ def _check_yaml_size(root: yaml.Node, source: str) -> None:
             raise MMIMInputError(f"{source}: an integer of {len(node.value)} digits (at most {MAX_INTEGER_DIGITS})")
 
 
-def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML file `path` (`parse_yaml`'s limits, at most 64 MB, a regular file), its problems
+    one line saying it could not read `what`."""
     try:
         text = read_text(path)
-    except MMIMInputError as error:  # a directory, a device or FIFO
+    except MMIMInputError as error:  # a directory, a device or FIFO, too large
         raise MMIMInputError(f"{path}: cannot read {what} ({str(error).removeprefix(f'{path}: ')})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise MMIMInputError(f"{path}: cannot read {what} ({getattr(error, 'strerror', None) or error})") from None
-    raw = parse_yaml(text, str(path)) or {}
+    return parse_yaml(text, str(path))
+
+
+def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    raw = read_yaml(path, what) or {}
     if not isinstance(raw, dict):
         raise MMIMInputError(f"{path}: expected a mapping of sections (model, data, train, ray, tracking)")
     return raw

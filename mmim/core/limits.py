@@ -17,3 +17,4 @@ MAX_DIM = 65_536  # features per frame (OpenFace's 709 is the widest release)
 MAX_LAYERS = 128  # layers of any stack (LSTM, CPC predictor, the text encoder's transformer)
 MAX_YAML_NODES = 100_000  # nodes of a YAML document once its aliases are expanded
 MAX_NESTING = 64  # nesting depth of a YAML or JSON document the project reads
+MAX_INTEGER_DIGITS = 30  # of an integer in YAML: no setting needs more; Python refuses over 4,300
