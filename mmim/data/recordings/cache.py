@@ -37,9 +37,13 @@ from mmim.data.recordings.layout import Clip
 
 log = logging.getLogger(__name__)
 
-# An entry's arrays: frames are capped by extraction.recordings.max-seconds (at most 3600 s at
-# 100 audio frames per second), so no honest entry is larger than this.
-MAX_ENTRY_BYTES = 2 * 3600 * 100 * FEATURE_SETS["ComParE_2016"] * 4
+
+def largest_entry(settings: ExtractorSettings) -> int:
+    """Bytes of the largest entry `settings` can make: a clip of max-seconds at both frame rates
+    (a frame more for rounding), float32, and its key."""
+    frames = {"audio": settings.max_seconds * settings.audio_rate, "vision": settings.max_seconds * settings.video_fps}
+    widths = {"audio": FEATURE_SETS[settings.audio_features], "vision": FACE_DIM}
+    return sum(4 * (round(frames[name]) + 1) * widths[name] for name in widths) + 4 * 64
 
 
 class FeatureCache:
@@ -51,7 +55,8 @@ class FeatureCache:
         except OSError as error:
             raise MMIMInputError(f"--cache {self.root}: not a writable directory ({error.strerror or error})") from None
         self._settings = json.dumps(settings.features(), sort_keys=True)
-        self.dims = (FEATURE_SETS[settings.audio_features], FACE_DIM)  # (audio, vision) features per frame
+        self.dims = {"audio": FEATURE_SETS[settings.audio_features], "vision": FACE_DIM}  # features per frame
+        self._largest = largest_entry(settings)
         self._hashes: dict[Path, str] = {}  # this run's, so a video cut into many clips is read once
         self.replaced: set[str] = set()  # keys whose entry was there but not usable
 
@@ -70,20 +75,22 @@ class FeatureCache:
         if not self._path(key).exists():
             return None
         try:
-            saved = read_npz(self._path(key), ("audio", "vision", "key"), MAX_ENTRY_BYTES)
+            saved = read_npz(self._path(key), ("audio", "vision", "key"), self._largest)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, MMIMInputError) as error:
             self._unusable(key, f"unreadable ({error})")
             return None
-        features = ClipFeatures(saved["audio"], saved["vision"])
         if saved["key"].shape != () or str(saved["key"]) != key:
             self._unusable(key, "stored under another key")
         elif not all(
-            array.dtype == np.float32 and array.ndim == 2 and len(array) > 0 and array.shape[1] == dim
-            for array, dim in zip((features.audio, features.vision), self.dims)
+            saved[name].dtype == np.float32
+            and saved[name].ndim == 2
+            and len(saved[name]) > 0
+            and saved[name].shape[1] == width
+            for name, width in self.dims.items()
         ):
             self._unusable(key, "not the settings' feature widths")
         else:
-            return features
+            return ClipFeatures(saved["audio"], saved["vision"])
         return None
 
     def _unusable(self, key: str, why: str) -> None:

@@ -299,8 +299,7 @@ def extract_recordings(
                 f"{origin}: no usable clips ({len(skipped)} skipped: {', '.join(sorted({r.reason for r in skipped}))})"
             )
         refill_cache(cache, [clip for clip in usable if not cache.has(keys[clip.id])], keys, settings)
-        dims = {"audio": cache.dims[0], "vision": cache.dims[1]}
-        splits = {name: _source_split(name, usable, cache, keys, lengths, dims, origin) for name in SPLITS}
+        splits = {name: _source_split(name, usable, cache, keys, lengths, cache.dims, origin) for name in SPLITS}
         split_of = {clip.id: clip.split for clip in clips}
         dropped = [(split_of.get(rejected.clip_id, ""), rejected.clip_id, rejected.reason) for rejected in skipped]
         summary = write_store(
