@@ -178,11 +178,15 @@ def test_declared_sizes_are_refused_before_anything_is_built(tiny_config, tmp_pa
         assert time.monotonic() - started < 2 and peak_mb() - peak < 300, message
     with pytest.raises(ValueError, match="not what the file holds"):
         read_npz(giant, ("audio",), 2**30)
-    weights = checkpoint / "model.safetensors"
-    weights.unlink()
-    os.mkfifo(weights)  # nobody writes it: reading it would wait for ever
+    fifo_in_place_of(checkpoint / "model.safetensors")
     with pytest.raises(MMIMInputError, match="model.safetensors: not a regular file"):
         load_checkpoint(checkpoint)
+
+
+def fifo_in_place_of(path: Path) -> None:
+    """`path` becomes a FIFO that nobody writes: opening it to read would wait for ever."""
+    path.unlink()
+    os.mkfifo(path)
 
 
 def test_reads_stay_inside_the_dataset_and_the_store_and_special_files_are_refused(tmp_path, tiny_store):
@@ -198,10 +202,8 @@ def test_reads_stay_inside_the_dataset_and_the_store_and_special_files_are_refus
     assert len(clips) == 3 and [r.reason for r in rejected] == ["outside the dataset"] * 2
 
     store = tmp_path / "store"
-    shutil.copytree(tiny_store, store)
-    manifest = json.loads((store / "manifest.json").read_text())
-    manifest["splits"]["train"]["sha256"]["/etc/shadow"] = "0" * 64
-    (store / "manifest.json").write_text(json.dumps(manifest))
+    outside_key = {"/etc/shadow": "0" * 64}
+    tampered_store(tiny_store, store, lambda manifest, _: manifest["splits"]["train"]["sha256"].update(outside_key))
     with pytest.raises(MMIMInputError, match=r"manifest.json: field 'splits.train.sha256' names '/etc/shadow'"):
         FeatureStore(store)
 
@@ -210,8 +212,7 @@ def test_reads_stay_inside_the_dataset_and_the_store_and_special_files_are_refus
     labels.symlink_to("/dev/zero")
     with pytest.raises(MMIMInputError, match="label.csv: not a regular file"):
         read_dataset(root)
-    labels.unlink()
-    os.mkfifo(labels)  # nobody writes it: opening it would wait for ever
+    fifo_in_place_of(labels)
     with pytest.raises(MMIMInputError, match="label.csv: not a regular file"):
         read_dataset(root)
 
@@ -275,6 +276,17 @@ def extract_argv(input_dir: str) -> list[str]:
     return ["extract", "--source", "recordings", "--input", input_dir, "--out", "{tmp}/s", "--encoder", "{encoder}"]
 
 
+def tracking_uri_case(what: str, uri: str, line: str) -> tuple:
+    """`mmim registry list` with MLFLOW_TRACKING_URI=`uri`: one line, `line` after the variable's name."""
+    return (
+        what,
+        ["registry", "list", "--name", "m"],
+        {"MLFLOW_TRACKING_URI": uri},
+        f"error: MLFLOW_TRACKING_URI {line}",
+        2,
+    )
+
+
 # (what, argv with {tmp}, extra environment, the one line's start, exit code)
 ONE_LINE_CASES = [
     ("--input a file", [*extract_argv("{tmp}/cfg.yaml")], {}, "error: {tmp}/cfg.yaml: not a directory", 2),
@@ -312,33 +324,13 @@ ONE_LINE_CASES = [
     ("--max-request-mb nan", ["serve", "--max-request-mb", "nan"], {}, "error: --max-request-mb nan", 2),
     ("--max-request-mb inf", ["serve", "--max-request-mb", "inf"], {}, "error: --max-request-mb inf", 2),
     ("--port 99999", ["serve", "--port", "99999"], {}, "error: --port 99999", 2),
-    (
-        "file store",
-        ["registry", "list", "--name", "m"],
-        {"MLFLOW_TRACKING_URI": "./mlruns"},
-        "error: MLFLOW_TRACKING_URI './mlruns': not a database or a tracking server",
-        2,
-    ),
-    (
-        "file://",
-        ["registry", "list", "--name", "m"],
-        {"MLFLOW_TRACKING_URI": "file:///etc"},
-        "error: MLFLOW_TRACKING_URI 'file:///etc'",
-        2,
-    ),
-    (
-        "ftp://",
-        ["registry", "list", "--name", "m"],
-        {"MLFLOW_TRACKING_URI": "ftp://host/x"},
-        "error: MLFLOW_TRACKING_URI 'ftp://host/x'",
-        2,
-    ),
-    (
+    tracking_uri_case("file store", "./mlruns", "'./mlruns': not a database or a tracking server"),
+    tracking_uri_case("file://", "file:///etc", "'file:///etc'"),
+    tracking_uri_case("ftp://", "ftp://host/x", "'ftp://host/x'"),
+    tracking_uri_case(
         "sqlite in no directory",
-        ["registry", "list", "--name", "m"],
-        {"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/no/dir/x.db"},
-        "error: MLFLOW_TRACKING_URI 'sqlite:///{tmp}/no/dir/x.db': directory {tmp}/no/dir does not exist",
-        2,
+        "sqlite:///{tmp}/no/dir/x.db",
+        "'sqlite:///{tmp}/no/dir/x.db': directory {tmp}/no/dir does not exist",
     ),
     (
         "uniform to inf",

@@ -41,7 +41,7 @@ def json_depth(body: bytes) -> int:
         steps = np.isin(data, _OPENING).astype(np.int32) - np.isin(data, _CLOSING)
         running = depth + np.cumsum(steps)
         deepest = max(deepest, int(running.max(initial=0)))
-        depth = int(running[-1]) if len(running) else depth
+        depth = int(running[-1])  # every chunk holds at least one byte
     return deepest
 
 

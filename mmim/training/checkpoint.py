@@ -81,10 +81,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[MMIM, C
         if not (directory / name).exists():
             raise MMIMInputError(f"{directory / name}: missing; {directory} is not an mmim checkpoint")
     regular_file(directory / WEIGHTS)  # a FIFO there would block the read for ever
-    raw_config = read_json(directory / CONFIG)
-    if not isinstance(raw_config, dict):
-        raise MMIMInputError(f"{directory / CONFIG}: expected a JSON object (the run's config)")
-    config = config_from_dict(raw_config, str(directory / CONFIG))
+    config = config_from_dict(read_json(directory / CONFIG), str(directory / CONFIG))  # a non-object is refused there
     encoder_dir = str(directory / TEXT_ENCODER)
     _check_layer_counts(directory / TEXT_ENCODER / "config.json")
     try:

@@ -130,8 +130,8 @@ class ClipExtractor:
 #
 # The child is `python -m mmim.data.recordings.extractor` (isolated: mmim.core.child_process),
 # talking over two pipes: a fresh interpreter (not a fork of a parent with threads, such as a
-# Ray worker) that imports this module only (multiprocessing's spawn would import the parent's main script too,
-# which for the CLI costs seconds at every start and restart).
+# Ray worker) that imports this module only (multiprocessing's spawn would import the parent's
+# main script too, which for the CLI costs seconds at every start and restart).
 
 
 def _next_request(requests: Connection) -> tuple | None:
