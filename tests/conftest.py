@@ -1,22 +1,31 @@
-"""Shared fixtures: a tiny config-only BERT (no download), a small synthetic store, S3 (moto)
-and a DVC project on it. Helpers that tests import by name live in tests/helpers.py."""
+"""Shared fixtures: a tiny config-only BERT (no download), a small synthetic store, one local Ray
+cluster for the session, S3 (moto) and a DVC project on it. Helpers that tests import by name
+live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import boto3
 import mlflow
 import pytest
+import ray
+import torch
 from mlflow import MlflowClient
 from moto.server import ThreadedMotoServer
 from transformers import BertConfig, BertTokenizer
 
 from mmim.core.config import Config
 from mmim.data.synthetic import write_synthetic_store
-from tests.helpers import TINY_SIZES, free_port, make_dvc_project, tiny_vocabulary
+from mmim.training.train import TrainingResult, train
+from tests.helpers import TINY_SIZES, free_port, make_dvc_project, stop_processes_under, tiny_vocabulary
 
 # Prefect servers started by the tests (harness, `prefect server start`) are offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -49,26 +58,86 @@ def tiny_store(tiny_encoder, tmp_path_factory) -> Path:
     return write_synthetic_store(root, tiny_encoder, seed=0, sizes=TINY_SIZES).root
 
 
-@pytest.fixture
-def tiny_config(tiny_encoder, tiny_store, tmp_path) -> Config:
+def tiny_settings(encoder: str, store: Path, output_dir: Path) -> Config:
     return Config.model_validate(
         {
-            "model": {"text_encoder": tiny_encoder, "text_pretrained": False},
-            "data": {"store": str(tiny_store)},
+            "model": {"text_encoder": encoder, "text_pretrained": False},
+            "data": {"store": str(store)},
             "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
-            "output_dir": str(tmp_path / "run"),
+            "output_dir": str(output_dir),
         }
     )
 
 
 @pytest.fixture
-def mlflow_sqlite(tmp_path, monkeypatch):
+def tiny_config(tiny_encoder, tiny_store, tmp_path) -> Config:
+    return tiny_settings(tiny_encoder, tiny_store, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def baseline_training(tiny_encoder, tiny_store, tmp_path_factory) -> TrainingResult:
+    """The tiny config trained once in this process: what a second run with the same seed (test_engine)
+    and a Ray worker (test_distributed) must reproduce bit for bit."""
+    threads = torch.get_num_threads()  # train() sets train.num_threads for the process
+    try:
+        return train(tiny_settings(tiny_encoder, tiny_store, tmp_path_factory.mktemp("baseline") / "run"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with its schema made, which each test copies: making the schema
+    (MLflow's migrations) takes a second or two, copying the file nothing."""
+    path = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch, migrated_mlflow_db):
     """MLflow on a sqlite file (what `make demo` uses); the client for reading runs back."""
+    shutil.copy(migrated_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)  # over any an earlier test left in mlflow's global state
     yield MlflowClient(uri)
     mlflow.set_tracking_uri(None)
+
+
+# ---------------------------------------------------------------- one Ray cluster
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> str:
+    """One local Ray cluster (2 CPUs) for every test that trains on Ray in this process: its GCS
+    address. Started by `ray start` in a temp dir of its own, so that no bare ray.init() on the
+    machine finds it, with its dashboard (the state API, and Ray Train's release of a trial ASHA
+    stopped, use it). Its workers inherit this environment, as they would from ray.init()."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mmim-ray-", dir="/tmp"))  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}"]
+    command += ["--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={free_port()}", "--disable-usage-stats"]
+    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address_file = ray_tmp / "ray" / "ray_current_cluster"
+    deadline = time.monotonic() + 120
+    while not (address_file.is_file() and address_file.read_text().strip()):
+        assert head.poll() is None and time.monotonic() < deadline, "the session's Ray head did not start"
+        time.sleep(0.5)
+    yield address_file.read_text().strip()
+    head.terminate()
+    stop_processes_under(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(ray_head) -> str:
+    """This test's driver on the session's Ray cluster, disconnected after it (a job of its own:
+    what it started ends with it). The address, for commands run in a child process."""
+    ray.init(address=ray_head, log_to_driver=False)
+    yield ray_head
+    ray.shutdown()
 
 
 # ---------------------------------------------------------------- S3 (moto) and a DVC project

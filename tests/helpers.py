@@ -22,8 +22,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
+from dvc.repo import Repo
 
 from mmim.data.synthetic import INTENSIFIERS, NEGATIONS, NEGATIVE, NEUTRAL, POSITIVE, SUBJECTS
 
@@ -148,6 +150,25 @@ def compared(client, value: float, data: str, name: str, metric: str = "MAE"):
 # ---------------------------------------------------------------- a DVC project
 
 
+def stored_in_remote(remote: Path, data_version: str) -> set[str]:
+    """The files of the store `data_version` (DVC's `<md5>.dir`) that the local DVC remote
+    `remote` holds: its listing and every object it names, each present."""
+
+    def object_path(md5: str) -> Path:
+        return remote / "files" / "md5" / md5[:2] / md5[2:]
+
+    listing = object_path(data_version)
+    if not listing.is_file():
+        return set()
+    return {entry["relpath"] for entry in json.loads(listing.read_text()) if object_path(entry["md5"]).is_file()}
+
+
+def store_files(project: Path, dataset: str = "synthetic") -> set[str]:
+    """Every file of the project's feature store of `dataset`, relative to the store."""
+    store = project / "data" / "stores" / dataset
+    return {str(path.relative_to(store)) for path in store.rglob("*") if path.is_file()}
+
+
 def run(*command, cwd):
     subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
 
@@ -173,18 +194,28 @@ def make_dvc_project(
     run("git", "init", "-q", cwd=repo)
     run("git", "config", "user.email", "ci@example.invalid", cwd=repo)
     run("git", "config", "user.name", "ci", cwd=repo)
-    dvc("init", "-q", cwd=repo)
-    dvc("config", "core.analytics", "false", cwd=repo)
-    dvc("config", "core.autostage", "true", cwd=repo)  # as the project's .dvc/config
-    dvc("remote", "add", "-d", "default", remote_url, cwd=repo)
-    if endpoint:
-        dvc("remote", "modify", "default", "endpointurl", endpoint, cwd=repo)
+    # `dvc init` and the settings of the project's .dvc/config, in this process (a `dvc` command
+    # costs half a second of imports each)
+    with contextlib.redirect_stdout(io.StringIO()):
+        Repo.init(str(repo))
+    with Repo(str(repo)) as project, project.config.edit() as config:
+        config["core"].update({"analytics": False, "autostage": True, "remote": "default"})
+        config["remote"]["default"] = {"url": remote_url, **({"endpointurl": endpoint} if endpoint else {})}
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "project", cwd=repo)
     return repo
 
 
 # ---------------------------------------------------------------- Ray training
+
+
+def stop_processes_under(directory: Path) -> None:
+    """Stop what `ray start` began for a cluster living in `directory` (never `ray stop`: that
+    stops every Ray cluster on the machine)."""
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(directory) in part for part in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 def tracked(config, tmp_path):

@@ -3,7 +3,6 @@
 Several nodes, S3, DVC, MLflow reporting and the loss of a node: tests/test_multinode.py.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -13,9 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-import ray
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -23,16 +20,7 @@ from safetensors.torch import load_file
 from mmim.cluster.distributed import train_distributed
 from mmim.core.errors import DistributedTrainingError, MMIMInputError
 from mmim.training.train import train
-from tests.helpers import PROJECT, free_port
-
-pytestmark = pytest.mark.service  # a local Ray cluster
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from tests.helpers import PROJECT, free_port, stop_processes_under
 
 
 def ray_config(tiny_config, tmp_path, **ray_settings):
@@ -40,16 +28,12 @@ def ray_config(tiny_config, tmp_path, **ray_settings):
     return tiny_config.model_copy(update={"ray": tiny_config.ray.model_copy(update=settings)})
 
 
-def test_one_worker_trains_exactly_what_one_process_trains(ray_cluster, tiny_config, tmp_path):
+@pytest.mark.service
+def test_one_worker_trains_exactly_what_one_process_trains(ray_cluster, baseline_training, tiny_config, tmp_path):
     """The same setup and epoch loop: bit-identical weights and figures. (With N > 1 workers each
     rank's CPC and entropy terms see its own batch_size / N utterances, so figures differ by design.)"""
-    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"num_threads": 1})})
-    threads = torch.get_num_threads()
-    try:
-        alone = train(config.model_copy(update={"output_dir": str(tmp_path / "single")}))
-    finally:
-        torch.set_num_threads(threads)
-    ray_run = ray_config(config, tmp_path, num_workers=1).model_copy(update={"output_dir": str(tmp_path / "ray1")})
+    alone = baseline_training  # the same config in this process
+    ray_run = ray_config(tiny_config, tmp_path, num_workers=1).model_copy(update={"output_dir": str(tmp_path / "ray1")})
     distributed = train_distributed(ray_run)
     assert not (tmp_path / "ray" / "run").exists()  # Ray's storage of the run, once its best is copied out
     assert [e["valid_MAE"] for e in distributed.epochs] == [e["valid_MAE"] for e in alone.epochs]
@@ -59,6 +43,7 @@ def test_one_worker_trains_exactly_what_one_process_trains(ray_cluster, tiny_con
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.service
 def test_diverging_training_names_the_workers_error(ray_cluster, tiny_config, tmp_path):
     config = ray_config(tiny_config, tmp_path, max_failures=0)  # a retry would diverge again
     config = config.model_copy(
@@ -91,6 +76,7 @@ def test_elastic_worker_counts_must_share_the_batch(tiny_config, tmp_path, worke
         train_distributed(config)
 
 
+@pytest.mark.service
 def test_equal_epochs_select_the_first_in_one_process_and_on_a_ray_worker(ray_cluster, tiny_config, tmp_path):
     """Learning rates so small that no weight moves: both epochs score the same, and the first is
     selected, its checkpoint the one kept (Ray keeps one best checkpoint: ray.keep_checkpoints 1)."""
@@ -105,15 +91,7 @@ def test_equal_epochs_select_the_first_in_one_process_and_on_a_ray_worker(ray_cl
         assert json.loads((trained.checkpoint / "metrics.json").read_text())["epoch"] == 1
 
 
-def _stop_processes_under(directory: Path) -> None:
-    """Stop what `ray start` began for a cluster living in `directory` (never `ray stop`: that
-    stops every Ray cluster on the machine)."""
-    for process in psutil.process_iter(["cmdline"]):
-        if any(str(directory) in part for part in process.info["cmdline"] or []):
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-
-
+@pytest.mark.service
 def test_mmim_train_neither_joins_nor_disturbs_the_cluster_the_machine_runs(tiny_config, tmp_path):
     """Another project's cluster, live, named in <temp dir>/ray/ray_current_cluster (where a bare
     ray.init() finds it): `mmim train --workers 1` starts its own, finishes, and the stranger
@@ -158,5 +136,5 @@ def test_mmim_train_neither_joins_nor_disturbs_the_cluster_the_machine_runs(tiny
         assert probed.stdout.strip().splitlines()[-1] == "[]"  # no driver but the probe ever joined it
     finally:
         started.terminate()
-        _stop_processes_under(ray_tmp)
+        stop_processes_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

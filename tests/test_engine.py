@@ -252,13 +252,9 @@ def test_selection_on_validation_only_and_early_stopping(tiny_config):
     assert result.best.test["MAE"] == 0.8  # the test figure of the selected epoch, not the best test
 
 
-def test_seeded_training_is_bit_identical_and_keeps_the_selected_epoch(tiny_config, tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        config = tiny_config.model_copy(update={"output_dir": str(tmp_path / name)})
-        result = train(config)
-        runs.append((result, load_file(str(result.checkpoint / "model.safetensors"))))
-    (first, weights_a), (second, weights_b) = runs
+def test_seeded_training_is_bit_identical_and_keeps_the_selected_epoch(baseline_training, tiny_config):
+    first, second = baseline_training, train(tiny_config)  # the same settings and seed, run again
+    weights_a, weights_b = (load_file(str(run.checkpoint / "model.safetensors")) for run in (first, second))
     untimed = [[{k: v for k, v in e.items() if k != "seconds"} for e in run.epochs] for run in (first, second)]
     assert untimed[0] == untimed[1]
     assert weights_a.keys() == weights_b.keys()

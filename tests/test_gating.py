@@ -22,7 +22,6 @@ from rich.console import Console
 from transformers import BertTokenizer
 
 from mmim.cli import main
-from mmim.core.metrics import pearson
 from mmim.core.model import build_model
 from mmim.core.store import FeatureStore, bind_store
 from mmim.core.text_encoder import load_tokenizer
@@ -217,13 +216,17 @@ def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, t
     # found on the same data: values far better than the first run's. Each stands for
     # another run's model (a model without files: gating only reads tags).
     for round_values in ([0.30, 0.20], [0.10, 0.15], [0.12, 0.05]):
-        outcomes, errors = [], []
+        outcomes, errors, seen = [], [], []
         models = [f"models:/{mlflow.create_external_model(name='candidate').model_id}" for _ in round_values]
+        both_scored = threading.Barrier(len(round_values), timeout=60)
 
         def finish(model_uri, value):
             try:
                 client = MlflowClient(mlflow.get_tracking_uri())
-                outcomes.append(register(client, model_uri, name, compared(client, value, LONG_VERSION, name)))
+                head_to_head = compared(client, value, LONG_VERSION, name)
+                seen.append(head_to_head.champion_version)
+                both_scored.wait()  # each has read the same champion; now both register at once
+                outcomes.append(register(client, model_uri, name, head_to_head))
             except Exception as error:  # handed to the test thread
                 errors.append(error)
 
@@ -233,6 +236,7 @@ def test_concurrent_registrations_leave_the_best_champion(server, tiny_config, t
         for thread in threads:
             thread.join()
         assert not errors and len(outcomes) == 2
+        assert len(set(seen)) == 1  # both were gated against the same champion: the race is real
     champion = client.get_model_version_by_alias(name, "champion")
     assert figure(champion, "MAE", LONG_VERSION) == 0.05  # the best of everything registered
     assert len(describe(client, name)) == 7
@@ -279,29 +283,26 @@ def test_gating_on_corr_needs_a_higher_figure_by_more_than_the_margin(server, ti
     assert float(tags[f"valid_Corr/{data}"]) == 0.66 and f"valid_MAE/{data}" not in tags
 
 
-def test_the_paired_bootstrap_is_seeded_and_resamples_both_models_together():
-    truths = np.random.default_rng(1).normal(size=200)
-    champion, challenger = truths + 0.5, truths + 0.4  # the challenger is better on every utterance
-    first = paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)
-    assert first == paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)  # seeded
-    # paired: the same resamples for both, so a uniform gain of 0.1 has no spread at all
-    assert first.improvement == pytest.approx(0.1) and first.low == pytest.approx(0.1) == first.high
-    correlated = paired_bootstrap(truths, truths * 0.5, truths + np.random.default_rng(2).normal(size=200), "Corr")
-    assert correlated.improvement < 0 and correlated.high < 0  # noise costs correlation, clearly
+def test_the_paired_bootstrap_on_a_case_worked_by_hand():
+    """Two utterances, labels 0. The champion misses by 1 and 3, the challenger by 0: per-utterance
+    gains 1 and 3, improvement 2. A resample of 2 draws has mean gain 1 (p 1/4), 2 (1/2) or 3 (1/4),
+    so the 95% interval runs from 1 to 3."""
+    truths, champion, challenger = np.zeros(2), np.array([1.0, -3.0]), np.zeros(2)
+    bootstrap = paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)
+    assert (bootstrap.improvement, bootstrap.low, bootstrap.high) == (2.0, 1.0, 3.0)
+    assert bootstrap == paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)  # seeded
+    # paired: the same draws for both models, so a uniform gain has no spread at all
+    uniform = paired_bootstrap(np.arange(5.0), np.arange(5.0) + 0.5, np.arange(5.0) + 0.25, "MAE")
+    assert (uniform.improvement, uniform.low, uniform.high) == (0.25, 0.25, 0.25)
 
 
 def test_a_challenger_trained_once_per_seed_is_gated_on_the_seeds_mean():
-    rng = np.random.default_rng(3)
-    truths = rng.normal(size=300)
-    champion = truths + rng.normal(scale=0.8, size=300)
-    seeds = np.stack([truths + rng.normal(scale=scale, size=300) for scale in (0.3, 0.6, 0.9)])
-    assert paired_bootstrap(truths, champion, seeds[:1], "MAE") == paired_bootstrap(truths, champion, seeds[0], "MAE")
-    by_mae = paired_bootstrap(truths, champion, seeds, "MAE")
-    seeds_mae = np.mean([np.abs(seed - truths).mean() for seed in seeds])
-    assert by_mae.improvement == pytest.approx(np.abs(champion - truths).mean() - seeds_mae)
-    by_corr = paired_bootstrap(truths, champion, seeds, "Corr")
-    seeds_corr = np.mean([pearson(seed, truths) for seed in seeds])
-    assert by_corr.improvement == pytest.approx(seeds_corr - pearson(champion, truths))
-    assert by_mae.low < by_mae.improvement < by_mae.high and by_corr.low < by_corr.improvement < by_corr.high
-    # the best seed alone would look better than the mean the gate uses
-    assert paired_bootstrap(truths, champion, seeds[0], "MAE").improvement > by_mae.improvement
+    """By hand: labels 1, 2, 3. The champion scores 3, 2, 1 (Corr -1, MAE 4/3); seed A scores
+    1, 2, 3 (Corr 1, MAE 0), seed B 3, 2, 1 (Corr -1, MAE 4/3). On the seeds' mean: Corr 0, an
+    improvement of 1; MAE 2/3, an improvement of 2/3. Seed A alone would improve by 2 and 4/3."""
+    truths, champion = np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])
+    seeds = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    assert paired_bootstrap(truths, champion, seeds, "Corr").improvement == pytest.approx(1.0)
+    assert paired_bootstrap(truths, champion, seeds, "MAE").improvement == pytest.approx(2 / 3)
+    assert paired_bootstrap(truths, champion, seeds[0], "Corr").improvement == pytest.approx(2.0)
+    assert paired_bootstrap(truths, champion, seeds[:1], "MAE").improvement == pytest.approx(4 / 3)

@@ -58,13 +58,14 @@ CONTRACT = {
 }
 
 # One interpreter imports what every layer may use (torch, transformers, ...) once, then forks a
-# child per module: each child starts from that state, imports its module and lists sys.modules.
+# child per module, all at once: each child starts from that state, imports its module and lists
+# sys.modules (blocking on its pipe until the parent reads it).
 PROBE = """
 import importlib, json, os, sys
 import numpy, pydantic, rich, safetensors, torch, torch.nn.parallel, torch.utils.data, yaml  # allowed
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel  # in every layer
 assert not {"ray", "mlflow", "dvc", "prefect", "matplotlib", "botocore", "mmim"} & set(sys.modules)
-loaded = {}
+pipes = {}
 for module in sys.argv[1:]:
     read, write = os.pipe()
     if os.fork() == 0:
@@ -74,9 +75,13 @@ for module in sys.argv[1:]:
             json.dump(sorted(sys.modules), pipe)
         os._exit(0)
     os.close(write)
+    pipes[module] = read
+loaded = {}
+for module, read in pipes.items():
     with os.fdopen(read) as pipe:
         loaded[module] = json.load(pipe)
-    os.wait()
+for _ in pipes:
+    assert os.wait()[1] == 0
 print(json.dumps(loaded))
 """
 

@@ -6,12 +6,13 @@ import csv
 import json
 import shutil
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-import ray
 
 from mmim.core.store import FeatureStore
 from mmim.data.recordings.extractor import ClipExtractor, ExtractorSettings, IsolatedExtractor
@@ -20,6 +21,7 @@ from mmim.data.recordings.layout import hash_split, read_dataset
 from mmim.data.recordings.media import MediaError
 from mmim.data.recordings.sample import write_blank_clip, write_face_clip, write_voice
 from mmim.lifecycle.retrain import retrain
+from mmim.registry.logged_model import input_example
 from tests.helpers import free_port, invocations, run_mmim, start
 
 SETTINGS = ExtractorSettings()  # the defaults: eGeMAPSv02 at 50 Hz, faces at 15 fps
@@ -206,7 +208,8 @@ def test_extraction_is_incremental_and_skips_bad_clips_by_reason(media, tmp_path
     assert store.manifest["extractor"]["settings"]["video_fps"] == 15.0
     assert len(store["train"]) == 2 and "v0_voice" in store["train"].ids
 
-    assert (run().extracted, run().cached) == (0, 4)  # nothing new: nothing extracted
+    again = run()
+    assert (again.extracted, again.cached) == (0, 4)  # nothing new: nothing extracted
     more, more_clips = good_rows(files[3:], start=3)
     write_dataset(root, rows + more, clips | more_clips)
     assert run().extracted == 3  # only the new clips
@@ -233,13 +236,6 @@ def test_extraction_is_incremental_and_skips_bad_clips_by_reason(media, tmp_path
     assert not (tmp_path / "strict").exists()
 
 
-@pytest.fixture
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.service
 def test_ray_data_workers_give_the_in_process_features(ray_cluster, media, extractor, tmp_path, tiny_encoder):
     files = face_clips(tmp_path / "made", 3) + [media / "blank.mp4"]
@@ -257,26 +253,36 @@ def test_ray_data_workers_give_the_in_process_features(ray_cluster, media, extra
             assert np.array_equal(store[name].sequence("vision", index), expected.vision)
 
 
-# ---------------------------------------------------------------- serving a recording
+# ---------------------------------------------------------------- the champion over REST
+
+
+def refused(port: int, body) -> tuple[int, str]:
+    """(HTTP status, message) of a request the server refuses."""
+    data = body if not isinstance(body, dict) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=data, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    return answer.value.code, json.loads(answer.value.read())["message"]
 
 
 @pytest.mark.service
-def test_a_served_model_scores_a_base64_recording_like_predict(media, tmp_path, tiny_config, monkeypatch):
+def test_the_registered_champion_over_rest_answers_like_predict(media, tmp_path, tiny_config, monkeypatch):
+    """The project's one REST test (MLflow on sqlite, no other service): a model trained on a
+    recordings store and registered as champion, served by `mmim serve` (the installed console
+    script, without its environment on PATH), answers features, records and base64 recordings as
+    `mmim predict` does, and refuses bad bodies with the status the contract names."""
     files = face_clips(tmp_path / "made", 6)
     root = write_dataset(tmp_path / "data", *good_rows(files))
+    store = tmp_path / "store"
     extract_recordings(
-        root,
-        tmp_path / "store",
-        tiny_config.model.text_encoder,
-        SETTINGS,
-        cache_dir=tmp_path / "cache",
-        max_tokens=16,
-        workers=0,
+        root, store, tiny_config.model.text_encoder, SETTINGS, cache_dir=tmp_path / "cache", max_tokens=16, workers=0
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = tiny_config.model_copy(
         update={
-            "data": tiny_config.data.model_copy(update={"store": str(tmp_path / "store")}),
+            "data": tiny_config.data.model_copy(update={"store": str(store)}),
             "train": tiny_config.train.model_copy(update={"epochs": 1, "batch_size": 2}),
             "tracking": tiny_config.tracking.model_copy(
                 update={
@@ -287,27 +293,45 @@ def test_a_served_model_scores_a_base64_recording_like_predict(media, tmp_path, 
             ),
         }
     )
-    run = retrain(config, lambda metrics: None).logged
+    assert retrain(config, lambda metrics: None).decision.promoted
+    champion, text = "models:/mmim-rec@champion", "a really good movie"
 
-    text, model = "a really good movie", f"runs:/{run.run_id}/model"
-    code, out, err = run_mmim("predict", "--checkpoint", model, "--recording", str(media / "face.mp4"), "--text", text)
-    assert code == 0, err
-    predicted = json.loads(out)[0]["score"]
+    def predicted(*arguments: str) -> list[float]:
+        code, out, err = run_mmim("predict", "--checkpoint", champion, *arguments)
+        assert code == 0, err
+        return [row["score"] for row in json.loads(out)]
+
+    frame = input_example(FeatureStore(store), ["the movie was very good", "the plot was dull"])
+    (tmp_path / "utterances.json").write_text(frame.to_json(orient="records"))
+    from_features = predicted("--input", str(tmp_path / "utterances.json"))
+    from_recording = predicted("--recording", str(media / "face.mp4"), "--text", text)
 
     port = free_port()
     server = start(
-        [str(Path(sys.executable).parent / "mmim"), "serve", "--model", model, "--port", str(port)],
+        [str(Path(sys.executable).parent / "mmim"), "serve", "--model", champion, "--port", str(port)]
+        + ["--max-request-mb", "0.5"],
         f"http://127.0.0.1:{port}/ping",
+        env={"PATH": "/usr/bin:/bin"},
     )
     try:
+        assert invocations(port, {"dataframe_split": frame.to_dict(orient="split")}) == pytest.approx(
+            from_features, abs=1e-5
+        )
+        assert invocations(port, {"dataframe_records": frame.to_dict(orient="records")}) == pytest.approx(
+            from_features, abs=1e-5
+        )
         recording = base64.b64encode((media / "face.mp4").read_bytes()).decode()
         body = {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, recording]]}}
-        assert invocations(port, body) == pytest.approx([predicted], abs=1e-5)
+        assert invocations(port, body) == pytest.approx(from_recording, abs=1e-5)
         # a path is not read on the server's side
-        with pytest.raises(Exception, match="400"):
-            invocations(
-                port, {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, str(media / "face.mp4")]]}}
-            )
+        path = {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, str(media / "face.mp4")]]}}
+        status, message = refused(port, path)
+        assert status == 400 and "recording" in message
+        # hostile bodies are refused before MLflow parses them (it would answer 500 to the first)
+        assert refused(port, b"[" * 100_000) == (400, "request JSON nested deeper than 32 levels")
+        over = (413, "request body over 524288 bytes (mmim serve --max-request-mb)")
+        assert refused(port, b" " * 600_000) == over  # refused on its Content-Length
+        assert refused(port, iter([b" " * 300_000] * 2)) == over  # chunked: refused as it arrives
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -5,7 +5,6 @@ import getpass
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
 
 from mmim.registry.versions import champion_moves, promote, register, rollback
 from tests.helpers import compared
@@ -15,13 +14,9 @@ DATA = "v1.dir"
 
 
 @pytest.fixture
-def client(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+def client(mlflow_sqlite):
     mlflow.set_experiment("gating")
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
+    return mlflow_sqlite
 
 
 def registered(client, value):

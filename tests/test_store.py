@@ -347,11 +347,13 @@ def _in_a_read_only_directory(tmp_path, monkeypatch):
     ],
 )
 def test_bad_out_is_one_line_and_exit_2(tmp_path, tiny_encoder, capsys, monkeypatch, write, place, message):
-    write(name="store")
+    kept = write(name="store").root
+    manifest = (kept / "manifest.json").read_bytes()
     out = place(tmp_path, monkeypatch)
     code, err = extract_synthetic(capsys, out, tiny_encoder, "--overwrite")
     assert code == 2 and err.strip().startswith(f"error: {out}: ") and message in err
-    assert len(err.strip().splitlines()) == 1 and FeatureStore(tmp_path / "store")
+    assert len(err.strip().splitlines()) == 1
+    assert (kept / "manifest.json").read_bytes() == manifest and FeatureStore(kept).manifest["source"] == "test"
 
 
 @pytest.mark.parametrize("existing", ["store", "empty directory"])

@@ -1,14 +1,9 @@
 """MLflow against a real `mlflow server` on 127.0.0.1, on PostgreSQL with artifacts on S3
-(moto), as a team runs it: tracking, pyfunc, registry gating, rollback, REST. (The server on
-sqlite with local artifacts, gating head to head and concurrent registrations:
-tests/test_gating.py.)"""
+(moto), as a team runs it: tracking, pyfunc, registry gating, rollback. (The server on sqlite
+with local artifacts, gating head to head and concurrent registrations: tests/test_gating.py;
+the champion over REST: tests/test_recordings.py.)"""
 
-import json
 import re
-import sys
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -21,9 +16,9 @@ from mmim.lifecycle.retrain import retrain
 from mmim.registry.logged_model import input_example
 from mmim.registry.server import registered_model_name
 from mmim.registry.versions import describe, promote, rollback
-from tests.helpers import EXAMPLE, free_port, invocations, postgres_database, run_mmim, start, start_mlflow_server
+from tests.helpers import EXAMPLE, postgres_database, run_mmim, start_mlflow_server
 
-pytestmark = pytest.mark.service  # an MLflow server on PostgreSQL and S3 (moto), `mmim serve`
+pytestmark = pytest.mark.service  # an MLflow server on PostgreSQL and S3 (moto)
 
 
 @pytest.fixture
@@ -56,7 +51,7 @@ def train_and_track(config):
     return done.logged, done.decision
 
 
-def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tmp_path):
+def test_tracking_registry_gating_and_rollback(tracking, tiny_config, tmp_path):
     uri, artifacts = tracking
     client = MlflowClient(uri)
     good = tracked_config(tiny_config, tmp_path, artifacts, "good", epochs=2)
@@ -108,47 +103,6 @@ def test_tracking_registry_gating_rollback_and_serving(tracking, tiny_config, tm
         with pytest.raises(MlflowException, match=re.escape(message)):
             champion.predict(broken)
 
-    # REST: `mmim serve`, the installed console script, without its environment on PATH,
-    # answers like the in-process model
-    champion_uri, port = f"models:/{name}@champion", free_port()
-    server = start(
-        [
-            str(Path(sys.executable).parent / "mmim"),
-            "serve",
-            "--model",
-            champion_uri,
-            "--port",
-            str(port),
-            "--max-request-mb",
-            "0.5",
-        ],
-        f"http://127.0.0.1:{port}/ping",
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    try:
-        served = invocations(port, {"dataframe_split": frame.to_dict(orient="split")})
-        assert served == pytest.approx(predicted["score"].tolist(), abs=1e-5)
-        # the README's request (examples/utterances.json as records) = `mmim predict` on the registered model
-        served = invocations(port, {"dataframe_records": json.loads(EXAMPLE.read_text())})
-        code, out, err = run_mmim("predict", "--checkpoint", champion_uri, "--input", str(EXAMPLE))
-        assert code == 0 and [p["score"] for p in json.loads(out)] == pytest.approx(served, abs=1e-5), err
-        # hostile bodies are refused before MLflow parses them (it would answer 500 to the first)
-        for body, status, message in [
-            (b"[" * 100_000, 400, "nested deeper than 32"),
-            (b" " * 600_000, 413, "request body over 524288 bytes"),  # refused on its Content-Length
-            (iter([b" " * 300_000] * 2), 413, "request body over 524288 bytes"),  # chunked: refused as it arrives
-        ]:
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(
-                    urllib.request.Request(
-                        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-                    ),
-                    timeout=60,
-                )
-            assert refused.value.code == status and message in json.loads(refused.value.read())["message"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     # evaluate shares predict's way to a logged model; here by its run
     code, out, err = run_mmim(
         "evaluate", "--checkpoint", f"runs:/{run.run_id}/model", "--store", good.data.store, "--split", "test"

@@ -20,9 +20,8 @@ from mmim.cli import _training_overrides, build_parser, main
 from mmim.cluster.seeds import train_seeds
 from mmim.cluster.tune import load_search_spec, search
 from mmim.core.config import load_config
-from mmim.core.errors import MMIMInputError
+from mmim.core.errors import DistributedTrainingError, MMIMInputError
 from mmim.tables import seeds_table
-from mmim.training.train import train
 from tests.helpers import tracked
 
 pytestmark = pytest.mark.service  # a local Ray cluster
@@ -35,15 +34,6 @@ SPACE = {
     "start_from": [{"train.lr_main": 0.003}, {"train.lr_main": 1.0e-7}, {"train.lr_main": 0.0}],
     "early_stopping": {"grace_period": 1, "reduction_factor": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    # With its dashboard: Ray Train frees the resources of a run whose trial ASHA stopped
-    # (its controller killed with the trial) once the dashboard's state API reports it dead.
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def search_config(tiny_config, tmp_path):
@@ -65,7 +55,8 @@ def children(client, parent_id: str) -> list:
     return sorted(runs, key=lambda run: run.info.start_time)
 
 
-def test_a_search_stops_poor_trials_goes_on_past_a_failed_one_and_writes_a_config_that_trains(
+@pytest.mark.service
+def test_a_search_stops_poor_trials_goes_on_past_a_failed_one_and_writes_the_best_config(
     ray_cluster, tiny_config, tmp_path, mlflow_sqlite
 ):
     config = search_config(tiny_config, tmp_path)
@@ -102,11 +93,9 @@ def test_a_search_stops_poor_trials_goes_on_past_a_failed_one_and_writes_a_confi
 
     # the trials' Ray Train runs (their checkpoints) are gone once the search has ended
     assert not [p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith("lr-")]
-    # the best config is a config file that trains
+    # the best config is a config file (that it trains: tests/test_flow.py, the tuning run)
     best = load_config(best_path)
     assert best.train.lr_main == 0.003 and best.model == config.model
-    trained = train(best.model_copy(update={"output_dir": str(tmp_path / "best-run")}))
-    assert trained.epochs and all(e["valid_MAE"] == e["valid_MAE"] for e in trained.epochs)
 
 
 def test_a_search_space_is_checked_before_anything_runs(tmp_path):
@@ -124,6 +113,7 @@ def test_a_search_space_is_checked_before_anything_runs(tmp_path):
         load_search_spec(write_space(tmp_path, off_the_list))
 
 
+@pytest.mark.service
 def test_a_trial_that_cannot_fit_on_the_cluster_is_refused(ray_cluster, tiny_config, tmp_path, mlflow_sqlite):
     config = search_config(tiny_config, tmp_path)
     config = config.model_copy(update={"ray": config.ray.model_copy(update={"resources_per_worker": {"CPU": 3}})})
@@ -149,6 +139,7 @@ def finished_in_state(experiment: Path) -> set[str]:
     return finished
 
 
+@pytest.mark.service
 def test_a_search_resumes_after_its_driver_dies(ray_cluster, tiny_config, tmp_path, mlflow_sqlite):
     """The driver is killed (SIGKILL) once Tune has recorded a finished trial; the same command
     again resumes: the finished trial is neither rerun nor logged twice, the others run."""
@@ -267,6 +258,7 @@ def newest_checkpoint(storage: Path) -> dict[str, int]:
     return newest
 
 
+@pytest.mark.service
 def test_a_seed_whose_worker_is_killed_resumes_and_the_seeds_table_is_complete(ray_cluster, tiny_config, tmp_path):
     """One seed's Ray Train worker killed once, after its first checkpoints: that seed continues
     from its checkpoint (ray.max_failures), the run succeeds, and every seed has every epoch."""
@@ -302,3 +294,21 @@ def test_a_seed_whose_worker_is_killed_resumes_and_the_seeds_table_is_complete(r
     assert not list((tmp_path / "ray").iterdir())  # every seed's Ray storage, and Tune's, removed
     table = seeds_table(result.summary())
     assert [cell for cell in table.columns[0].cells][:2] == ["1", "2"]
+
+
+@pytest.mark.service
+def test_a_seed_that_fails_past_its_retries_fails_the_run_naming_it(ray_cluster, tiny_config, tmp_path):
+    settings = {"num_workers": 1, "storage_path": str(tmp_path / "ray"), "run_name": "diverged", "max_failures": 0}
+    diverging = {"seeds": [7], "epochs": 1, "lr_main": 1e8, "lr_bert": 1e8, "lr_mmilb": 1e8}
+    config = tiny_config.model_copy(
+        update={
+            "ray": tiny_config.ray.model_copy(update=settings),
+            "train": tiny_config.train.model_copy(update=diverging),
+        }
+    )
+    with pytest.raises(DistributedTrainingError) as failed:
+        train_seeds(config)
+    message = str(failed.value)
+    assert message.startswith("seed 7 failed (its retries, ray.max_failures=0, spent): ")
+    assert "training diverged at epoch 1" in message
+    assert not (tmp_path / "run" / "best").exists()  # nothing selected from a failed run

@@ -83,18 +83,17 @@ def test_push_with_nothing_to_send_fails_naming_store_and_remote(dvc_project, bu
         push("synthetic", dvc_project)
 
 
-def test_changed_params_re_extract(dvc_project):
+def test_the_input_fingerprint_counts_params_and_not_outputs(dvc_project):
+    """What the flow's extraction cache is keyed on. (That a params change re-extracts, and only
+    the extract stage: tests/test_flow.py, test_changed_params_re_extract_and_retrain.)"""
     repo = dvc_project
     fingerprint = input_fingerprint("synthetic", repo)  # known before anything runs
     reproduce("synthetic", repo)
-    first = data_version("synthetic", repo)
     assert input_fingerprint("synthetic", repo) == fingerprint  # outputs do not count
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["extraction"]["max_tokens"] = 32
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert input_fingerprint("synthetic", repo) != fingerprint
-    assert reproduce("synthetic", repo) == ["extract@synthetic"]  # the raw sample is unchanged
-    assert data_version("synthetic", repo) != first
 
 
 def test_version_before_repro_is_a_clear_error(dvc_project):
@@ -102,7 +101,8 @@ def test_version_before_repro_is_a_clear_error(dvc_project):
         data_version("synthetic", dvc_project)
 
 
-def test_unreachable_remote_is_a_clear_error(dvc_project):
+def test_unreachable_remote_is_a_clear_error(dvc_project, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries would only slow this down
     repo = dvc_project
     reproduce("synthetic", repo)
     dvc("remote", "modify", "default", "endpointurl", f"http://127.0.0.1:{free_port()}", cwd=repo)

@@ -48,6 +48,15 @@ MEMORY_BATCHES = 1
 NO_BATCH = 2**62  # "no batch yet" for StageTotals' first non-finite batch (larger than any index)
 
 
+def stage1_loss(
+    config: TrainConfig, task: torch.Tensor, nce: torch.Tensor, lld: torch.Tensor, entropy: torch.Tensor
+) -> torch.Tensor:
+    """task + alpha * nce - beta * lld - beta * H; without `contrast`, task - beta * H. H (entropy)
+    is 0 until a memory of label groups is passed."""
+    loss = task + config.alpha * nce - config.beta * lld if config.contrast else task
+    return loss - config.beta * entropy
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -325,8 +334,7 @@ class Engine:
                 **batch.model_inputs(), labels=batch.labels, memory=memory if index > MEMORY_BATCHES else None
             )
             task = self.l1(output.score, batch.labels)
-            loss = task + config.alpha * output.nce - config.beta * output.lld if config.contrast else task
-            loss = loss - config.beta * output.entropy  # 0 until a memory is passed
+            loss = stage1_loss(config, task, output.nce, output.lld, output.entropy)
             self._step(loss, self.optimizer_main)
             memory = output.memory
             totals.add(index, len(batch), loss, task=task, nce=output.nce, lld=output.lld, H=output.entropy)
