@@ -107,6 +107,10 @@ def mlflow_sqlite(tmp_path, monkeypatch, migrated_mlflow_db):
 
 # ---------------------------------------------------------------- one Ray cluster
 
+# The session's cluster runs without Ray's token authentication: a `ray start` head would otherwise
+# use the token of ~/.ray, whatever the machine holds there, which a driver must then present too.
+RAY_NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
+
 
 @pytest.fixture(scope="session")
 def ray_head() -> str:
@@ -115,7 +119,7 @@ def ray_head() -> str:
     machine finds it, with its dashboard (the state API, and Ray Train's release of a trial ASHA
     stopped, use it). Its workers inherit this environment, as they would from ray.init()."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="mmim-ray-", dir="/tmp"))  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)} | RAY_NO_AUTH
     port = free_port()
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}"]
     command += ["--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={free_port()}", "--disable-usage-stats"]
@@ -132,9 +136,11 @@ def ray_head() -> str:
 
 
 @pytest.fixture
-def ray_cluster(ray_head) -> str:
+def ray_cluster(ray_head, monkeypatch) -> str:
     """This test's driver on the session's Ray cluster, disconnected after it (a job of its own:
     what it started ends with it). The address, for commands run in a child process."""
+    for name, value in RAY_NO_AUTH.items():  # for the driver, and commands the test starts
+        monkeypatch.setenv(name, value)
     ray.init(address=ray_head, log_to_driver=False)
     yield ray_head
     ray.shutdown()

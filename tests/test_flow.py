@@ -107,6 +107,7 @@ def pipeline(tiny_encoder, tmp_path_factory, ray_head):
         temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect-results"}),
     ):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("RAY_AUTH_MODE", "disabled")  # as the session's cluster runs (tests/conftest.py)
         ray.init(address=ray_head, log_to_driver=False)  # the session's cluster, for the module
         try:
             state, steps = run_flow(project)
@@ -310,7 +311,7 @@ def test_changed_params_re_extract_and_retrain(pipeline, undone):
     tags = pipeline.mlflow.get_run(summary["run_id"]).data.tags
     assert tags["data_version"] == summary["data_version"]
     # the champion (trained on the first data version) was scored on the new one, head to head
-    compared, v = summary["registration"]["compared"], champion.version
+    compared, v = summary["registration"]["compared"], str(champion.version)  # sqlite: an int
     assert compared["champion_version"] == v and compared["data_version"] == summary["data_version"]
     assert (
         tags["gate.champion"] == f"v{v}"

@@ -29,9 +29,9 @@ from tests.helpers import make_dvc_project, run, run_in_thread, tracked
 
 pytestmark = pytest.mark.service  # a three-node Ray cluster, S3, DVC
 
-# Custom resources that decide placement: the head offers two "head slots" (both workers on
-# one node), each worker node one "node slot" (one worker per node, whatever Ray prefers).
-HEAD_SLOT, NODE_SLOT = "mmim_head_slot", "mmim_node_slot"
+# A custom resource that decides placement: each worker node offers one "node slot" (one worker
+# per node, whatever Ray prefers; the head offers none).
+NODE_SLOT = "mmim_node_slot"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -45,13 +45,7 @@ def cluster():
     # Dead nodes are noticed after 5 missed 1-second health checks (Ray's default: 30 s).
     system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
     cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "resources": {HEAD_SLOT: 2},
-            "include_dashboard": False,
-            "_system_config": system,
-        },
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, "_system_config": system}
     )
     for _ in range(2):
         add_worker_node(cluster)
@@ -106,20 +100,11 @@ def cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, run_name, *
     )
 
 
-def test_two_nodes_train_exactly_what_one_node_trains(
+def test_two_nodes_that_share_no_disk_train_and_every_epoch_reaches_mlflow_as_reported(
     cluster, tiny_config, remote_store, s3_endpoint, tmp_path, mlflow_sqlite
 ):
-    """Same seed, same ranks, gloo over TCP either way: bit-identical figures and the same choice.
-    The two-node run is tracked as the flow tracks it: every epoch reaches MLflow as it is reported."""
-    one_node = cluster_config(
-        tiny_config,
-        remote_store,
-        s3_endpoint,
-        tmp_path,
-        "one-node",
-        resources_per_worker={"CPU": 1, HEAD_SLOT: 1},
-        placement_strategy="STRICT_PACK",
-    )
+    """One worker per node, the store fetched from S3 on each, checkpoints to S3; tracked as the flow
+    tracks it. (That a Ray run trains bit for bit what one process trains: tests/test_distributed.py.)"""
     two_nodes = tracked(
         cluster_config(tiny_config, remote_store, s3_endpoint, tmp_path, "two-nodes", keep_checkpoints=1), tmp_path
     )
@@ -129,13 +114,9 @@ def test_two_nodes_train_exactly_what_one_node_trains(
         reported_at[int(metrics["epoch"])] = int(time.time() * 1000)
         run.log_epoch(metrics)
 
-    alone = train_distributed(one_node)
     with tracked_run(two_nodes) as run:
         spread = train_distributed(two_nodes, on_report)
         tracked_model = log_model(run, spread)
-    assert [e["valid_MAE"] for e in spread.epochs] == [e["valid_MAE"] for e in alone.epochs]
-    assert [e["stage1_loss"] for e in spread.epochs] == [e["stage1_loss"] for e in alone.epochs]
-    assert spread.best_epoch == alone.best_epoch and spread.best == {**alone.best, "seconds": spread.best["seconds"]}
     assert spread.epochs[-1]["ranks_in_sync"] == 1 and spread.epochs[-1]["workers"] == 2
 
     # S3 holds the best checkpoint and the latest (ray.keep_checkpoints 1); the driver saw every epoch

@@ -315,7 +315,7 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
     )
 
 
-def _reason(error: ray.train.TrainingFailedError) -> str:
+def worker_error(error: ray.train.TrainingFailedError) -> str:
     """The first worker's own error (e.g. "training diverged at epoch 1, ..."), not Ray's traceback digest."""
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
@@ -346,7 +346,7 @@ def train_distributed(
             result = trainer.fit()
         except ray.train.TrainingFailedError as error:
             raise DistributedTrainingError(
-                f"Ray training failed (ray.max_failures={config.ray.max_failures}): {_reason(error)}"
+                f"Ray training failed (ray.max_failures={config.ray.max_failures}): {worker_error(error)}"
             ) from None
     if not result.best_checkpoints:
         raise DistributedTrainingError("Ray training finished without reporting a checkpoint")

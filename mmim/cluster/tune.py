@@ -54,7 +54,14 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from mmim.cluster.connect import connect
-from mmim.cluster.distributed import build_trainer, check_config, remove_storage, storage_location, with_absolute_paths
+from mmim.cluster.distributed import (
+    build_trainer,
+    check_config,
+    remove_storage,
+    storage_location,
+    with_absolute_paths,
+    worker_error,
+)
 from mmim.core.config import RUN_NAME_PATTERN, Config, config_from_dict, config_to_yaml, read_yaml
 from mmim.core.errors import MMIMInputError, SearchInterrupted, first_line
 from mmim.core.files import atomic_write
@@ -310,6 +317,8 @@ def trial_error(error: BaseException | None) -> str:
     if error is None:
         return "unknown error"
     while True:  # Tune's error wraps Ray's task error, which wraps the trial's own (`.cause`)
+        if getattr(error, "worker_failures", None):  # Ray Train's: its workers' own errors inside
+            return worker_error(error)
         inner = getattr(error, "cause", None) or error.__cause__
         if not isinstance(inner, BaseException):
             return first_line(error)
