@@ -25,7 +25,7 @@ from transformers import BertConfig, BertTokenizer
 from mmim.core.config import Config
 from mmim.data.synthetic import write_synthetic_store
 from mmim.training.train import TrainingResult, train
-from tests.helpers import TINY_SIZES, free_port, make_dvc_project, stop_processes_under, tiny_vocabulary
+from tests.helpers import TINY_SIZES, free_port, make_dvc_project, stop_ray_head, tiny_vocabulary
 
 # Prefect servers started by the tests (harness, `prefect server start`) are offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -123,16 +123,16 @@ def ray_head() -> str:
     port = free_port()
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}"]
     command += ["--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={free_port()}", "--disable-usage-stats"]
-    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     address_file = ray_tmp / "ray" / "ray_current_cluster"
     deadline = time.monotonic() + 120
     while not (address_file.is_file() and address_file.read_text().strip()):
         assert head.poll() is None and time.monotonic() < deadline, "the session's Ray head did not start"
         time.sleep(0.5)
     yield address_file.read_text().strip()
-    head.terminate()
-    stop_processes_under(ray_tmp)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    stop_ray_head(head, ray_tmp)
 
 
 @pytest.fixture

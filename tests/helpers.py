@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -209,13 +210,23 @@ def make_dvc_project(
 # ---------------------------------------------------------------- Ray training
 
 
-def stop_processes_under(directory: Path) -> None:
-    """Stop what `ray start` began for a cluster living in `directory` (never `ray stop`: that
-    stops every Ray cluster on the machine)."""
+def stop_ray_head(head: subprocess.Popen, directory: Path) -> None:
+    """Stop a `ray start --head --block` begun in a session of its own (start_new_session) for a
+    cluster living in `directory`, and remove the directory. Never `ray stop`: that stops every
+    Ray cluster on the machine. The whole process group goes (some of Ray's processes rename
+    themselves, so their command line no longer names the directory), then anything left that
+    names it."""
+    head.terminate()  # `ray start --block` stops its processes gracefully: ~30 s; 5 s, then they are killed
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=60)
     for process in psutil.process_iter(["cmdline"]):
         if any(str(directory) in part for part in process.info["cmdline"] or []):
             with contextlib.suppress(psutil.Error):
                 process.kill()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def tracked(config, tmp_path):

@@ -5,7 +5,6 @@ Several nodes, S3, DVC, MLflow reporting and the loss of a node: tests/test_mult
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 from mmim.cluster.distributed import train_distributed
 from mmim.core.errors import DistributedTrainingError, MMIMInputError
 from mmim.training.train import train
-from tests.helpers import PROJECT, free_port, stop_processes_under
+from tests.helpers import PROJECT, free_port, stop_ray_head
 
 
 def ray_config(tiny_config, tmp_path, **ray_settings):
@@ -103,7 +102,9 @@ def test_mmim_train_neither_joins_nor_disturbs_the_cluster_the_machine_runs(tiny
     start = [str(ray_bin), "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=false"]
     start += [f"--port={port}", "--disable-usage-stats"]
     stranger_env = env | {"RAY_AUTH_MODE": "disabled"}  # whatever ~/.ray holds: the probe below joins it
-    started = subprocess.Popen(start, env=stranger_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = subprocess.Popen(
+        start, env=stranger_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         address_file = ray_tmp / "ray" / "ray_current_cluster"
         for _ in range(120):
@@ -135,6 +136,4 @@ def test_mmim_train_neither_joins_nor_disturbs_the_cluster_the_machine_runs(tiny
         assert probed.returncode == 0, probed.stderr
         assert probed.stdout.strip().splitlines()[-1] == "[]"  # no driver but the probe ever joined it
     finally:
-        started.terminate()
-        stop_processes_under(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        stop_ray_head(started, ray_tmp)
