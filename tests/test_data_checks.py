@@ -100,13 +100,14 @@ def test_label_drift_warns_past_ks_0_2(tiny_store):
 
 
 def test_ks_exactly_0_2_is_not_drift(tiny_encoder, tmp_path):
+    """Valid labels 0, 1, 1, 1, 1 against five 1s before: the ECDFs differ by 1/5 at 0 and nowhere
+    else, KS 0.2 exactly (the double 1/5), which is not over the threshold."""
     splits = synthesize(0, {"train": 10, "valid": 5, "test": 5})
-    splits["valid"].labels = np.zeros(5, dtype=np.float32)
+    splits["valid"].labels = np.array([0.0, 1.0, 1.0, 1.0, 1.0], dtype=np.float32)
     root = store(tmp_path / "five", tiny_encoder, splits)
-    exactly = check_store(root, "v2.dir", profile_of(root, valid=[0.0, 0.0, 0.0, 0.0, 1.0]))  # KS 1/5
-    assert ks_statistic(np.zeros(5), np.array([0.0, 0.0, 0.0, 0.0, 1.0])) == pytest.approx(0.2)
-    assert not exactly.warnings
-    over = check_store(root, "v2.dir", profile_of(root, valid=[0.0, 0.0, 0.0, 1.0]))  # KS 1/4
+    assert ks_statistic(splits["valid"].labels, np.ones(5)) == 0.2
+    assert not check_store(root, "v2.dir", profile_of(root, valid=[1.0] * 5)).warnings
+    over = check_store(root, "v2.dir", profile_of(root, valid=[1.0] * 3 + [2.0] * 2))  # KS 0.4, at 1
     assert [check.name for check in over.warnings] == ["labels drift"]
 
 

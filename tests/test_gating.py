@@ -291,8 +291,10 @@ def test_the_paired_bootstrap_on_a_case_worked_by_hand():
     bootstrap = paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)
     assert (bootstrap.improvement, bootstrap.low, bootstrap.high) == (2.0, 1.0, 3.0)
     assert bootstrap == paired_bootstrap(truths, champion, challenger, "MAE", resamples=1000)  # seeded
-    # paired: the same draws for both models, so a uniform gain has no spread at all
-    uniform = paired_bootstrap(np.arange(5.0), np.arange(5.0) + 0.5, np.arange(5.0) + 0.25, "MAE")
+    # paired: the same draws for both models. Errors of 1 to 5 and of 0.75 to 4.75 differ widely
+    # from one utterance to the next, but the gain is 0.25 on each, so it has no spread at all
+    errors = np.arange(1.0, 6.0)
+    uniform = paired_bootstrap(np.zeros(5), errors, errors - 0.25, "MAE")
     assert (uniform.improvement, uniform.low, uniform.high) == (0.25, 0.25, 0.25)
 
 
