@@ -15,7 +15,13 @@ import ray
 import yaml
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
@@ -56,6 +62,7 @@ class Pipeline:
     first: dict  # the first run's summary
     first_steps: dict[str, str]
     first_flow_run: str  # its name
+    first_flow_run_id: str
 
 
 def flow_run_name(state) -> str:
@@ -112,7 +119,8 @@ def pipeline(tiny_encoder, tmp_path_factory, ray_head):
         try:
             state, steps = run_flow(project)
             assert state.is_completed(), state.message
-            yield Pipeline(project, remote, MlflowClient(uri), state.result(), steps, flow_run_name(state))
+            first = (state.result(), steps, flow_run_name(state), str(state.state_details.flow_run_id))
+            yield Pipeline(project, remote, MlflowClient(uri), *first)
         finally:
             ray.shutdown()
             mlflow.set_tracking_uri(None)
@@ -128,6 +136,17 @@ def undone(pipeline):
     (pipeline.project / "params.yaml").write_text(params)
     reproduce("synthetic", pipeline.project)  # the store of those params, from DVC's run cache
     pipeline.mlflow.set_registered_model_alias(MODEL, "champion", champion)
+
+
+def flow_artifact(key: str, flow_run_id: str):
+    """The artifact `key` that the flow run `flow_run_id` made."""
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
+        )
+    return artifact
 
 
 def children(client: MlflowClient, parent_id: str) -> list:
@@ -165,10 +184,7 @@ def test_first_run_extracts_trains_and_registers_a_champion(pipeline):
     # the data checks ran before training: their tags are on the run, its label profile logged
     assert run.data.tags["data_checks"] == "passed" and run.data.tags["data_checks.videos"] == "ok"
     assert "data_profile.json" in {a.path for a in pipeline.mlflow.list_artifacts(summary["run_id"])}
-    with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-synthetic"])), limit=1
-        )
+    artifact = flow_artifact("retrain-synthetic", pipeline.first_flow_run_id)  # not a later run's
     assert artifact.type == "markdown"
     assert f"this run: {MODEL} v1" in artifact.data and "promoted to champion" in artifact.data
     # a link that opens under `mlflow ui` (the tracking store is a sqlite file), not runs:/
@@ -410,10 +426,7 @@ def test_a_video_in_train_and_test_fails_at_the_data_checks(pipeline, undone):
     assert f"failed the data checks: videos: 1 videos in more than one split ({leaked} (train+test))" in state.message
     assert versions(pipeline) == versions_before
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
-    with get_client(sync_client=True) as client:
-        (report,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-checks-leaky"])), limit=1
-        )
+    report = flow_artifact("data-checks-leaky", str(state.state_details.flow_run_id))
     assert "| videos | hard | FAILED |" in report.data
 
 
