@@ -315,7 +315,7 @@ def build_trainer(config: Config, callbacks: list[UserCallback] | None = None) -
     )
 
 
-def worker_error(error: ray.train.TrainingFailedError) -> str:
+def worker_error(error: BaseException) -> str:
     """The first worker's own error (e.g. "training diverged at epoch 1, ..."), not Ray's traceback digest."""
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
