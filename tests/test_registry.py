@@ -14,8 +14,9 @@ DATA = "v1.dir"
 
 
 @pytest.fixture
-def client(mlflow_sqlite):
-    mlflow.set_experiment("gating")
+def client(mlflow_sqlite, tmp_path):
+    # artifacts (the external models' metadata) in the test's directory, not ./mlruns
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("gating", str(tmp_path / "artifacts")))
     return mlflow_sqlite
 
 

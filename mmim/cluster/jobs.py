@@ -22,7 +22,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # A cluster that has just started refuses jobs until its node agents have joined.
 SUBMIT_ATTEMPTS, SUBMIT_RETRY_SECONDS = 20, 3
 # Never uploaded: large or machine-specific.
-EXCLUDES = [".venv/", ".git/", "data/", "runs/", "mlruns/", "**/__pycache__/", ".pytest_cache/"]
+EXCLUDES = [
+    ".venv/",
+    ".git/",
+    "data/",
+    "runs/",
+    "mlruns/",
+    "**/__pycache__/",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+]
 
 
 def training_entrypoint(config_path: str | Path | None, overrides: list[str]) -> str:
