@@ -123,6 +123,11 @@ def ray_head() -> str:
     port = free_port()
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}"]
     command += ["--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={free_port()}", "--disable-usage-stats"]
+    # ports of its own for what would take Ray's fixed defaults (the dashboard agent's 52365, the
+    # client server's 10001, ...), so that a test's own `ray start` head can take those
+    for option in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
+        command.append(f"--{option}={free_port()}")
+    command += [f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}"]
     head = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
