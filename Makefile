@@ -3,6 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 comma := ,
+# Python caches compiled modules (__pycache__/, which `make clean` removes) even where the
+# environment says not to: the tests start a few hundred Python processes (CLI runs, Ray
+# workers, extractor children), and each would compile the project again.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast lint benchmark reproduce-mosi reproduce-mosei clean distclean
 

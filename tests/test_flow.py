@@ -23,7 +23,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 import mmim.cluster.distributed
 from flows.command_line import main
@@ -103,6 +102,10 @@ def run_flow(pipeline_project: Path, dataset: str = "synthetic", **parameters):
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_encoder, tmp_path_factory, ray_head):
+    # Imported here, not at the top: the harness brings Prefect's whole server (2-3 s), which the
+    # tests of this module that `make test-fast` runs never start.
+    from prefect.testing.utilities import prefect_test_harness
+
     root = tmp_path_factory.mktemp("flow")
     remote = root / "dvc-remote"
     project = make_dvc_project(root / "project", str(remote), encoder=tiny_encoder)

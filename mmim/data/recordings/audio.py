@@ -31,6 +31,7 @@ import math
 import numbers
 import warnings
 
+import audobject.core.utils
 import numpy as np
 import opensmile
 
@@ -42,6 +43,13 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000  # the decoder hands over 16 kHz mono float32
 FEATURE_SETS = {"eGeMAPSv02": 25, "ComParE_2016": 65}  # openSMILE LLD set -> LLDs per frame
 MAX_RATE = 1000.0  # frames per second: 1 ms frames, already ten per openSMILE hop
+
+# opensmile.Smile() describes itself on construction (audobject), and to name the distribution
+# its module comes from, the first construction in a process reads the file list of every
+# installed distribution: 0.4-1 s of each extractor process's start, for the answer "opensmile".
+# Given that answer first, the construction takes 20 ms. (audobject keeps the map in this
+# module-level dict; were it renamed, the line would be a no-op and the start slow again.)
+audobject.core.utils.PACKAGES_DISTRIBUTIONS.setdefault("opensmile", ["opensmile"])
 
 
 class AudioFeatures:
