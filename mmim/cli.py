@@ -13,6 +13,7 @@
     mmim predict --checkpoint DIR|models:/... --recording FILE --text "..."   score a recording
     mmim registry {list,promote,rollback} --name mmim-<dataset>   the MLflow model registry
     mmim serve --model models:/mmim-<dataset>@champion             REST /invocations
+    mmim serve --ray --replicas 2 --model models:/...@champion   on Ray Serve, following the alias
 
 Bad input of any kind prints one line, `error: ...`, and exits with code 2; a service that
 does not answer (MLflow, a DVC remote, a Ray cluster) or a failed run exits with code 1.
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.text import Text
 
 from mmim import cli_parser, tables
@@ -48,7 +48,7 @@ from mmim.core.metrics import METRIC_NAMES
 from mmim.data.extract import extract
 from mmim.data.store_writer import ExtractionSummary
 from mmim.data.synthetic import write_synthetic_raw
-from mmim.terminal import OneLine, counter, quiet_libraries
+from mmim.terminal import configure_logging, counter
 
 # torch, and what needs it (training, checkpoints, predictions), is imported by the commands
 # that use it: `mmim extract` and `mmim data synth` (DVC's stage commands) and --help start
@@ -342,33 +342,20 @@ def cmd_registry(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """MLflow's scoring server for a registered model, behind request limits, with this
-    environment's uvicorn; a model that does not resolve is a one-line error before anything starts."""
+    """MLflow's scoring server for a registered model behind request limits (this environment's
+    uvicorn), or Ray Serve; a model that does not resolve is a one-line error before anything starts."""
     from mmim.registry.serving import check_address, check_model, serve_command
 
     check_address(args.host, args.port, args.max_request_mb)
+    if args.ray:  # replicas, batching, the alias followed
+        from mmim.lifecycle.ray_serving import ServeSettings, serve_until_stopped
+
+        settings = ServeSettings.from_options(args)  # bad options fail before the registry is asked
+        check_model(args.model)
+        return serve_until_stopped(settings, args.host, args.port, args.ray_address)
     check_model(args.model)
     command, env = serve_command(args.model, args.host, args.port, int(args.max_request_mb * 2**20))
     os.execve(command[0], command, env)
-
-
-def _configure_logging(verbose: bool) -> None:
-    # -v: rich's columns (time, level) for reading a long run; otherwise a line per message, so
-    # that an epoch's line fits the terminal's 80 columns (rich's handler still: it writes above
-    # the progress bars)
-    handler = RichHandler(console=console, show_path=False, show_time=verbose, show_level=verbose)
-    if not verbose:
-        handler.setFormatter(OneLine())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
-    if not verbose:  # the progress hooks print one line per epoch, extract its own summary
-        for module in (
-            "mmim.training.engine",
-            "mmim.data.store_writer",
-            "mmim.data.recordings.job",
-            "mmim.data.recordings.sample",
-        ):
-            logging.getLogger(module).setLevel(logging.WARNING)
-        quiet_libraries()
 
 
 COMMANDS = {name.removeprefix("cmd_"): command for name, command in list(globals().items()) if name.startswith("cmd_")}
@@ -380,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(console, args.verbose)
     try:
         args.run(args)
     except MMIMInputError as error:

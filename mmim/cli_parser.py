@@ -13,6 +13,7 @@ CHECKPOINT_HELP = (
     "checkpoint directory, or a registered model: models:/<name>@<alias>, "
     "models:/<name>/<version>, runs:/<run id>/model"
 )
+RAY_ADDRESS_HELP = "Ray cluster to run on (default: RAY_ADDRESS, else a private local one)"
 Command = Callable[[argparse.Namespace], None]
 
 
@@ -196,12 +197,7 @@ def build_parser(handlers: dict[str, Command]) -> argparse.ArgumentParser:
         metavar="N",
         help="Ray Data extractor actors (default: the cluster's CPUs); 0: in this process",
     )
-    recordings.add_argument(
-        "--ray-address",
-        dest="ray_address",
-        metavar="ADDRESS",
-        help="Ray cluster to extract on (default: RAY_ADDRESS, else a local one)",
-    )
+    recordings.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS", help=RAY_ADDRESS_HELP)
     extract_cmd.set_defaults(run=handlers["extract"])
 
     registry = commands.add_parser("registry", help="the MLflow model registry (MLFLOW_TRACKING_URI)")
@@ -220,7 +216,9 @@ def build_parser(handlers: dict[str, Command]) -> argparse.ArgumentParser:
         )
         sub.set_defaults(run=handlers["registry"])
 
-    serve = commands.add_parser("serve", help="REST predictions from a registered model (MLflow's scoring server)")
+    serve = commands.add_parser(
+        "serve", help="REST predictions from a registered model (MLflow's scoring server, or Ray Serve)"
+    )
     serve.add_argument(
         "--model",
         default="models:/mmim-synthetic@champion",
@@ -234,6 +232,20 @@ def build_parser(handlers: dict[str, Command]) -> argparse.ArgumentParser:
         default=MAX_INPUT_BYTES / 2**20,
         help="larger request bodies are refused with HTTP 413 (default: %(default)s)",
     )
+    on_ray = serve.add_argument_group("on Ray Serve (--ray): replicas, batching, the alias followed")
+    on_ray.add_argument("--ray", action="store_true", help="serve on Ray Serve instead of MLflow's one-process server")
+    on_ray.add_argument("--replicas", type=int, default=1, metavar="N", help="model replicas (default: 1)")
+    on_ray.add_argument("--max-replicas", type=int, metavar="M", help="autoscale between --replicas and M")
+    on_ray.add_argument("--replica-cpus", type=float, default=1.0, metavar="C", help="CPUs per model replica (1)")
+    on_ray.add_argument(
+        "--featurizer-replicas", type=int, default=1, metavar="N", help="replicas that decode recordings (1)"
+    )
+    on_ray.add_argument("--batch-size", type=int, default=16, help="utterances scored at once (default: 16)")
+    on_ray.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (10)")
+    on_ray.add_argument(
+        "--follow-every", type=float, default=10.0, metavar="S", help="seconds between checks of the alias (10)"
+    )
+    on_ray.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS", help=RAY_ADDRESS_HELP)
     serve.set_defaults(run=handlers["serve"])
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
@@ -43,3 +44,23 @@ class OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
+def configure_logging(console: Console, verbose: bool) -> None:
+    """The command line's logging, on `console`: a line per message, or with -v, debug and rich's columns."""
+    # -v: rich's columns (time, level) for reading a long run; otherwise a line per message, so
+    # that an epoch's line fits the terminal's 80 columns (rich's handler still: it writes above
+    # the progress bars)
+    handler = RichHandler(console=console, show_path=False, show_time=verbose, show_level=verbose)
+    if not verbose:
+        handler.setFormatter(OneLine())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
+    if not verbose:  # the progress hooks print one line per epoch, extract its own summary
+        for module in (
+            "mmim.training.engine",
+            "mmim.data.store_writer",
+            "mmim.data.recordings.job",
+            "mmim.data.recordings.sample",
+        ):
+            logging.getLogger(module).setLevel(logging.WARNING)
+        quiet_libraries()

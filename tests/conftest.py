@@ -4,6 +4,7 @@ live in tests/helpers.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,10 +12,12 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import mlflow
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -23,9 +26,26 @@ from moto.server import ThreadedMotoServer
 from transformers import BertConfig, BertTokenizer
 
 from mmim.core.config import Config
+from mmim.core.store import FeatureStore
+from mmim.data.recordings.extractor import ExtractorSettings
+from mmim.data.recordings.job import extract_recordings
+from mmim.data.recordings.sample import write_face_clip
 from mmim.data.synthetic import write_synthetic_store
+from mmim.lifecycle.retrain import retrain
+from mmim.registry.logged_model import input_example
 from mmim.training.train import TrainingResult, train
-from tests.helpers import TINY_SIZES, free_port, make_dvc_project, stop_ray_head, tiny_vocabulary
+from tests.helpers import (
+    RAY_NO_AUTH,
+    TINY_SIZES,
+    face_clips,
+    free_port,
+    good_rows,
+    make_dvc_project,
+    run_mmim,
+    stop_ray_head,
+    tiny_vocabulary,
+    write_dataset,
+)
 
 # Prefect servers started by the tests (harness, `prefect server start`) are offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -107,10 +127,6 @@ def mlflow_sqlite(tmp_path, monkeypatch, migrated_mlflow_db):
 
 # ---------------------------------------------------------------- one Ray cluster
 
-# The session's cluster runs without Ray's token authentication: a `ray start` head would otherwise
-# use the token of ~/.ray, whatever the machine holds there, which a driver must then present too.
-RAY_NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
-
 
 @pytest.fixture(scope="session")
 def ray_head() -> str:
@@ -149,6 +165,64 @@ def ray_cluster(ray_head, monkeypatch) -> str:
     ray.init(address=ray_head, log_to_driver=False)
     yield ray_head
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- a champion trained on recordings
+
+
+@dataclass(frozen=True)
+class Champion:
+    """A model trained on a recordings store, registered as `uri`, and what `mmim predict` answers."""
+
+    tracking_uri: str  # its registry (sqlite)
+    uri: str  # models:/mmim-rec@champion
+    features: pd.DataFrame  # two utterances as frames (a request's table)
+    recording: Path  # a face clip, said with `text`
+    text: str
+    from_features: list[float]  # `mmim predict --input` on `features`
+    from_recording: list[float]  # `mmim predict --recording` on `recording`
+
+
+@pytest.fixture(scope="session")
+def recordings_champion(tiny_encoder, tiny_store, tmp_path_factory) -> Champion:
+    """One served model for the session: trained for an epoch on six extracted face clips and
+    registered as champion in a sqlite registry of its own (the REST servers' tests share it)."""
+    root = tmp_path_factory.mktemp("champion")
+    dataset = write_dataset(root / "data", *good_rows(face_clips(root / "made", 6)))
+    store = root / "store"
+    extract_recordings(
+        dataset, store, tiny_encoder, ExtractorSettings(), cache_dir=root / "cache", max_tokens=16, workers=0
+    )
+    tiny = tiny_settings(tiny_encoder, tiny_store, root / "run")
+    config = tiny.model_copy(
+        update={
+            "data": tiny.data.model_copy(update={"store": str(store)}),
+            "train": tiny.train.model_copy(update={"epochs": 1, "batch_size": 2}),
+            "tracking": tiny.tracking.model_copy(
+                update={"enabled": True, "artifact_location": str(root / "artifacts"), "registered_model": "mmim-rec"}
+            ),
+        }
+    )
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    recording = write_face_clip(root / "face.mp4", seconds=2.0, label=1.5, seed=1)
+    features = input_example(FeatureStore(store), ["the movie was very good", "the plot was dull"])
+    (root / "utterances.json").write_text(features.to_json(orient="records"))
+    champion, text = "models:/mmim-rec@champion", "a really good movie"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        assert retrain(config, lambda metrics: None).decision.promoted
+        scores = [
+            predicted(champion, "--input", str(root / "utterances.json")),
+            predicted(champion, "--recording", str(recording), "--text", text),
+        ]
+    return Champion(tracking_uri, champion, features, recording, text, *scores)
+
+
+def predicted(checkpoint: str, *arguments: str) -> list[float]:
+    """The scores `mmim predict --checkpoint CHECKPOINT ARGUMENTS` prints."""
+    code, out, err = run_mmim("predict", "--checkpoint", checkpoint, *arguments)
+    assert code == 0, err
+    return [row["score"] for row in json.loads(out)]
 
 
 # ---------------------------------------------------------------- S3 (moto) and a DVC project

@@ -6,7 +6,10 @@ name lives here: `from tests.helpers import free_port, start`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import csv
+import http.client
 import io
 import itertools
 import json
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -28,11 +32,15 @@ import pytest
 import yaml
 from dvc.repo import Repo
 
+from mmim.data.recordings.sample import write_face_clip
 from mmim.data.synthetic import INTENSIFIERS, NEGATIONS, NEGATIVE, NEUTRAL, POSITIVE, SUBJECTS
 
 PROJECT = Path(__file__).resolve().parents[1]
 EXAMPLE = PROJECT / "examples" / "utterances.json"  # the shipped `mmim predict` input
 TINY_SIZES = {"train": 96, "valid": 32, "test": 32}  # the tiny synthetic store's splits
+# The session's cluster (tests/conftest.py) runs without Ray's token authentication: a `ray start` head would otherwise
+# use the token of ~/.ray, whatever the machine holds there, which a driver must then present too.
+RAY_NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
 POSTGRES_URL = os.environ.get("MMIM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -106,6 +114,58 @@ def invocations(port: int, body: dict) -> list[float]:
     )
     answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     return [row["score"] for row in answer["predictions"]]
+
+
+def refused(port: int, body) -> tuple[int, str]:
+    """(HTTP status, message) of a request the server refuses."""
+    data = body if not isinstance(body, dict) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=data, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    return answer.value.code, json.loads(answer.value.read())["message"]
+
+
+def announced(port: int, length: int) -> tuple[int, str]:
+    """(HTTP status, message) of a request that announces a body of `length` bytes and sends none
+    (a client sending the body would race the server's early answer and close)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.putrequest("POST", "/invocations")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders()
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())["message"]
+    finally:
+        connection.close()
+
+
+def rest_contract_holds(port: int, champion) -> None:
+    """The REST contract, on a server for `champion` (tests/conftest.py's recordings_champion) on
+    127.0.0.1:`port` whose body cap is 0.5 MB: features as dataframe_split and dataframe_records,
+    and a base64 recording, each scored as `mmim predict` scores them; a path, deep JSON and
+    bodies over the cap refused with the status and message the contract names."""
+    frame, text, media_face = champion.features, champion.text, champion.recording
+    assert invocations(port, {"dataframe_split": frame.to_dict(orient="split")}) == pytest.approx(
+        champion.from_features, abs=1e-5
+    )
+    assert invocations(port, {"dataframe_records": frame.to_dict(orient="records")}) == pytest.approx(
+        champion.from_features, abs=1e-5
+    )
+    recording = base64.b64encode(media_face.read_bytes()).decode()
+    body = {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, recording]]}}
+    assert invocations(port, body) == pytest.approx(champion.from_recording, abs=1e-5)
+    # a path is not read on the server's side
+    path = {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, str(media_face)]]}}
+    status, message = refused(port, path)
+    assert status == 400 and "recording" in message
+    # hostile bodies are refused before MLflow parses them (it would answer 500 to the first)
+    assert refused(port, b"[" * 100_000) == (400, "request JSON nested deeper than 32 levels")
+    over = (413, "request body over 524288 bytes (mmim serve --max-request-mb)")
+    assert announced(port, 600_000) == over  # refused on its Content-Length, before any of it is read
+    assert refused(port, iter([b" " * 300_000] * 2)) == over  # chunked: refused as it arrives
 
 
 def postgres_database(prefix: str) -> str:
@@ -268,3 +328,47 @@ def busy_cores(count: int = 2, seconds: float = 600.0) -> Iterator[None]:
         for process in processes:
             process.kill()
             process.wait()
+
+
+# ---------------------------------------------------------------- recordings datasets (label.csv + Raw/)
+
+RECORDING_COLUMNS = ["video_id", "clip_id", "text", "label", "mode", "start", "end"]
+
+
+def write_dataset(root: Path, rows: list[dict], clips: dict[str, Path] = {}) -> Path:
+    """label.csv from `rows`; `clips` maps "video/clip.ext" (under Raw/) to a file to copy."""
+    (root / "Raw").mkdir(parents=True, exist_ok=True)
+    with open(root / "label.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, RECORDING_COLUMNS)
+        writer.writeheader()
+        writer.writerows({column: row.get(column, "") for column in RECORDING_COLUMNS} for row in rows)
+    for name, source in clips.items():
+        (root / "Raw" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, root / "Raw" / name)
+    return root
+
+
+def face_clips(directory: Path, count: int, first_seed: int = 10) -> list[Path]:
+    """`count` distinct 1 s face clips (distinct content: the cache keys files by content)."""
+    return [
+        write_face_clip(directory / f"face{seed}.mp4", seconds=1.0, label=0.5, seed=seed)
+        for seed in range(first_seed, first_seed + count)
+    ]
+
+
+def good_rows(files: list[Path], start: int = 0) -> tuple[list[dict], dict[str, Path]]:
+    """One video per file; modes cycle train, valid, test."""
+    rows, clips = [], {}
+    for index, path in enumerate(files, start=start):
+        video = f"v{index}"
+        rows.append(
+            {
+                "video_id": video,
+                "clip_id": "1",
+                "text": "a really good movie",
+                "label": "1.5",
+                "mode": ("train", "valid", "test")[index % 3],
+            }
+        )
+        clips[f"{video}/1.mp4"] = path
+    return rows, clips

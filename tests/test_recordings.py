@@ -1,14 +1,7 @@
 """Recordings -> features on generated media: the extractor, the dataset job (in this process
 and with Ray Data), its cache, bad and hostile input, and a served model scoring a recording."""
 
-import base64
-import csv
-import http.client
-import json
-import shutil
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import av
@@ -21,12 +14,9 @@ from mmim.data.recordings.job import extract_recordings
 from mmim.data.recordings.layout import hash_split, read_dataset
 from mmim.data.recordings.media import MediaError
 from mmim.data.recordings.sample import write_blank_clip, write_face_clip, write_voice
-from mmim.lifecycle.retrain import retrain
-from mmim.registry.logged_model import input_example
-from tests.helpers import free_port, invocations, run_mmim, start
+from tests.helpers import face_clips, free_port, good_rows, rest_contract_holds, run_mmim, start, write_dataset
 
 SETTINGS = ExtractorSettings()  # the defaults: eGeMAPSv02 at 50 Hz, faces at 15 fps
-COLUMNS = ["video_id", "clip_id", "text", "label", "mode", "start", "end"]
 
 
 @pytest.fixture(scope="module")
@@ -41,45 +31,6 @@ def media(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extractor() -> ClipExtractor:
     return ClipExtractor(SETTINGS)
-
-
-def write_dataset(root: Path, rows: list[dict], clips: dict[str, Path] = {}) -> Path:
-    """label.csv from `rows`; `clips` maps "video/clip.ext" (under Raw/) to a file to copy."""
-    (root / "Raw").mkdir(parents=True, exist_ok=True)
-    with open(root / "label.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows({column: row.get(column, "") for column in COLUMNS} for row in rows)
-    for name, source in clips.items():
-        (root / "Raw" / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, root / "Raw" / name)
-    return root
-
-
-def face_clips(directory: Path, count: int, first_seed: int = 10) -> list[Path]:
-    """`count` distinct 1 s face clips (distinct content: the cache keys files by content)."""
-    return [
-        write_face_clip(directory / f"face{seed}.mp4", seconds=1.0, label=0.5, seed=seed)
-        for seed in range(first_seed, first_seed + count)
-    ]
-
-
-def good_rows(files: list[Path], start: int = 0) -> tuple[list[dict], dict[str, Path]]:
-    """One video per file; modes cycle train, valid, test."""
-    rows, clips = [], {}
-    for index, path in enumerate(files, start=start):
-        video = f"v{index}"
-        rows.append(
-            {
-                "video_id": video,
-                "clip_id": "1",
-                "text": "a really good movie",
-                "label": "1.5",
-                "mode": ("train", "valid", "test")[index % 3],
-            }
-        )
-        clips[f"{video}/1.mp4"] = path
-    return rows, clips
 
 
 # ---------------------------------------------------------------- one clip
@@ -257,97 +208,22 @@ def test_ray_data_workers_give_the_in_process_features(ray_cluster, media, extra
 # ---------------------------------------------------------------- the champion over REST
 
 
-def refused(port: int, body) -> tuple[int, str]:
-    """(HTTP status, message) of a request the server refuses."""
-    data = body if not isinstance(body, dict) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", data=data, headers={"Content-Type": "application/json"}
-    )
-    with pytest.raises(urllib.error.HTTPError) as answer:
-        urllib.request.urlopen(request, timeout=60)
-    return answer.value.code, json.loads(answer.value.read())["message"]
-
-
-def announced(port: int, length: int) -> tuple[int, str]:
-    """(HTTP status, message) of a request that announces a body of `length` bytes and sends none
-    (a client sending the body would race the server's early answer and close)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        connection.putrequest("POST", "/invocations")
-        connection.putheader("Content-Type", "application/json")
-        connection.putheader("Content-Length", str(length))
-        connection.endheaders()
-        answer = connection.getresponse()
-        return answer.status, json.loads(answer.read())["message"]
-    finally:
-        connection.close()
-
-
 @pytest.mark.service
-def test_the_registered_champion_over_rest_answers_like_predict(media, tmp_path, tiny_config, monkeypatch):
-    """The project's one REST test (MLflow on sqlite, no other service): a model trained on a
-    recordings store and registered as champion, served by `mmim serve` (the installed console
-    script, without its environment on PATH), answers features, records and base64 recordings as
-    `mmim predict` does, and refuses bad bodies with the status the contract names."""
-    files = face_clips(tmp_path / "made", 6)
-    root = write_dataset(tmp_path / "data", *good_rows(files))
-    store = tmp_path / "store"
-    extract_recordings(
-        root, store, tiny_config.model.text_encoder, SETTINGS, cache_dir=tmp_path / "cache", max_tokens=16, workers=0
-    )
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    config = tiny_config.model_copy(
-        update={
-            "data": tiny_config.data.model_copy(update={"store": str(store)}),
-            "train": tiny_config.train.model_copy(update={"epochs": 1, "batch_size": 2}),
-            "tracking": tiny_config.tracking.model_copy(
-                update={
-                    "enabled": True,
-                    "artifact_location": str(tmp_path / "artifacts"),
-                    "registered_model": "mmim-rec",
-                }
-            ),
-        }
-    )
-    assert retrain(config, lambda metrics: None).decision.promoted
-    champion, text = "models:/mmim-rec@champion", "a really good movie"
-
-    def predicted(*arguments: str) -> list[float]:
-        code, out, err = run_mmim("predict", "--checkpoint", champion, *arguments)
-        assert code == 0, err
-        return [row["score"] for row in json.loads(out)]
-
-    frame = input_example(FeatureStore(store), ["the movie was very good", "the plot was dull"])
-    (tmp_path / "utterances.json").write_text(frame.to_json(orient="records"))
-    from_features = predicted("--input", str(tmp_path / "utterances.json"))
-    from_recording = predicted("--recording", str(media / "face.mp4"), "--text", text)
-
+def test_the_registered_champion_over_rest_answers_like_predict(recordings_champion):
+    """MLflow's scoring server through `mmim serve` (the installed console script, without its
+    environment on PATH; MLflow on sqlite, no other service): the session's champion, trained on
+    recordings, answers features, records and base64 recordings as `mmim predict` does, and
+    refuses bad bodies with the status the contract names."""
+    champion = recordings_champion
     port = free_port()
     server = start(
-        [str(Path(sys.executable).parent / "mmim"), "serve", "--model", champion, "--port", str(port)]
+        [str(Path(sys.executable).parent / "mmim"), "serve", "--model", champion.uri, "--port", str(port)]
         + ["--max-request-mb", "0.5"],
         f"http://127.0.0.1:{port}/ping",
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": champion.tracking_uri},
     )
     try:
-        assert invocations(port, {"dataframe_split": frame.to_dict(orient="split")}) == pytest.approx(
-            from_features, abs=1e-5
-        )
-        assert invocations(port, {"dataframe_records": frame.to_dict(orient="records")}) == pytest.approx(
-            from_features, abs=1e-5
-        )
-        recording = base64.b64encode((media / "face.mp4").read_bytes()).decode()
-        body = {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, recording]]}}
-        assert invocations(port, body) == pytest.approx(from_recording, abs=1e-5)
-        # a path is not read on the server's side
-        path = {"dataframe_split": {"columns": ["text", "recording"], "data": [[text, str(media / "face.mp4")]]}}
-        status, message = refused(port, path)
-        assert status == 400 and "recording" in message
-        # hostile bodies are refused before MLflow parses them (it would answer 500 to the first)
-        assert refused(port, b"[" * 100_000) == (400, "request JSON nested deeper than 32 levels")
-        over = (413, "request body over 524288 bytes (mmim serve --max-request-mb)")
-        assert announced(port, 600_000) == over  # refused on its Content-Length, before any of it is read
-        assert refused(port, iter([b" " * 300_000] * 2)) == over  # chunked: refused as it arrives
+        rest_contract_holds(port, champion)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -67,37 +67,49 @@ class MMIMPyfunc(PythonModel):
             model_input = pd.DataFrame(model_input)
         try:
             if RECORDING_COLUMN in model_input.columns:
-                utterances = self._recording_utterances(model_input)
+                utterances = self._recording_utterances(recording_rows(model_input))
             else:
-                missing = [column for column in COLUMNS if column not in model_input.columns]
-                if missing:
-                    raise MMIMInputError(
-                        f"input lacks column(s) {', '.join(missing)}; expected "
-                        f"{', '.join(COLUMNS)}, or text and {RECORDING_COLUMN}"
-                    )
-                utterances = [
-                    {"text": row.text, "audio": _frames(row.audio), "vision": _frames(row.vision)}
-                    for row in model_input.itertuples(index=False)
-                ]
+                utterances = feature_utterances(model_input)
             predictions = predict_utterances(self.model, self.tokenizer, utterances)
         except MMIMInputError as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
         return pd.DataFrame(predictions, columns=["score", "polarity", "class7"])
 
-    def _recording_utterances(self, table: pd.DataFrame) -> list[dict]:
+    def _recording_utterances(self, rows: list[tuple[bytes, str, str]]) -> list[dict]:
         from mmim.data.recordings.scoring import model_extractor, recording_utterance
 
-        if "text" not in table.columns:
-            raise MMIMInputError(f"input lacks column text (with {RECORDING_COLUMN})")
-        if len(table) > MAX_UTTERANCES:
-            raise MMIMInputError(f"{len(table)} recordings, at most {MAX_UTTERANCES} per request")
         with self._extractor_lock:
             if self._extractor is None:
                 self._extractor = model_extractor(self.config.model.extractor)
-            return [
-                recording_utterance(self._extractor, _recording_bytes(row.recording, index), row.text, f"row {index}")
-                for index, row in enumerate(table.itertuples(index=False))
-            ]
+            return [recording_utterance(self._extractor, *row) for row in rows]
+
+
+# ---------------------------------------------------------------- a request's table, for both servers
+
+
+def feature_utterances(table: pd.DataFrame) -> list[dict]:
+    """The utterances of a table with text, audio and vision columns (frames as nested lists)."""
+    missing = [column for column in COLUMNS if column not in table.columns]
+    if missing:
+        raise MMIMInputError(
+            f"input lacks column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}, or text and {RECORDING_COLUMN}"
+        )
+    return [
+        {"text": row.text, "audio": _frames(row.audio), "vision": _frames(row.vision)}
+        for row in table.itertuples(index=False)
+    ]
+
+
+def recording_rows(table: pd.DataFrame) -> list[tuple[bytes, str, str]]:
+    """(recording bytes, text, "row <i>") of a table with text and recording columns."""
+    if "text" not in table.columns:
+        raise MMIMInputError(f"input lacks column text (with {RECORDING_COLUMN})")
+    if len(table) > MAX_UTTERANCES:
+        raise MMIMInputError(f"{len(table)} recordings, at most {MAX_UTTERANCES} per request")
+    return [
+        (_recording_bytes(row.recording, index), row.text, f"row {index}")
+        for index, row in enumerate(table.itertuples(index=False))
+    ]
 
 
 def _recording_bytes(value, index: int) -> bytes:
