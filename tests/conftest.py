@@ -210,11 +210,14 @@ def recordings_champion(tiny_encoder, tiny_store, tmp_path_factory) -> Champion:
     champion, text = "models:/mmim-rec@champion", "a really good movie"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        assert retrain(config, lambda metrics: None).decision.promoted
-        scores = [
-            predicted(champion, "--input", str(root / "utterances.json")),
-            predicted(champion, "--recording", str(recording), "--text", text),
-        ]
+        try:
+            assert retrain(config, lambda metrics: None).decision.promoted
+            scores = [
+                predicted(champion, "--input", str(root / "utterances.json")),
+                predicted(champion, "--recording", str(recording), "--text", text),
+            ]
+        finally:
+            mlflow.set_tracking_uri(None)  # the tracked run set mlflow's global one to this registry
     return Champion(tracking_uri, champion, features, recording, text, *scores)
 
 

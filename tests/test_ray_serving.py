@@ -39,9 +39,12 @@ def test_ray_serve_answers_like_predict_and_refuses_like_mlflows_server(ray_serv
 
 
 @pytest.mark.service
-def test_when_champion_moves_every_request_succeeds_and_answers_name_the_new_version(ray_server, recordings_champion):
+def test_when_champion_moves_every_request_succeeds_and_answers_name_the_new_version(
+    ray_server, recordings_champion, monkeypatch
+):
     """A client sends requests one after another while champion moves from v1 to v2 (the same
     model registered again): every answer is 200 and names v1 or v2; within 30 s all name v2."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", recordings_champion.tracking_uri)  # where the source resolves
     client = MlflowClient(recordings_champion.tracking_uri)
     first = client.get_model_version_by_alias("mmim-rec", "champion")
     second = client.create_model_version("mmim-rec", first.source, first.run_id, model_id=first.model_id)

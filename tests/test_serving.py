@@ -44,7 +44,7 @@ def test_predict_accepts_the_shipped_example(tiny_config, tmp_path):
 def test_an_unreachable_registry_is_one_line(command, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
     code, _, err = run_mmim(*command, "models:/mmim-synthetic@champion")
-    assert code == 1 and "Traceback" not in err  # a service that does not answer: exit 1
+    assert code == 1 and "Traceback" not in err, err  # a service that does not answer: exit 1
     assert (
         err.strip()
         .splitlines()[-1]

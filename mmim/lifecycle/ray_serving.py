@@ -32,7 +32,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -51,9 +50,6 @@ from mmim.registry.serving import RECORDING_COLUMN, feature_utterances, recordin
 from mmim.registry.serving_app import RequestLimits
 from mmim.training.checkpoint import load_checkpoint
 from mmim.training.predict import predict_utterances
-
-if TYPE_CHECKING:  # imported by the Featurizer's replicas: OpenCV, dlib, openSMILE
-    from mmim.data.recordings.extractor import IsolatedExtractor
 
 log = logging.getLogger(__name__)
 
@@ -215,24 +211,17 @@ class Featurizer:
     """One recording at a time through this replica's extractor child (one per extractor record)."""
 
     def __init__(self) -> None:
-        self._extractors: dict[str, IsolatedExtractor] = {}
-        self._lock = threading.Lock()
+        from mmim.data.recordings.scoring import RecordingFeaturizer  # OpenCV, dlib, openSMILE: here only
+
+        self.featurize = RecordingFeaturizer()
 
     async def __call__(self, record: dict | None, row: tuple[bytes, str, str]) -> dict:
         """{"utterance": {...}} or {"error": message} for (recording bytes, text, where)."""
-        return await asyncio.to_thread(self._featurize, record, row)
-
-    def _featurize(self, record: dict | None, row: tuple[bytes, str, str]) -> dict:
-        from mmim.data.recordings.scoring import model_extractor, recording_utterance
-
         try:
-            with self._lock:
-                key = json.dumps(record, sort_keys=True)
-                if key not in self._extractors:
-                    self._extractors[key] = model_extractor(record)
-                return {"utterance": recording_utterance(self._extractors[key], *row)}
+            (utterance,) = await asyncio.to_thread(self.featurize, record, [row])
         except MMIMInputError as error:
             return {"error": str(error)}
+        return {"utterance": utterance}
 
 
 # ---------------------------------------------------------------- REST

@@ -28,7 +28,6 @@ import errno
 import logging
 import os
 import socket
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +48,7 @@ from mmim.training.checkpoint import load_checkpoint
 from mmim.training.predict import predict_utterances
 
 if TYPE_CHECKING:  # imported when a recording comes: it loads OpenCV, dlib, openSMILE
-    from mmim.data.recordings.extractor import IsolatedExtractor
+    from mmim.data.recordings.scoring import RecordingFeaturizer
 
 COLUMNS = ("text", "audio", "vision")
 RECORDING_COLUMN = "recording"
@@ -59,29 +58,25 @@ log = logging.getLogger(__name__)
 class MMIMPyfunc(PythonModel):
     def load_context(self, context) -> None:
         self.model, self.config, self.tokenizer = load_checkpoint(context.artifacts["checkpoint"])
-        self._extractor: IsolatedExtractor | None = None  # started with the first recording
-        self._extractor_lock = threading.Lock()  # one clip at a time through its child process
+        self._recordings: RecordingFeaturizer | None = None  # with the first recording (OpenCV, dlib, openSMILE)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         try:
             if RECORDING_COLUMN in model_input.columns:
-                utterances = self._recording_utterances(recording_rows(model_input))
+                rows = recording_rows(model_input)
+                if self._recordings is None:
+                    from mmim.data.recordings.scoring import RecordingFeaturizer
+
+                    self._recordings = RecordingFeaturizer()
+                utterances = self._recordings(self.config.model.extractor, rows)
             else:
                 utterances = feature_utterances(model_input)
             predictions = predict_utterances(self.model, self.tokenizer, utterances)
         except MMIMInputError as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
         return pd.DataFrame(predictions, columns=["score", "polarity", "class7"])
-
-    def _recording_utterances(self, rows: list[tuple[bytes, str, str]]) -> list[dict]:
-        from mmim.data.recordings.scoring import model_extractor, recording_utterance
-
-        with self._extractor_lock:
-            if self._extractor is None:
-                self._extractor = model_extractor(self.config.model.extractor)
-            return [recording_utterance(self._extractor, *row) for row in rows]
 
 
 # ---------------------------------------------------------------- a request's table, for both servers

@@ -13,8 +13,10 @@ child process, as untrusted media.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -64,3 +66,20 @@ def recording_utterance(extract: IsolatedExtractor, recording: str | Path | byte
     except MediaError as error:
         raise MMIMInputError(f"{where}: {error}") from None
     return {"text": text, "audio": features.audio, "vision": features.vision}
+
+
+class RecordingFeaturizer:
+    """Recordings -> utterances with the extractor a model's record describes, for a server: one
+    extractor child per record, started with the first recording, one clip at a time."""
+
+    def __init__(self) -> None:
+        self._extractors: dict[str, IsolatedExtractor] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, record: dict | None, rows: list[tuple[bytes, str, str]]) -> list[dict]:
+        """{"text", "audio", "vision"} for each (recording bytes, text, where)."""
+        with self._lock:
+            key = json.dumps(record, sort_keys=True)
+            if key not in self._extractors:
+                self._extractors[key] = model_extractor(record)
+            return [recording_utterance(self._extractors[key], *row) for row in rows]
