@@ -14,6 +14,7 @@
     mmim registry {list,promote,rollback} --name mmim-<dataset>   the MLflow model registry
     mmim serve --model models:/mmim-<dataset>@champion             REST /invocations
     mmim serve --ray --replicas 2 --model models:/...@champion   on Ray Serve, following the alias
+    mmim score --model models:/...@champion --input STORE|FILE --out FILE.parquet   batch, on Ray Data
 
 Bad input of any kind prints one line, `error: ...`, and exits with code 2; a service that
 does not answer (MLflow, a DVC remote, a Ray cluster) or a failed run exits with code 1.
@@ -339,6 +340,18 @@ def cmd_registry(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=2))
     else:
         stdout.print(tables.registry_table(f"{args.name} ({tracking_uri()})", rows))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """A whole store or file of utterances through a registered model, on Ray Data, to Parquet."""
+    from mmim.lifecycle.batch_scoring import score_archive
+
+    with counter(console, "scoring") as (progress, task):
+        summary = score_archive(
+            args.model, Path(args.input), Path(args.out), workers=args.workers, batch_size=args.batch_size,
+            ray_address=args.ray_address, advance=partial(progress.advance, task),
+        )  # fmt: skip
+    stdout.print(str(summary))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

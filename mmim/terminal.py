@@ -61,6 +61,7 @@ def configure_logging(console: Console, verbose: bool) -> None:
             "mmim.data.store_writer",
             "mmim.data.recordings.job",
             "mmim.data.recordings.sample",
+            "mmim.lifecycle.batch_scoring",
         ):
             logging.getLogger(module).setLevel(logging.WARNING)
         quiet_libraries()

@@ -176,6 +176,7 @@ class Champion:
 
     tracking_uri: str  # its registry (sqlite)
     uri: str  # models:/mmim-rec@champion
+    store: Path  # the store it was trained on
     features: pd.DataFrame  # two utterances as frames (a request's table)
     recording: Path  # a face clip, said with `text`
     text: str
@@ -218,7 +219,7 @@ def recordings_champion(tiny_encoder, tiny_store, tmp_path_factory) -> Champion:
             ]
         finally:
             mlflow.set_tracking_uri(None)  # the tracked run set mlflow's global one to this registry
-    return Champion(tracking_uri, champion, features, recording, text, *scores)
+    return Champion(tracking_uri, champion, store, features, recording, text, *scores)
 
 
 def predicted(checkpoint: str, *arguments: str) -> list[float]:

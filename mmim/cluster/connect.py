@@ -75,6 +75,18 @@ def quiet_false_alarms() -> None:
     ray._private.worker.print_to_stdstream = print_without_false_alarms
 
 
+def quiet_ray_data(log: logging.Logger) -> None:
+    """Ray Data without its progress bars and start banner (the caller draws its own progress), and,
+    where `log` is quiet, without its notes and operator statistics too."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    if not log.isEnabledFor(logging.INFO):
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
 def listening(address: str, timeout_s: float = 5.0) -> None:
     """Refuse at once an address (`host:port`, `ray://host:port`) where nothing listens: Ray
     itself would retry for minutes before it gives up."""

@@ -45,7 +45,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmim.core.errors import MMIMInputError
 from mmim.core.model import MMIM
-from mmim.registry.server import local_checkpoint, tracking_uri
+from mmim.registry.server import absolute_tracking_uri, local_checkpoint, tracking_uri
 from mmim.registry.serving import RECORDING_COLUMN, feature_utterances, recording_rows
 from mmim.registry.serving_app import RequestLimits
 from mmim.training.checkpoint import load_checkpoint
@@ -98,15 +98,6 @@ class ServeSettings:
             raise MMIMInputError(f"--batch-wait-ms {self.batch_wait_ms}: expected 0 to 10000")
         if not 0.1 <= self.follow_every <= 86_400:
             raise MMIMInputError(f"--follow-every {self.follow_every}: expected 0.1 to 86400 seconds")
-
-
-def absolute_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI as a replica can use it: a relative sqlite path made absolute (replicas
-    run in Ray's worker directories)."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
-        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
-    return uri
 
 
 # ---------------------------------------------------------------- the model, following its alias

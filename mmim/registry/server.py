@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,15 @@ def tracking_uri() -> str:
         directory = Path(uri.removeprefix("sqlite:///")).parent
         if not directory.is_dir():
             raise MMIMInputError(f"MLFLOW_TRACKING_URI {uri!r}: directory {directory} does not exist")
+    return uri
+
+
+def absolute_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI as a Ray worker can use it: a relative sqlite path made absolute (workers
+    run in directories of their own). On a cluster of several machines, use a tracking server."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
     return uri
 
 
@@ -112,6 +122,19 @@ def _checkpoint_in(model_dir: Path, uri: str) -> Path:
     if path is None:
         raise MMIMInputError(f'{uri}: not an mmim model (its MLmodel has no "checkpoint" artifact)')
     return model_dir / path
+
+
+def model_version_uri(uri: str) -> str:
+    """models:/<name>@<alias> as the version the alias names now (models:/<name>/<version>), so
+    that a long job scores with one version throughout; other URIs as they are."""
+    found = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", uri)
+    if not found:
+        return uri
+    from mlflow import MlflowClient
+
+    with answering(uri):
+        version = MlflowClient(tracking_uri()).get_model_version_by_alias(found[1], found[2]).version
+    return f"models:/{found[1]}/{version}"
 
 
 @contextmanager

@@ -138,13 +138,11 @@ def _extract_on_ray(
 ) -> Iterator[_Outcome]:
     import ray
 
+    from mmim.cluster.connect import quiet_ray_data
+
     cpus = connect_ray(address)
     actors = max(1, min(workers or cpus, len(clips)))
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the caller draws its own
-    context.print_on_execution_start = False
-    if not log.isEnabledFor(logging.INFO):  # quiet here: Ray Data's notes on its own progress too
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    quiet_ray_data(log)
     items = [
         {
             "index": index,
