@@ -27,12 +27,7 @@ from transformers import BertConfig, BertTokenizer
 
 from mmim.core.config import Config
 from mmim.core.store import FeatureStore
-from mmim.data.recordings.extractor import ExtractorSettings
-from mmim.data.recordings.job import extract_recordings
-from mmim.data.recordings.sample import write_face_clip
 from mmim.data.synthetic import write_synthetic_store
-from mmim.lifecycle.retrain import retrain
-from mmim.registry.logged_model import input_example
 from mmim.training.train import TrainingResult, train
 from tests.helpers import (
     RAY_NO_AUTH,
@@ -188,6 +183,13 @@ class Champion:
 def recordings_champion(tiny_encoder, tiny_store, tmp_path_factory) -> Champion:
     """One served model for the session: trained for an epoch on six extracted face clips and
     registered as champion in a sqlite registry of its own (the REST servers' tests share it)."""
+    # imported here: the lifecycle, MLflow's model code and the extractor cost `make test-fast` 3 s
+    from mmim.data.recordings.extractor import ExtractorSettings
+    from mmim.data.recordings.job import extract_recordings
+    from mmim.data.recordings.sample import write_face_clip
+    from mmim.lifecycle.retrain import retrain
+    from mmim.registry.logged_model import input_example
+
     root = tmp_path_factory.mktemp("champion")
     dataset = write_dataset(root / "data", *good_rows(face_clips(root / "made", 6)))
     store = root / "store"
