@@ -17,6 +17,7 @@ import yaml
 
 from mmim.cli import build_parser
 from mmim.core.config import load_config
+from mmim.core.errors import MMIMInputError
 from tests.helpers import PROJECT
 
 INFRA = PROJECT / "infra"
@@ -64,6 +65,8 @@ def k8s_objects() -> list[tuple[Path, dict]]:
 
 def pod_templates(obj: dict) -> list[dict]:
     spec = obj["spec"]
+    if obj["kind"] == "RayService":
+        return pod_templates({"kind": "RayCluster", "spec": spec["rayClusterConfig"]})
     if obj["kind"] == "RayCluster":
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
     if obj["kind"] == "RayJob":
@@ -132,7 +135,7 @@ def test_the_code_reads_what_the_infra_is_built_around():
 
 @pytest.mark.parametrize("path,obj", k8s_objects(), ids=lambda v: v.name if isinstance(v, Path) else v["kind"])
 def test_kubernetes_objects_match_their_schemas(path, obj):
-    if obj["kind"] in ("RayCluster", "RayJob"):
+    if obj["kind"] in ("RayCluster", "RayJob", "RayService"):
         jsonschema.Draft202012Validator({"$ref": f"#/$defs/{obj['kind']}", **KUBERAY_SCHEMA}).validate(obj)
         for template in pod_templates(obj):  # the pod templates inside, as Kubernetes would check them
             kubernetes_validate.validate(
@@ -177,6 +180,29 @@ def test_ray_job_entrypoint_is_a_valid_mmim_command():
     args = build_parser().parse_args(command[3:])
     config = load_config(PROJECT / args.config, args.set)  # every --set key exists, every value is valid
     assert config.ray.num_workers >= 1 and config.ray.use_gpu and config.tracking.enabled
+
+
+def test_ray_service_runs_the_application_of_mmim_serve_ray():
+    """serveConfigV2 is a config Ray Serve accepts, its import_path builds our application from
+    its args, and the cluster runs this Ray and this project's image with the pipeline's env."""
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from mmim.lifecycle.ray_serving import APP_NAME, app_builder
+
+    (service,) = [obj for _, obj in k8s_objects() if obj["kind"] == "RayService"]
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert (app.name, app.import_path) == (APP_NAME, "mmim.lifecycle.ray_serving:app_builder")
+    assert isinstance(app_builder(app.args), Application)
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    for container in containers(service):
+        assert container["image"].endswith(f":{PROJECT_VERSION}"), container["image"]
+        assert {"configMapRef": {"name": "mmim-env"}} in container["envFrom"]
+    with pytest.raises(MMIMInputError, match="replicas"):
+        app_builder({**app.args, "replicas": 0})
+    with pytest.raises(MMIMInputError, match="not settings"):
+        app_builder({**app.args, "replica": 2})
 
 
 def k8s_env(obj: dict) -> tuple[set[str], set[str]]:

@@ -290,9 +290,21 @@ def application(settings: ServeSettings):
     # (@serve.deployment makes each class a Deployment; mypy sees the class)
     model = Model.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": settings.replica_cpus}, **scaling
-    ).bind(settings, absolute_tracking_uri())
+    ).bind(settings, absolute_tracking_uri())  # this process's, which a replica elsewhere may not share
     featurizer = Featurizer.options(num_replicas=settings.featurizer_replicas).bind()  # type: ignore[attr-defined]
     return Ingress.bind(model, featurizer, int(settings.max_request_mb * 2**20))  # type: ignore[attr-defined]
+
+
+def app_builder(args: dict):
+    """The application for a Serve config file (KubeRay's serveConfigV2, `serve run`):
+    `import_path: mmim.lifecycle.ray_serving:app_builder` with `args` named as ServeSettings'
+    fields. The replicas read MLFLOW_TRACKING_URI from their environment."""
+    unknown = set(args) - {field.name for field in fields(ServeSettings)}
+    if unknown:
+        raise MMIMInputError(f"serve config args {sorted(unknown)}: not settings of mmim serve --ray")
+    settings = ServeSettings(**args)
+    settings.validate()
+    return application(settings)
 
 
 def serve_until_stopped(settings: ServeSettings, host: str, port: int, ray_address: str | None) -> None:
