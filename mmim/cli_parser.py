@@ -248,9 +248,9 @@ def build_parser(handlers: dict[str, Command]) -> argparse.ArgumentParser:
     on_ray.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS", help=RAY_ADDRESS_HELP)
     serve.set_defaults(run=handlers["serve"])
 
-    score = commands.add_parser("score", help="score a whole store or file of utterances (Ray Data) into Parquet")
+    score = commands.add_parser("score", help="score a whole archive with a registered model (Ray Data) into Parquet")
     score.add_argument("--model", required=True, help="models:/<name>@<alias> (resolved once) or /<version>")
-    score.add_argument("--input", required=True, help="a feature store, or utterances as JSON (a list) or JSON Lines")
+    score.add_argument("--input", required=True, help="a store, a recordings dataset, or .json/.jsonl/.csv utterances")
     score.add_argument("--out", required=True, help="the .parquet file to write; a rerun finishes an interrupted one")
     score.add_argument("--workers", type=int, default=1, metavar="N", help="scoring actors (default: 1)")
     score.add_argument("--batch-size", type=int, default=64, help="utterances an actor scores at once (64)")

@@ -1,6 +1,6 @@
-"""`mmim score`: a store or a file of utterances through the session's champion on Ray Data,
-equal row by row to what `mmim predict` and `mmim evaluate` compute, and finished by a rerun
-after a kill."""
+"""`mmim score`: a store, a recordings dataset or a file of utterances through the session's
+champion on Ray Data, equal row by row to what `mmim predict` and `mmim evaluate` compute, and
+finished by a rerun after a kill."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 
 from mmim.registry.server import local_checkpoint
 from mmim.training.predict import predict_checkpoint
-from tests.helpers import RAY_NO_AUTH, run_mmim
+from tests.helpers import RAY_NO_AUTH, run_mmim, write_dataset
 
 pytestmark = pytest.mark.service
 
@@ -88,3 +88,26 @@ def test_a_killed_run_is_finished_by_a_rerun_that_scores_only_the_rest(
     table = pd.read_parquet(out)
     assert table["id"].tolist() == [f"u{i}" for i in range(len(expected))]
     assert table["score"].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_recordings_dataset_and_a_csv_of_recordings_score_as_predict_does(
+    recordings_champion, ray_cluster, tmp_path, monkeypatch
+):
+    """The champion's face clip, said with its text: in a recordings dataset (beside a row whose
+    file is missing, skipped and counted) and in a CSV naming it relative to the CSV."""
+    champion = recordings_champion
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion.tracking_uri)
+    rows = [
+        {"video_id": "v0", "clip_id": "1", "text": champion.text, "label": "1", "mode": "test"},
+        {"video_id": "v1", "clip_id": "1", "text": champion.text, "label": "1", "mode": "test"},  # no file
+    ]
+    dataset = write_dataset(tmp_path / "data", rows, {"v0/1.mp4": champion.recording})
+    (tmp_path / "clips.csv").write_text(f"id,text,recording\nc1,{champion.text},data/Raw/v0/1.mp4\n")
+    for source, ids, skipped in ((dataset, ["v0_1"], "; 1 skipped"), (tmp_path / "clips.csv", ["c1"], "")):
+        out = tmp_path / f"{source.stem}.parquet"
+        code, printed, err = run_mmim("score", "--model", champion.uri, "--input", str(source), "--out", str(out))
+        assert code == 0, err
+        assert printed.strip().endswith(skipped) or not skipped
+        table = pd.read_parquet(out)
+        assert table["id"].tolist() == ids
+        assert table["score"].tolist() == pytest.approx(champion.from_recording, abs=1e-5)  # mmim predict's

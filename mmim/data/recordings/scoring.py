@@ -49,8 +49,16 @@ def model_extractor(record: dict | None) -> IsolatedExtractor:
     return IsolatedExtractor(settings)
 
 
-def recording_utterance(extract: IsolatedExtractor, recording: str | Path | bytes, text: str, where: str) -> dict:
-    """{"text", "audio", "vision"} of one recording (a path, or the file's bytes)."""
+def recording_utterance(
+    extract: IsolatedExtractor,
+    recording: str | Path | bytes,
+    text: str,
+    where: str,
+    start: float | None = None,
+    end: float | None = None,
+) -> dict:
+    """{"text", "audio", "vision"} of one recording (a path, or the file's bytes), or of its span
+    from `start` to `end` seconds (a path's)."""
     if not isinstance(text, str) or not text.strip():
         raise MMIMInputError(f"{where}, field text: empty or not a string")
     try:
@@ -62,22 +70,23 @@ def recording_utterance(extract: IsolatedExtractor, recording: str | Path | byte
         else:
             if not Path(recording).is_file():
                 raise MMIMInputError(f"{recording}: no such file")
-            features = extract(recording)
+            features = extract(recording, start, end)
     except MediaError as error:
         raise MMIMInputError(f"{where}: {error}") from None
     return {"text": text, "audio": features.audio, "vision": features.vision}
 
 
 class RecordingFeaturizer:
-    """Recordings -> utterances with the extractor a model's record describes, for a server: one
-    extractor child per record, started with the first recording, one clip at a time."""
+    """Recordings -> utterances with the extractor a model's record describes, for a server or a
+    scoring actor: one extractor child per record, started with the first recording, one clip at
+    a time. A row: (recording, text, where), and optionally start and end (see recording_utterance)."""
 
     def __init__(self) -> None:
         self._extractors: dict[str, IsolatedExtractor] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, record: dict | None, rows: list[tuple[bytes, str, str]]) -> list[dict]:
-        """{"text", "audio", "vision"} for each (recording bytes, text, where)."""
+    def __call__(self, record: dict | None, rows: list[tuple]) -> list[dict]:
+        """{"text", "audio", "vision"} for each row."""
         with self._lock:
             key = json.dumps(record, sort_keys=True)
             if key not in self._extractors:
