@@ -52,6 +52,23 @@ def test_an_unreachable_registry_is_one_line(command, monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--model", "runs:/abc/model"], "--model 'runs:/abc/model': Ray Serve serves a registered model"),
+        (["--replicas", "0"], "--replicas 0 --max-replicas None: expected 1 <= min <= max"),
+        (["--replicas", "3", "--max-replicas", "2"], "--replicas 3 --max-replicas 2: expected 1 <= min <= max"),
+        (["--replica-cpus", "nan"], "--replica-cpus nan: expected a number of CPUs"),
+        (["--batch-size", "0"], "--batch-size 0: expected 1 to 1024"),
+        (["--follow-every", "0"], "--follow-every 0.0: expected 0.1 to 86400 seconds"),
+    ],
+)
+def test_bad_ray_serve_options_are_one_line_before_the_registry_is_asked(options, message, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens: never asked
+    code, _, err = run_mmim("serve", "--ray", "--port", str(free_port()), *options)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {message}"), err
+
+
 @pytest.mark.parametrize("command", [["list"], ["rollback"], ["promote", "--version", "1"]])
 def test_registry_commands_fail_fast_when_mlflow_does_not_answer(command, monkeypatch):
     """Not MLflow's minutes of HTTP retries, and not "no champion" when nobody could be asked."""

@@ -313,13 +313,15 @@ def serve_until_stopped(settings: ServeSettings, host: str, port: int, ray_addre
     from mmim.cluster.connect import connect
 
     connect(ray_address)
+    if not log.isEnabledFor(logging.DEBUG):  # Serve's notes on its own start and stop (-v shows them)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     log.info("starting Ray Serve: %s", settings.model)
     serve.start(http_options={"host": host, "port": port})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # terminated: clean up as for Ctrl-C
     try:
         serve.run(application(settings), name=APP_NAME, route_prefix="/")
         replicas = f"{settings.replicas}-{settings.max_replicas}" if settings.max_replicas else settings.replicas
-        log.info("serving %s on http://%s:%d (%s model replicas; Ctrl-C stops)", settings.model, host, port, replicas)
+        log.info("serving on http://%s:%d, %s model replica(s); Ctrl-C stops", host, port, replicas)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
