@@ -211,6 +211,7 @@ def recordings_champion(tiny_encoder, tiny_store, tmp_path_factory) -> Champion:
     features = input_example(FeatureStore(store), ["the movie was very good", "the plot was dull"])
     (root / "utterances.json").write_text(features.to_json(orient="records"))
     champion, text = "models:/mmim-rec@champion", "a really good movie"
+    threads = torch.get_num_threads()  # train() sets train.num_threads for the process
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         try:
@@ -221,6 +222,7 @@ def recordings_champion(tiny_encoder, tiny_store, tmp_path_factory) -> Champion:
             ]
         finally:
             mlflow.set_tracking_uri(None)  # the tracked run set mlflow's global one to this registry
+            torch.set_num_threads(threads)
     return Champion(tracking_uri, champion, store, features, recording, text, *scores)
 
 
