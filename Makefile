@@ -55,7 +55,7 @@ reproduce-mosi reproduce-mosei: reproduce-%: $(VENV)/.installed-demo
 # a fresh clone plus .venv; a release you put in data/raw/<name>/ stays. `make distclean`
 # removes .venv too.
 clean:
-	rm -rf data/stores data/raw/synthetic data/raw/recordings-sample data/dvc-remote \
+	rm -rf data/stores data/raw/synthetic data/raw/recordings-sample data/dvc-remote data/cache \
 		.dvc/cache .dvc/tmp runs mlflow.db mlartifacts mlruns \
 		.pytest_cache .mypy_cache .ruff_cache *.egg-info build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
