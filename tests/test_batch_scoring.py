@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pandas as pd
 import pytest
 
@@ -51,8 +52,14 @@ def test_a_file_and_a_store_score_as_predict_and_evaluate_do(recordings_champion
     )  # fmt: skip
     assert code == 0, err
     table = pd.read_parquet(tmp_path / "store.parquet")
-    with local_checkpoint(champion.uri) as checkpoint:
-        evaluated = predict_checkpoint(checkpoint, champion.store, splits=("train", "valid", "test"))
+    # mlflow's process-wide URI, which an earlier test's tracked run may have left on its own
+    # server, wins over MLFLOW_TRACKING_URI for this in-process lookup (see the stop note)
+    mlflow.set_tracking_uri(champion.tracking_uri)
+    try:
+        with local_checkpoint(champion.uri) as checkpoint:
+            evaluated = predict_checkpoint(checkpoint, champion.store, splits=("train", "valid", "test"))
+    finally:
+        mlflow.set_tracking_uri(None)
     for split, (scores, _) in evaluated.items():
         rows = table[table["split"] == split]
         assert rows["score"].tolist() == pytest.approx(scores.tolist(), abs=1e-5), split
