@@ -29,6 +29,7 @@ def tracking(monkeypatch, aws_env, bucket):
     server, uri = start_mlflow_server(backend)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri, artifacts
+    mlflow.set_tracking_uri(None)  # the tracked run set mlflow's process-wide URI to this server
     server.terminate()
     server.wait(timeout=30)
 
