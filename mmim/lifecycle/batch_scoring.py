@@ -297,18 +297,6 @@ def _resume(parts: Path, run: dict) -> set[str]:
     return set()
 
 
-def _bound(scorer: dict[str, object]) -> type:
-    """BatchScorer with its arguments inside the class (defined here, so Ray ships it by value)
-    rather than as constructor arguments, which Ray keeps in its object store (and says so on
-    the terminal, for an actor it may restart)."""
-
-    class BoundBatchScorer(BatchScorer):
-        def __init__(self) -> None:
-            super().__init__(**scorer)  # type: ignore[arg-type]
-
-    return BoundBatchScorer
-
-
 def _run_pool(todo: list[dict], scorer: dict, workers: int, batch_size: int, ray_address: str | None, advance) -> None:
     """The rows through a pool of `workers` BatchScorer actors, `batch_size` rows a call."""
     import ray
@@ -318,7 +306,8 @@ def _run_pool(todo: list[dict], scorer: dict, workers: int, batch_size: int, ray
     connect(ray_address)
     quiet_ray_data(log)
     dataset = ray.data.from_items(todo).map_batches(
-        _bound(scorer),
+        BatchScorer,
+        fn_constructor_kwargs=scorer,
         batch_size=batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -45,7 +45,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmim.core.errors import MMIMInputError
 from mmim.core.model import MMIM
-from mmim.registry.server import absolute_tracking_uri, local_checkpoint, tracking_uri
+from mmim.registry.server import absolute_tracking_uri, local_checkpoint, model_version_uri
 from mmim.registry.serving import RECORDING_COLUMN, feature_utterances, recording_rows
 from mmim.registry.serving_app import RequestLimits
 from mmim.training.checkpoint import load_checkpoint
@@ -123,14 +123,11 @@ class Model:
         self.score.set_max_batch_size(settings.batch_size)  # type: ignore[attr-defined]
         self.score.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)  # type: ignore[attr-defined]
         self.current = self._load(found["version"] or self._aliased_version())
-        self._stop = threading.Event()
         if self.alias:
             threading.Thread(target=self._follow, args=(settings.follow_every,), daemon=True).start()
 
     def _aliased_version(self) -> str:
-        from mlflow import MlflowClient
-
-        return str(MlflowClient(tracking_uri()).get_model_version_by_alias(self.name, self.alias).version)
+        return model_version_uri(f"models:/{self.name}@{self.alias}").rsplit("/", 1)[1]
 
     def _load(self, version: str) -> LoadedVersion:
         with local_checkpoint(f"models:/{self.name}/{version}") as checkpoint:
@@ -140,7 +137,8 @@ class Model:
 
     def _follow(self, every_s: float) -> None:
         """Load the version the alias names when it moves; the swap is one assignment."""
-        while not self._stop.wait(every_s):
+        while True:
+            time.sleep(every_s)
             try:
                 version = self._aliased_version()
                 if version != self.current.version:
@@ -148,10 +146,6 @@ class Model:
                     log.warning("%s@%s moved: now serving version %s", self.name, self.alias, version)
             except Exception as error:  # noqa: BLE001 - a registry that does not answer: keep serving, ask again
                 log.warning("could not follow %s@%s: %s", self.name, self.alias, error)
-
-    def __del__(self) -> None:
-        if hasattr(self, "_stop"):
-            self._stop.set()
 
     def info(self) -> dict:
         """What the Featurizer needs: the version served now and its extractor record."""
