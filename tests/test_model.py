@@ -2,13 +2,22 @@
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmim.core.batches import pad_sequences
 from mmim.core.config import ModelConfig
 from mmim.core.errors import MMIMInputError
-from mmim.core.model import MMILB, LabelGroups, build_model, gaussian_entropy_term, load_official_state_dict
+from mmim.core.model import (
+    MMILB,
+    LabelGroups,
+    SequenceEncoder,
+    build_model,
+    gaussian_entropy_term,
+    load_official_state_dict,
+)
 from mmim.training.checkpoint import read_official_weights
 
 # The official module names (declare-lab/Multimodal-Infomax, src/model.py + modules/encoders.py).
@@ -210,3 +219,32 @@ def test_official_torch_save_file_loads_and_hostile_pickles_are_refused(tiny_enc
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "best_model.pt").read_bytes()[:200])
     with pytest.raises(MMIMInputError, match="truncated.pt: not a plain state dict"):
         read_official_weights(tmp_path / "truncated.pt")
+
+
+def packed_lstm_state(encoder, x, lengths):
+    """The reference: nn.LSTM over packed sequences (the official encoder), last layer's final state(s)."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    _, (h_n, _) = encoder.rnn(packed)
+    return torch.cat((h_n[-2], h_n[-1]), dim=-1) if encoder.bidirectional else h_n[-1]
+
+
+@pytest.mark.parametrize(("layers", "bidirectional"), [(1, False), (1, True), (2, True)])
+def test_the_sequence_encoder_returns_the_packed_lstms_state_and_gradients(layers, bidirectional):
+    torch.manual_seed(layers)
+    encoder = SequenceEncoder(5, 8, 4, layers, dropout=0.0, bidirectional=bidirectional)
+    encoder.linear_1 = torch.nn.Identity()  # compare the LSTM state itself
+    lengths = torch.tensor([7, 1, 12, 3, 12])
+    x = torch.randn(5, 15, 5)  # padded past the longest sequence too
+    ours = encoder(x, lengths)
+    reference = packed_lstm_state(encoder, x, lengths)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    weights = list(encoder.rnn.parameters())
+    ours_grads = torch.autograd.grad((ours * torch.arange(ours.shape[1])).sum(), weights)
+    reference_grads = torch.autograd.grad((reference * torch.arange(ours.shape[1])).sum(), weights)
+    for mine, theirs in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_with_an_empty_sequence_is_refused_before_the_model():
+    with pytest.raises(MMIMInputError, match="no frames .example 1 of the batch"):
+        pad_sequences([np.ones((3, 5), dtype=np.float32), np.ones((0, 5), dtype=np.float32)])

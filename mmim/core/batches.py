@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmim.core.errors import MMIMInputError
 from mmim.core.store import StoreSplit
 
 
@@ -68,6 +69,8 @@ class SplitDataset(Dataset):
 def pad_sequences(sequences: list[np.ndarray]) -> tuple[Tensor, Tensor]:
     """(batch, longest, dim) zero-padded at the end, and the (batch,) lengths."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    if lengths.min() < 1:  # the model's sequence encoders start from a sequence's first frame
+        raise MMIMInputError(f"a sequence of the batch has no frames (example {int(lengths.argmin())} of the batch)")
     padded = np.zeros((len(sequences), int(lengths.max()), sequences[0].shape[1]), dtype=np.float32)
     for row, sequence in enumerate(sequences):
         padded[row, : len(sequence)] = sequence

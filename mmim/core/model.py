@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from transformers import PreTrainedModel
 
 from mmim.core.config import ModelConfig
@@ -48,13 +47,23 @@ class TextEncoder(nn.Module):
 
 
 class SequenceEncoder(nn.Module):
-    """LSTM over a padded batch of variable-length sequences -> final hidden state -> linear."""
+    """LSTM over a padded batch of variable-length sequences -> final hidden state -> linear.
+
+    The final state is each sequence's own, after its last real frame (forward) or its first
+    (backward direction), exactly what an LSTM over packed sequences returns. It is computed
+    over the padded batch instead: a step past a sequence's end leaves its state as it is.
+    Why not pack: on the CPU, the packed LSTM's backward pass zeroes a gradient the size of the
+    whole input once per time step (quadratic in the frames: a second per batch of 500-frame
+    MOSI videos), and under bf16 autocast it casts at every step.
+    """
 
     def __init__(
         self, in_size: int, hidden_size: int, out_size: int, num_layers: int, dropout: float, bidirectional: bool
     ):
         super().__init__()
         self.bidirectional = bidirectional
+        # The module holds the weights under the official names (`rnn.weight_ih_l0`, ...);
+        # `forward` runs the recurrence with them.
         self.rnn = nn.LSTM(
             in_size, hidden_size, num_layers=num_layers, dropout=dropout, bidirectional=bidirectional, batch_first=True
         )
@@ -62,19 +71,43 @@ class SequenceEncoder(nn.Module):
         self.linear_1 = nn.Linear((2 if bidirectional else 1) * hidden_size, out_size)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """x: (batch, frames, dim) on any device; lengths: (batch,) on the CPU, where packing needs them."""
-        # Packing makes the LSTM stop at each sequence's own end, so padding never leaks in.
-        # Sorted as pack_padded_sequence(enforce_sorted=False) sorts, but the order goes to
-        # the GPU without making the host wait for the copy.
-        lengths, order = torch.sort(lengths.long(), descending=True)
-        order = order.to(x.device, non_blocking=True)
-        packed = pack_padded_sequence(x.index_select(0, order), lengths, batch_first=True)
-        # With the order attached, the LSTM returns h_n in the batch's own order.
-        _, (h_n, _) = self.rnn(PackedSequence(packed.data, packed.batch_sizes, order))
-        # h_n: (layers * directions, batch, hidden). The last layer's state(s); with one
-        # layer (the official setting) this is exactly what the reference code takes.
-        h = torch.cat((h_n[-2], h_n[-1]), dim=-1) if self.bidirectional else h_n[-1]
+        """x: (batch, frames, dim), real frames first (padded to the longest, as batches are);
+        lengths: (batch,), each at least 1."""
+        inputs = x
+        real = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device, non_blocking=True)[:, None]
+        directions = ("", "_reverse") if self.bidirectional else ("",)
+        for layer in range(self.rnn.num_layers):
+            last = layer == self.rnn.num_layers - 1
+            runs = [self._direction(inputs, real, f"_l{layer}{suffix}", keep_outputs=not last) for suffix in directions]
+            if not last:  # the next layer reads this one's outputs, with dropout between layers as nn.LSTM
+                sequences = torch.cat([outputs for _, outputs in runs if outputs is not None], dim=-1)
+                inputs = nn.functional.dropout(sequences, self.rnn.dropout, self.training)
+        h = torch.cat([final for final, _ in runs], dim=-1)  # the last layer's state(s), forward then backward
         return self.linear_1(self.dropout(h))
+
+    def _direction(self, inputs: Tensor, real: Tensor, suffix: str, keep_outputs: bool) -> tuple[Tensor, Tensor | None]:
+        """One layer in one direction: (final state (batch, hidden), outputs (batch, frames, hidden) or None)."""
+        weight_hh = getattr(self.rnn, f"weight_hh{suffix}")
+        bias = getattr(self.rnn, f"bias_ih{suffix}") + getattr(self.rnn, f"bias_hh{suffix}")
+        # The input's share of the gates for every frame in one matmul; `unbind` hands the steps
+        # out as views whose gradients are gathered once, not zero-padded one by one.
+        gates_in = nn.functional.linear(inputs, getattr(self.rnn, f"weight_ih{suffix}"), bias).unbind(1)
+        steps = real.unsqueeze(-1).unbind(1)
+        h = inputs.new_zeros(len(inputs), weight_hh.shape[1])
+        c = torch.zeros_like(h)
+        order = range(len(steps) - 1, -1, -1) if suffix.endswith("_reverse") else range(len(steps))
+        outputs = []
+        for t in order:
+            # nn.LSTM's gate order: input, forget, cell, output.
+            i, f, g, o = torch.addmm(gates_in[t], h, weight_hh.t()).chunk(4, dim=1)
+            c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_next = torch.sigmoid(o) * torch.tanh(c_next)
+            c, h = torch.where(steps[t], c_next, c), torch.where(steps[t], h_next, h)
+            if keep_outputs:
+                outputs.append(h)
+        if not keep_outputs:
+            return h, None
+        return h, torch.stack(outputs[::-1] if suffix.endswith("_reverse") else outputs, dim=1)
 
 
 @dataclass
@@ -213,7 +246,7 @@ class MMIM(nn.Module):
             raise MMIMInputError("model.audio_dim / model.vision_dim: not set (they come from the feature store)")
         self.config = config
         text_dim = text_backbone.config.hidden_size
-        self.bf16 = False  # set by the engine (train.bf16): autocast the encoders only
+        self.bf16 = False  # set by the engine (train.bf16): autocast the text encoder only
         self.text_enc = TextEncoder(text_backbone)
 
         def lstm(in_size: int | None, hidden_size: int, out_size: int, dropout: float) -> SequenceEncoder:
@@ -246,11 +279,10 @@ class MMIM(nn.Module):
         self, input_ids, attention_mask, token_type_ids, audio, audio_lengths, vision, vision_lengths
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The three unimodal vectors (t, a, v), always returned in fp32 (inputs: as `forward` takes them)."""
+        # bf16 pays only where the matmuls are large: BERT's. The LSTMs (16 wide) stay fp32.
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             text = self.text_enc(input_ids, attention_mask, token_type_ids)
-            acoustic = self.acoustic_enc(audio, audio_lengths)
-            visual = self.visual_enc(vision, vision_lengths)
-        return text.float(), acoustic.float(), visual.float()
+        return text.float(), self.acoustic_enc(audio, audio_lengths), self.visual_enc(vision, vision_lengths)
 
     def mmilb(
         self,
