@@ -42,6 +42,7 @@ lint: $(VENV)/.installed-demo+test
 
 benchmark: $(VENV)/.installed-demo
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/efficiency.py
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/extract_recordings.py
 

@@ -30,6 +30,7 @@ from mmim.training.engine import (
     ModelSelection,
     StageTotals,
     TrainingHooks,
+    bf16_instructions,
     fit,
     seed_everything,
     split_parameters,
@@ -178,17 +179,41 @@ def test_a_non_finite_loss_is_reported_at_the_stage_end_naming_its_first_batch()
     assert StageTotals(torch.device("cpu")).close(1, 0) == {}  # a stage without batches
 
 
-def test_one_bf16_epoch_on_the_cpu_stays_finite_and_close_to_fp32(tiny_config):
-    """bf16 autocast of the encoders (CPU autocast supports it), covariance and losses in fp32."""
+def output_dtypes(model) -> dict:
+    """Record the dtype of what each part of the model returns (or, for BERT, computes inside)."""
+    seen: dict[str, set] = {}
+    parts = {"bert's matmuls": model.text_enc.bertmodel.encoder.layer[0].attention.self.query}
+    parts |= {name: getattr(model, name) for name in ("acoustic_enc", "visual_enc", "mi_tv", "mi_ta", "cpc_zt")}
+    parts |= {"fusion": model.fusion_prj}
+    for name, module in parts.items():
+
+        def record(_module, _inputs, output, name=name):
+            tensors = output if isinstance(output, tuple) else (output,)
+            seen.setdefault(name, set()).update(t.dtype for t in tensors if isinstance(t, torch.Tensor))
+
+        module.register_forward_hook(record)
+    return seen
+
+
+def test_one_bf16_epoch_trains_bert_in_bf16_the_rest_in_fp32_finite_and_close_to_fp32(tiny_config, caplog):
+    """bf16 autocast of the text encoder only: the LSTMs, MMILB, CPC, fusion, covariance/logdet
+    and the losses stay fp32. Where the CPU has no bf16 instructions the run says so and keeps fp32."""
     store = FeatureStore(tiny_config.data.store)
-    records = {}
+    records, dtypes = {}, {}
     for bf16 in (False, True):
         engine, _ = make_engine(tiny_config, bf16=bf16)
+        dtypes[bf16] = output_dtypes(engine.core)
         loaders = [make_loader(store[split], 16, shuffle=False) for split in ("train", "valid", "test")]
         records[bf16] = engine.run_epoch(1, *loaders)
     fp32, bf16 = records[False], records[True]
     figures = [*bf16.stage0.values(), *bf16.stage1.values(), *bf16.valid.values()]
-    assert all(math.isfinite(v) for v in figures)
+    assert all(math.isfinite(v) for v in figures) and bf16.stage1["H"] != 0.0  # the logdet terms ran, finite
+    assert all(seen == {torch.float32} for seen in dtypes[False].values()), dtypes[False]
+    if not bf16_instructions(torch.device("cpu")):
+        assert dtypes[True] == dtypes[False] and "no bf16 instructions" in caplog.text
+        return
+    assert dtypes[True].pop("bert's matmuls") == {torch.bfloat16}
+    assert all(seen == {torch.float32} for seen in dtypes[True].values()), dtypes[True]
     assert bf16.stage1 != fp32.stage1  # autocast did run
     # One epoch apart by bf16 rounding only (8 bits of mantissa).
     assert abs(bf16.stage1["loss"] - fp32.stage1["loss"]) < BF16_TOLERANCE

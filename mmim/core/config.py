@@ -253,8 +253,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="`auto`: CUDA when available.")
     bf16: bool = Field(
         default=False,
-        description="bf16 autocast for the encoders (meant for GPUs; on a CPU only faster with bf16 instructions); "
-        "MMILB, CPC, covariance/logdet and the losses stay fp32.",
+        description="bf16 autocast for the text encoder, where the device computes bf16 natively (CUDA from Ampere "
+        "on, CPUs with AMX or AVX-512 BF16; elsewhere training stays fp32 and says so); the LSTMs, MMILB, CPC, "
+        "covariance/logdet and the losses stay fp32. Off by default, also where it pays (docs/training.md).",
     )
     loader_workers: int | None = Field(
         default=None,
