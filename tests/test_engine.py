@@ -220,6 +220,14 @@ def test_one_bf16_epoch_trains_bert_in_bf16_the_rest_in_fp32_finite_and_close_to
     assert abs(bf16.valid["MAE"] - fp32.valid["MAE"]) < BF16_TOLERANCE
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_says_so_and_trains_in_fp32(tiny_config, monkeypatch, caplog):
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # as torch reports an older CPU
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    engine, _ = make_engine(tiny_config, bf16=True, device="cpu")
+    assert engine.core.bf16 is False
+    assert "train.bf16: this CPU has no bf16 instructions" in caplog.text and "training in fp32" in caplog.text
+
+
 def test_stage0_fraction_uses_the_first_share_of_batches(tiny_config):
     engine, store = make_engine(tiny_config, stage0_fraction=0.5)
     loader = make_loader(store["train"], 16, shuffle=False)  # 96 examples -> 6 batches
