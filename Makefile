@@ -27,11 +27,11 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/python -m flows.retrain --dataset synthetic --config configs/demo.yaml
 
 # Everything: lint, types, and every test (service tests start a local Ray cluster, MLflow
-# servers, PostgreSQL/S3 clients, Prefect's harness). About 20 minutes on 2 cores.
+# servers, PostgreSQL/S3 clients, Prefect's harness). About 19 minutes on 2 cores.
 test: lint
 	$(BIN)/python -m pytest -q --durations=25
 
-# The edit-test loop: the tests that start no service (about 80 seconds on 2 cores).
+# The edit-test loop: the tests that start no service (about 50 seconds on 2 cores).
 test-fast: $(VENV)/.installed-demo+test
 	$(BIN)/python -m pytest -q -m "not service"
 
