@@ -1,5 +1,6 @@
 """The two-stage engine: which parameters each stage steps, selection, determinism, resuming."""
 
+import contextlib
 import math
 import sys
 from collections import Counter
@@ -11,13 +12,14 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmim
 from mmim.cluster.distributed import load_training_state, save_training_state
 from mmim.core.batches import make_loader
 from mmim.core.errors import TrainingDiverged
 from mmim.core.files import read_json
-from mmim.core.model import build_model
+from mmim.core.model import MMIM, build_model
 from mmim.core.store import FeatureStore, bind_store
 from mmim.core.text_encoder import load_tokenizer
 from mmim.data.store_writer import write_store
@@ -31,6 +33,7 @@ from mmim.training.engine import (
     StageTotals,
     TrainingHooks,
     bf16_instructions,
+    evaluate,
     fit,
     seed_everything,
     split_parameters,
@@ -226,6 +229,48 @@ def test_bf16_on_a_cpu_without_bf16_instructions_says_so_and_trains_in_fp32(tiny
     engine, _ = make_engine(tiny_config, bf16=True, device="cpu")
     assert engine.core.bf16 is False
     assert "train.bf16: this CPU has no bf16 instructions" in caplog.text and "training in fp32" in caplog.text
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts casts of the model's parameters to bf16 (autocast's; a cached cast is not one)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.parameters = {parameter.data_ptr() for parameter in model.parameters()}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+            self.count += args[0].data_ptr() in self.parameters
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["fast", "official"])
+def test_stage0_and_evaluation_cast_the_bf16_weights_once_and_train_exactly_as_casting_every_batch(
+    tiny_config, monkeypatch, mode
+):
+    store = FeatureStore(tiny_config.data.store)
+    loaders = [make_loader(store[split], 16, shuffle=False) for split in ("train", "valid", "test")]
+
+    def bf16_epoch():
+        engine, _ = make_engine(tiny_config, stage0_mode=mode)
+        engine.core.bf16 = True  # also where the CPU would emulate bf16
+        with WeightCasts(engine.core) as casts:
+            evaluate(engine.core, loaders[1], engine.device)  # 2 batches
+        return engine.run_epoch(1, *loaders), snapshot(engine.core.parameters()), casts.count
+
+    once, once_weights, once_casts = bf16_epoch()
+    monkeypatch.setattr(MMIM, "reusing_bf16_weights", lambda self: contextlib.nullcontext())
+    every_batch, every_batch_weights, every_batch_casts = bf16_epoch()
+    assert once_casts > 0 and every_batch_casts == 2 * once_casts
+    assert (once.stage0, once.stage1, once.valid, once.test) == (
+        every_batch.stage0,
+        every_batch.stage1,
+        every_batch.valid,
+        every_batch.test,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(once_weights, every_batch_weights))
 
 
 def test_stage0_fraction_uses_the_first_share_of_batches(tiny_config):

@@ -340,17 +340,19 @@ class Engine:
         batches = math.ceil(len(loader) * self.config.stage0_fraction)
         hooks.on_stage_start(epoch, 0, batches)
         totals = StageTotals(self.device)
-        for index, batch in enumerate(loader):
-            if index >= batches:
-                break
-            batch = batch.to(self.device)
-            self.core.zero_grad(set_to_none=True)
-            # fast: the encoders are not stepped in stage 0, so their graph is not recorded.
-            lld = self.model(**batch.model_inputs(), mmilb_only=fast).lld
-            loss = -lld
-            self._step(loss, self.optimizer_mmilb)
-            totals.add(index, len(batch), loss)
-            hooks.on_batch_end(epoch, 0)
+        # The encoders are not stepped in stage 0: their bf16 weights are cast once for the stage.
+        with self.core.reusing_bf16_weights():
+            for index, batch in enumerate(loader):
+                if index >= batches:
+                    break
+                batch = batch.to(self.device)
+                self.core.zero_grad(set_to_none=True)
+                # fast: nor is their graph recorded.
+                lld = self.model(**batch.model_inputs(), mmilb_only=fast).lld
+                loss = -lld
+                self._step(loss, self.optimizer_mmilb)
+                totals.add(index, len(batch), loss)
+                hooks.on_batch_end(epoch, 0)
         means = totals.close(epoch, 0)
         return {"neg_lld": means["loss"]} if means else {}
 

@@ -31,10 +31,11 @@ def predict_scores(model: MMIM, loader: DataLoader, device: torch.device) -> tup
     """(predicted scores, true labels) over a whole loader, in loader order."""
     model.eval()
     scores, labels = [], []
-    for batch in loader:
-        batch = batch.to(device)
-        scores.append(model(**batch.model_inputs()).score.float().cpu())
-        labels.append(batch.labels.cpu())
+    with model.reusing_bf16_weights():
+        for batch in loader:
+            batch = batch.to(device)
+            scores.append(model(**batch.model_inputs()).score.float().cpu())
+            labels.append(batch.labels.cpu())
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
 
