@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from train_step import bert_base_encoder, fresh_engine
+from train_step import bert_base_encoder, fresh_engine, synchronize
 
 from mmim.core.batches import make_loader
 from mmim.core.config import Config
@@ -57,11 +57,6 @@ def mosi_shaped_store(directory: Path, encoder: str) -> Path:
     tokenizer = load_tokenizer(encoder)
     write_store(directory, splits, tokenizer, text_encoder=encoder, max_tokens=DEFAULT_MAX_TOKENS, source="synthetic")
     return directory
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:

@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from train_step import bert_base_encoder, fresh_engine, timed_epoch
+from train_step import bert_base_encoder, fresh_engine, synchronize, timed_epoch
 
 from mmim.core.batches import make_loader
 from mmim.core.config import Config
@@ -40,11 +40,6 @@ from mmim.data.synthetic import MOSI_SIZES, write_synthetic_store
 from mmim.training.train import train
 
 SMOKE_SIZES = {"train": 96, "valid": 32, "test": 32}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def training_loader(config: Config, store: FeatureStore, device: torch.device):

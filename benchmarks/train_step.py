@@ -45,6 +45,12 @@ def bert_base_encoder(directory: Path, layers: int) -> str:
     return str(directory)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's), so that a timer reads the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_epoch(engine: Engine, batches) -> float:
     start = time.perf_counter()
     engine.train_stage0(batches)
